@@ -1,0 +1,396 @@
+"""The ``scaling-search`` command: run, status, best, export, space, model, dashboard.
+
+Every error a user can cause is one line on stderr and exit code 2 (``--debug`` shows the
+traceback). Heavy modules (torch, ray, optuna) are imported by the subcommands that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from scaling_search.config import StudyConfig, StudyError, load_study
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["main"]
+
+USAGE_ERROR = 2
+FAMILY_FILENAME = "family.json"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _study_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", type=Path, help="study file (YAML), e.g. studies/quickstart.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a study key, e.g. train.epochs=5",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="scaling-search", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run or continue a study")
+    _study_args(run)
+    run.add_argument("--address", help="join a running Ray cluster (auto or HOST:PORT)")
+
+    for name, text in (
+        ("status", "trial counts and best so far"),
+        ("best", "the best triple"),
+        ("space", "the candidates with nominal and measured FLOPs ratios"),
+    ):
+        command = sub.add_parser(name, help=text)
+        _study_args(command)
+        command.add_argument("--format", choices=("table", "json"), default="table")
+
+    export = sub.add_parser("export", help="write the B1…B7 family for a study's best triple")
+    export.add_argument("study", type=Path, nargs="?", help="study file")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    export.add_argument("--coefficients", metavar="A,B,G", help="α,β,γ instead of a study")
+    export.add_argument("--mode", choices=("formula", "flops-matched"), default="formula")
+    export.add_argument("--phi", metavar="LIST", help="φ values, e.g. 1,2,3 (default 1..7)")
+    export.add_argument(
+        "--base-resolution",
+        type=int,
+        metavar="PX",
+        help="B0's resolution (default: the study's, else 224)",
+    )
+    export.add_argument("--num-classes", type=int, help="classes (default: the study's, else 1000)")
+    export.add_argument("--format", choices=("json", "yaml"), default="json")
+    export.add_argument("--out", type=Path, help="file to write (default: stdout)")
+
+    model = sub.add_parser("model", help="params, MACs and shapes of a scaled B0")
+    model.add_argument("--width", type=float, required=True)
+    model.add_argument("--depth", type=float, required=True)
+    model.add_argument("--resolution", type=int, required=True, metavar="PX")
+    model.add_argument("--num-classes", type=int, default=1000)
+    model.add_argument("--format", choices=("table", "json"), default="table")
+
+    dashboard = sub.add_parser("dashboard", help="open optuna-dashboard on the study's storage")
+    _study_args(dashboard)
+    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard.add_argument("--port", type=int, default=8080)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``scaling-search``; returns the exit code."""
+    args = _build_parser().parse_args(argv)
+    handlers = {
+        "run": _run,
+        "status": _status,
+        "best": _best,
+        "export": _export,
+        "space": _space,
+        "model": _model,
+        "dashboard": _dashboard,
+    }
+    try:
+        return handlers[args.command](args)
+    except (ValueError, OSError, KeyError) as exc:
+        if args.debug:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"scaling-search: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(
+            "scaling-search: interrupted; run the same command again to continue", file=sys.stderr
+        )
+        return 130
+
+
+def _emit(data: Any, fmt: str, table: Sequence[str]) -> None:
+    print(json.dumps(data, indent=2) if fmt == "json" else "\n".join(table))
+
+
+# --- run -----------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from scaling_search.data import load_dataset
+    from scaling_search.space import SimplexCoordinates, grid_candidates
+    from scaling_search.storage import mask_url, open_storage, resolve_url
+
+    study = load_study(args.study, args.overrides)
+    if study.search.sampler == "grid":
+        grid_candidates(study.space)
+    else:
+        SimplexCoordinates(study.space)
+    data = _load_data(study, load_dataset)
+    url = resolve_url(study)
+    storage = open_storage(url)  # everything above is checked before anything is written
+
+    from scaling_search import driver
+
+    print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
+    summary = driver.run_study(study, data=data, storage=storage, address=args.address)
+    print(
+        f"this run: {summary.launched} launched, {summary.completed} completed, "
+        f"{summary.pruned} stopped early, {summary.failed} failed "
+        f"in {summary.wall_seconds:.0f} s"
+    )
+    ot_study = _load_optuna_study(study, storage)
+    best = _print_best(ot_study)
+    path = study.out_dir / FAMILY_FILENAME
+    _write_family(best, study, data.num_classes, path)
+    print(f"family: {path} (formula mode, φ = 1…7)")
+    return 0
+
+
+def _load_data(study: StudyConfig, load_dataset: Any) -> Any:
+    spec = study.data
+    return load_dataset(
+        spec.kind,
+        path=spec.path,
+        num_classes=spec.num_classes,
+        train_size=spec.train_size,
+        test_size=spec.test_size,
+        image_px=spec.image_px,
+        seed=spec.seed,
+    )
+
+
+def _print_best(ot_study: optuna.Study) -> Any:
+    from scaling_search.results import best_triple
+
+    best = best_triple(ot_study)
+    spread = "" if best.n_seeds < 2 else f" ± {best.std_accuracy:.4f} (std over {best.n_seeds})"
+    print(
+        f"best: α={best.coefficients.alpha:g} β={best.coefficients.beta:g} "
+        f"γ={best.coefficients.gamma:g}  accuracy {best.mean_accuracy:.4f}{spread}  "
+        f"among {best.n_candidates} full-budget candidate(s)"
+    )
+    return best
+
+
+def _write_family(best: Any, study: StudyConfig, num_classes: int, path: Path) -> None:
+    from scaling_search.family import dump_family, make_family
+
+    family = make_family(
+        best.coefficients,
+        mode="formula",
+        base_resolution_px=study.train.base_resolution_px,
+        num_classes=num_classes,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_family(family, "json"), encoding="utf-8")
+
+
+# --- reading a study back ------------------------------------------------------------------------
+
+
+def _existing_study(args: argparse.Namespace) -> tuple[StudyConfig, optuna.Study]:
+    """The study file's Optuna study, without creating a database or a study."""
+    from scaling_search.storage import check_url, open_storage, resolve_url
+
+    study = load_study(args.study, args.overrides)
+    url = resolve_url(study)
+    parsed = check_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").exists():
+        raise StudyError(f"study {study.name!r} has not been run yet (no {parsed.database})")
+    return study, _load_optuna_study(study, open_storage(url))
+
+
+def _load_optuna_study(study: StudyConfig, storage: Any) -> optuna.Study:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=study.name, storage=storage)
+    except KeyError:
+        raise StudyError(f"study {study.name!r} is not in its storage; run it first") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    from scaling_search.results import ResultsError, best_triple, trials_frame
+    from scaling_search.storage import mask_url, resolve_url
+
+    study, ot_study = _existing_study(args)
+    frame = trials_frame(ot_study)
+    counts = {str(k): int(v) for k, v in frame["state"].value_counts().items()}
+    try:
+        best: dict[str, Any] | None = best_triple(ot_study).to_dict()
+    except ResultsError:
+        best = None
+    data = {
+        "study": study.name,
+        "storage": mask_url(resolve_url(study)),
+        "trials": len(frame),
+        "states": counts,
+        "best": best,
+    }
+    table = [
+        f"study {study.name}  storage {data['storage']}",
+        f"trials {len(frame)}: " + ", ".join(f"{k.lower()} {v}" for k, v in counts.items()),
+    ]
+    if best:
+        table.append(
+            f"best α={best['alpha']:g} β={best['beta']:g} γ={best['gamma']:g} "
+            f"accuracy {best['mean_accuracy']:.4f}"
+        )
+    _emit(data, args.format, table)
+    return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    from scaling_search.results import best_triple
+
+    _, ot_study = _existing_study(args)
+    best = best_triple(ot_study).to_dict()
+    std = "n/a" if best["std_accuracy"] is None else f"{best['std_accuracy']:.4f}"
+    _emit(
+        best,
+        args.format,
+        [
+            f"alpha {best['alpha']:g}  beta {best['beta']:g}  gamma {best['gamma']:g}",
+            f"accuracy {best['mean_accuracy']:.4f}  std {std}  seeds {best['n_seeds']}  "
+            f"(among {best['n_candidates']} full-budget candidates)",
+            f"FLOPs ratio nominal {best['flops_ratio_nominal']:.4f}  measured "
+            f"{best['flops_ratio_measured']:.4f}  params {best['params']:,}  "
+            f"resolution {best['resolution_px']} px",
+        ],
+    )
+    return 0
+
+
+# --- export, space, model, dashboard -------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    from scaling_search.family import dump_family, make_family
+    from scaling_search.space import Coefficients
+
+    if (args.study is None) == (args.coefficients is None):
+        raise StudyError("export needs either a study file or --coefficients A,B,G (not both)")
+    base_px, classes = args.base_resolution or 224, args.num_classes or 1000
+    if args.coefficients is not None:
+        coefficients = Coefficients(*_floats(args.coefficients, "--coefficients", count=3))
+    else:
+        from scaling_search.results import best_triple
+
+        study, ot_study = _existing_study(args)
+        coefficients = best_triple(ot_study).coefficients
+        base_px = args.base_resolution or study.train.base_resolution_px
+        classes = args.num_classes or _study_classes(study)
+    phis = _floats(args.phi, "--phi") if args.phi else None
+    family = make_family(
+        coefficients, mode=args.mode, phis=phis, base_resolution_px=base_px, num_classes=classes
+    )
+    text = dump_family(family, args.format)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out} ({len(family.members)} members, {args.mode})")
+    return 0
+
+
+def _floats(text: str, option: str, count: int | None = None) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise StudyError(f"{option} {text!r}: expected comma-separated numbers") from None
+    if count is not None and len(values) != count:
+        raise StudyError(f"{option} {text!r}: expected {count} numbers, got {len(values)}")
+    return values
+
+
+def _study_classes(study: StudyConfig) -> int:
+    from scaling_search.data import load_dataset
+
+    if study.data.kind == "synthetic":
+        return study.data.num_classes
+    return int(_load_data(study, load_dataset).num_classes)
+
+
+def _space(args: argparse.Namespace) -> int:
+    from scaling_search.space import describe, grid_candidates
+
+    study = load_study(args.study, args.overrides)
+    if study.search.sampler != "grid":
+        raise StudyError(
+            f"space lists grid candidates; sampler {study.search.sampler!r} samples "
+            "the continuous surface α·β²·γ² = product instead"
+        )
+    classes = _study_classes(study)
+    rows = [
+        describe(c, base_resolution_px=study.train.base_resolution_px, num_classes=classes)
+        for c in grid_candidates(study.space)
+    ]
+    table = [
+        f"{'alpha':>6} {'beta':>6} {'gamma':>6} {'nominal':>8} {'measured':>9} "
+        f"{'params':>11} {'px':>5}"
+    ]
+    table += [
+        f"{r.coefficients.alpha:6.3f} {r.coefficients.beta:6.3f} {r.coefficients.gamma:6.3f} "
+        f"{r.flops_ratio_nominal:8.4f} {r.flops_ratio_measured:9.4f} {r.params:11,d} "
+        f"{r.resolution_px:5d}"
+        for r in rows
+    ]
+    table.append(f"{len(rows)} candidates")
+    _emit({"study": study.name, "candidates": [r.to_dict() for r in rows]}, args.format, table)
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from scaling_search.model import architecture, count_macs, count_params
+
+    if args.resolution < 1:
+        raise StudyError(f"--resolution must be a positive number of pixels, got {args.resolution}")
+    arch = architecture(width=args.width, depth=args.depth, num_classes=args.num_classes)
+    params, macs = count_params(arch), count_macs(arch, resolution_px=args.resolution)
+    data = {
+        "width": args.width,
+        "depth": args.depth,
+        "resolution_px": args.resolution,
+        "num_classes": args.num_classes,
+        "params": params,
+        "macs": macs,
+        **arch.to_dict(),
+    }
+    table = [
+        f"params {params:,}  macs {macs:,} ({macs / 1e9:.3f} G) at {args.resolution} px",
+        f"stem {arch.stem_channels}  head {arch.head_channels}",
+        "stage  expand kernel stride  in  out  repeats",
+    ]
+    table += [
+        f"{i:5d} {s.expand_ratio:6d} {s.kernel:6d} {s.stride:6d} {s.in_channels:4d} "
+        f"{s.out_channels:4d} {s.repeats:8d}"
+        for i, s in enumerate(arch.stages, 1)
+    ]
+    _emit(data, args.format, table)
+    return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    import optuna_dashboard
+
+    from scaling_search.storage import mask_url, open_storage, resolve_url
+
+    study, _ = _existing_study(args)
+    url = resolve_url(study)
+    print(f"optuna-dashboard on {mask_url(url)} at http://{args.host}:{args.port}/  (Ctrl-C stops)")
+    optuna_dashboard.run_server(open_storage(url), host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

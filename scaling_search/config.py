@@ -1,0 +1,265 @@
+"""Study files: YAML → a frozen, validated :class:`StudyConfig`.
+
+Every mistake in a study file (or a ``--set key=value`` override) is found here, before anything is
+launched or written, and reported as one :class:`StudyError` line that names the key, the bad value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "SAMPLERS",
+    "SCHEDULERS",
+    "Bounds",
+    "DataConfig",
+    "ResourcesConfig",
+    "SearchConfig",
+    "SpaceConfig",
+    "StudyConfig",
+    "StudyError",
+    "TrainConfig",
+    "apply_overrides",
+    "load_study",
+    "parse_study",
+]
+
+SAMPLERS = ("grid", "tpe", "random", "qmc")
+SCHEDULERS = ("fifo", "asha")
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+
+
+class StudyError(ValueError):
+    """A study file or override that cannot be used; the message is one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Bounds(_Strict):
+    """Closed interval [low, high] for one coefficient; both ends finite and ≥ 1."""
+
+    low: float = Field(ge=1.0, allow_inf_nan=False)
+    high: float = Field(ge=1.0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_pair(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ValueError(f"expected [low, high], got {list(value)!r}")
+            return {"low": value[0], "high": value[1]}
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if self.high < self.low:
+            raise ValueError(f"high {self.high} is below low {self.low}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Which images to train on. ``kind`` is one of data.DATASET_KINDS."""
+
+    kind: Literal["synthetic", "cifar10", "cifar100", "image_folder"] = "synthetic"
+    path: Path | None = None
+    num_classes: int = Field(default=10, ge=2, le=1000)  # synthetic data only
+    train_size: PositiveInt = 2000  # images; a subset is taken from larger datasets
+    test_size: PositiveInt = 500
+    image_px: int = Field(default=32, ge=8, le=1024)  # synthetic and image folders
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.kind != "synthetic" and self.path is None:
+            raise ValueError(f"data.kind {self.kind!r} needs data.path (a local folder)")
+        return self
+
+
+class SpaceConfig(_Strict):
+    """The constrained space α·β²·γ² ≈ product, α, β, γ ≥ 1 (Tan & Le 2019, eq. 3)."""
+
+    product: float = Field(default=2.0, gt=1.0, le=64.0, allow_inf_nan=False)
+    alpha: Bounds = Bounds(low=1.0, high=2.0)
+    beta: Bounds = Bounds(low=1.0, high=1.5)
+    gamma: Bounds = Bounds(low=1.0, high=1.5)
+    step: float = Field(default=0.05, gt=0.0, le=1.0, allow_inf_nan=False)  # grid only
+    tolerance: float = Field(default=0.1, ge=0.0, allow_inf_nan=False)  # grid only
+
+
+class SearchConfig(_Strict):
+    """How points are chosen and how many trials run at once."""
+
+    sampler: Literal["grid", "tpe", "random", "qmc"] = "grid"
+    n_trials: PositiveInt | None = None  # required for tpe/random/qmc; grid runs every candidate
+    repeats: PositiveInt = 1  # seeds per grid candidate
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    max_concurrent_trials: PositiveInt = 2
+    seed: int = 0  # sampler seed
+
+    @model_validator(mode="after")
+    def _sampler_rules(self) -> SearchConfig:
+        if self.sampler != "grid" and self.n_trials is None:
+            raise ValueError(f"search.n_trials is required with sampler {self.sampler!r}")
+        if self.sampler != "grid" and self.repeats != 1:
+            raise ValueError(f"search.repeats > 1 needs sampler 'grid', not {self.sampler!r}")
+        return self
+
+
+class TrainConfig(_Strict):
+    """One trial's recipe; the budget is ``epochs`` at ``base_resolution_px``·γ pixels."""
+
+    base_resolution_px: int = Field(default=32, ge=8, le=1024)  # B0's input size in this study
+    epochs: PositiveInt = 3  # full budget of one trial
+    batch_size: PositiveInt = 64
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr_per_256: float = Field(default=0.2, gt=0.0, le=100.0, allow_inf_nan=False)
+    weight_decay: float = Field(default=5e-5, ge=0.0, le=1.0, allow_inf_nan=False)
+    warmup_epochs: float = Field(default=0.5, ge=0.0, allow_inf_nan=False)
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    stochastic_depth: float = Field(default=0.2, ge=0.0, lt=1.0)
+    bn_momentum: float = Field(default=0.1, gt=0.0, le=1.0)  # PyTorch convention; short trials
+    augment: bool = True  # random crop with padding + horizontal flip
+
+
+class ResourcesConfig(_Strict):
+    """Ray resources of one trial; fractions of a GPU are allowed."""
+
+    cpus_per_trial: float = Field(default=1.0, gt=0.0, le=1024.0, allow_inf_nan=False)
+    gpus_per_trial: float = Field(default=0.0, ge=0.0, le=64.0, allow_inf_nan=False)
+    num_cpus: PositiveInt | None = None  # local Ray only: CPUs to give it (default: all)
+
+
+class StudyConfig(_Strict):
+    """A whole study: data, space, search, training recipe, resources and where to record."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    description: str = ""
+    output_dir: Path | None = None  # default: runs/<name>
+    storage: str | None = None  # SQLAlchemy URL; default SCALING_SEARCH_STORAGE or a SQLite file
+    data: DataConfig = DataConfig()
+    space: SpaceConfig = SpaceConfig()
+    search: SearchConfig = SearchConfig()
+    train: TrainConfig = TrainConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @field_validator("storage")
+    @classmethod
+    def _non_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must be a SQLAlchemy URL or left out")
+        return value
+
+    @property
+    def out_dir(self) -> Path:
+        """Folder for the study's outputs (SQLite file, Ray results, exports)."""
+        return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+
+def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Read a study file, apply ``key=value`` overrides and validate.
+
+    Raises:
+        StudyError: one line naming the file, the key and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StudyError(f"{path}: not valid YAML ({first})") from None
+    if raw is None:
+        raise StudyError(f"{path}: the file is empty; a study needs at least 'name'")
+    if not isinstance(raw, dict):
+        raise StudyError(f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    try:
+        raw = apply_overrides(raw, overrides)
+        return parse_study(raw)
+    except StudyError as exc:
+        raise StudyError(f"{path}: {exc}") from None
+
+
+def parse_study(raw: dict[str, Any]) -> StudyConfig:
+    """Validate a plain mapping into a StudyConfig, raising StudyError on the first problem."""
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise StudyError(_describe(exc)) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``a.b.c=value`` set (value parsed as YAML)."""
+    result = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise StudyError(f"--set {item!r}: expected key.path=value, e.g. train.epochs=5")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = result
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise StudyError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = value
+    return result
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def _describe(exc: ValidationError) -> str:
+    """The most useful validation error as 'key.path: problem (got value)'."""
+    errors = exc.errors(include_url=False)
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        return f"unknown key {loc!r}; allowed here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind == "value_error":  # our own validators name the key themselves
+        return message if loc and message.startswith(loc.split(".")[0]) else f"{loc}: {message}"
+    shown = _show(error.get("input"))
+    return f"{loc}: {message}" + (f" (got {shown})" if shown else "")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = StudyConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,458 @@
+"""Step 2 of compound scaling: from a fixed (α, β, γ) to a family B1…B7 (Tan & Le 2019, §3.3).
+
+Modes: "formula" takes φ = 1, 2, … literally (eq. 3); "flops-matched" picks, for each published
+B_k, the φ whose model costs as many multiply-adds relative to B0 as B_k does (the paper's own
+B1…B7 were hand-tuned and sit on no integer φ). A family serialises to a versioned JSON/YAML
+document that other projects import.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar, cast
+
+import yaml
+
+from scaling_search.model import (
+    B0_RESOLUTION_PX,
+    StageShape,
+    architecture,
+    count_macs,
+    count_params,
+)
+from scaling_search.space import Coefficients
+
+__all__ = [
+    "DUMP_FORMATS",
+    "FAMILY_MODES",
+    "OFFICIAL_FAMILY",
+    "SCHEMA_VERSION",
+    "Family",
+    "FamilyMember",
+    "OfficialModel",
+    "compound_scale",
+    "dump_family",
+    "family_from_dict",
+    "family_to_dict",
+    "make_family",
+]
+
+SCHEMA_VERSION = 1
+FAMILY_MODES = ("formula", "flops-matched")
+DUMP_FORMATS = ("json", "yaml")
+
+_KIND = "efficientnet-family"
+_DECIMALS = 6  # floats in a family (and its files) carry 6 decimals, so files are stable
+_PHI_UNITS = 10**_DECIMALS  # flops-matched φ is searched on the same 1e-6 grid
+_DEFAULT_PHIS = (1, 2, 3, 4, 5, 6, 7)
+# Neighbourhood scanned around the bisection bracket (±0.02 in steps of 0.001 in φ): it guards
+# against a local dip of the MACs curve, which the counters' rounding rules could in principle
+# produce, at ~41 cheap evaluations per member.
+_SCAN_RADIUS_UNITS = 20_000
+_SCAN_STEP_UNITS = 1_000
+_MAX_PHI = 1024.0  # flops-matched search gives up beyond this φ
+_MEMBER_FLOATS = ("phi", "width", "depth", "dropout")
+_MEMBER_INTS = ("resolution_px", "params", "macs", "stem_channels", "head_channels")
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class OfficialModel:
+    """One published EfficientNet: its multipliers, input side in pixels and final dropout."""
+
+    name: str
+    width: float
+    depth: float
+    resolution_px: int
+    dropout: float
+
+
+# Tan & Le (2019); values as in the TF reference `efficientnet_builder.efficientnet_params`:
+# (width_coefficient, depth_coefficient, resolution, dropout_rate) for b0…b7.
+OFFICIAL_FAMILY: tuple[OfficialModel, ...] = (
+    OfficialModel("b0", 1.0, 1.0, 224, 0.2),
+    OfficialModel("b1", 1.0, 1.1, 240, 0.2),
+    OfficialModel("b2", 1.1, 1.2, 260, 0.3),
+    OfficialModel("b3", 1.2, 1.4, 300, 0.3),
+    OfficialModel("b4", 1.4, 1.8, 380, 0.4),
+    OfficialModel("b5", 1.6, 2.2, 456, 0.4),
+    OfficialModel("b6", 1.8, 2.6, 528, 0.5),
+    OfficialModel("b7", 2.0, 3.1, 600, 0.5),
+)
+
+
+@dataclass(frozen=True)
+class FamilyMember:
+    """One scaled model of a family, with everything needed to rebuild and budget it."""
+
+    name: str  # "b<k>" at integer φ = k (formula) or B_k's name (flops-matched); else "phi_<φ>"
+    phi: float  # the compound coefficient actually used
+    width: float  # β^φ
+    depth: float  # α^φ
+    resolution_px: int  # round(base · γ^φ)
+    dropout: float  # before the classifier
+    params: int  # model.count_params
+    macs: int  # model.count_macs of one image at resolution_px
+    stem_channels: int
+    head_channels: int
+    stages: tuple[StageShape, ...]  # the seven scaled MBConv stages
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family of models scaled from B0 by one coefficient triple, in the order requested."""
+
+    alpha: float
+    beta: float
+    gamma: float
+    mode: str
+    base_resolution_px: int
+    num_classes: int
+    members: tuple[FamilyMember, ...]
+
+    @property
+    def coefficients(self) -> Coefficients:
+        """The triple (α, β, γ) the family was scaled by."""
+        return Coefficients(self.alpha, self.beta, self.gamma)
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_phi(phi: object) -> float:
+    if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not 0 <= phi < math.inf:
+        raise ValueError(f"phi must be a finite number >= 0, got {phi!r}")
+    return float(phi)
+
+
+def compound_scale(
+    coefficients: Coefficients, phi: float, *, base_resolution_px: int = B0_RESOLUTION_PX
+) -> tuple[float, float, int]:
+    """Depth, width and resolution at compound coefficient φ (Tan & Le 2019, eq. 3).
+
+    d = α^φ, w = β^φ, r = γ^φ; depth and width are rounded to 6 decimals (the precision family
+    files keep, so a file rebuilds the same model) and the resolution to the nearest pixel,
+    halves up.
+
+    Args:
+        coefficients: The triple (α, β, γ).
+        phi: The compound coefficient, finite and >= 0.
+        base_resolution_px: Input side of the base network in pixels.
+
+    Returns:
+        (depth multiplier, width multiplier, resolution in pixels).
+
+    Raises:
+        ValueError: If phi is negative, not finite or so large that the result overflows, or
+            base_resolution_px < 1.
+
+    >>> paper = Coefficients(1.2, 1.1, 1.15)
+    >>> compound_scale(paper, 1)
+    (1.2, 1.1, 258)
+    >>> compound_scale(paper, 2)
+    (1.44, 1.21, 296)
+    >>> compound_scale(paper, 0, base_resolution_px=32)
+    (1.0, 1.0, 32)
+    """
+    phi = _check_phi(phi)
+    _check_count("base_resolution_px", base_resolution_px)
+    try:
+        depth = round(coefficients.alpha**phi, _DECIMALS)
+        width = round(coefficients.beta**phi, _DECIMALS)
+        resolution_px = math.floor(base_resolution_px * coefficients.gamma**phi + 0.5)
+    except OverflowError:
+        raise ValueError(f"phi={phi!r} is too large: the scaled model overflows") from None
+    return depth, width, resolution_px
+
+
+def _dropout_at(phi: float) -> float:
+    """Official B_k's dropout at φ = k; linear between neighbours; B7's beyond 7."""
+    last = len(OFFICIAL_FAMILY) - 1
+    if phi >= last:
+        return OFFICIAL_FAMILY[last].dropout
+    k = math.floor(phi)
+    low, high = OFFICIAL_FAMILY[k].dropout, OFFICIAL_FAMILY[k + 1].dropout
+    return round(low + (high - low) * (phi - k), _DECIMALS)
+
+
+def _member(
+    name: str, phi: float, dropout: float, coefficients: Coefficients, base_px: int, classes: int
+) -> FamilyMember:
+    depth, width, resolution_px = compound_scale(coefficients, phi, base_resolution_px=base_px)
+    arch = architecture(width=width, depth=depth, num_classes=classes)
+    return FamilyMember(
+        name=name,
+        phi=phi,
+        width=width,
+        depth=depth,
+        resolution_px=resolution_px,
+        dropout=dropout,
+        params=count_params(arch),
+        macs=count_macs(arch, resolution_px=resolution_px),
+        stem_channels=arch.stem_channels,
+        head_channels=arch.head_channels,
+        stages=arch.stages,
+    )
+
+
+def _formula_name(phi: float) -> str:
+    return f"b{int(phi)}" if phi.is_integer() else f"phi_{phi:g}"
+
+
+def _macs(width: float, depth: float, resolution_px: int, classes: int) -> int:
+    arch = architecture(width=width, depth=depth, num_classes=classes)
+    return count_macs(arch, resolution_px=resolution_px)
+
+
+def _macs_curve(coefficients: Coefficients, base_px: int, classes: int) -> Callable[[int], float]:
+    """φ (in 1e-6 units) -> MACs of the φ-scaled model over those of B0 at the base resolution."""
+    base_macs = _macs(1.0, 1.0, base_px, classes)
+
+    @functools.cache
+    def ratio(units: int) -> float:
+        scaled = compound_scale(coefficients, units / _PHI_UNITS, base_resolution_px=base_px)
+        depth, width, resolution_px = scaled
+        return _macs(width, depth, resolution_px, classes) / base_macs
+
+    return ratio
+
+
+def _official_ratio(official: OfficialModel, classes: int) -> float:
+    """MACs of the published B_k at its resolution over those of B0 at 224 px."""
+    b0 = OFFICIAL_FAMILY[0]
+    macs = _macs(official.width, official.depth, official.resolution_px, classes)
+    return macs / _macs(b0.width, b0.depth, b0.resolution_px, classes)
+
+
+def _bracket(curve: Callable[[int], float], target: float) -> tuple[int, int]:
+    """Grid points low < high with ratio(low) < target <= ratio(high), high - low == 1."""
+    low, high = 0, _PHI_UNITS
+    while curve(high) < target:
+        low, high = high, 2 * high
+        if high > _MAX_PHI * _PHI_UNITS:
+            raise ValueError(
+                f"coefficients grow MACs too slowly to reach a ratio of {target:.3f} "
+                f"by phi={_MAX_PHI:g}"
+            )
+    while high - low > 1:
+        middle = (low + high) // 2
+        if curve(middle) >= target:
+            high = middle
+        else:
+            low = middle
+    return low, high
+
+
+def _match_phi(curve: Callable[[int], float], target: float) -> float:
+    """The φ (on the 1e-6 grid) whose MACs ratio is closest to `target`.
+
+    Bisection brackets the step of the curve that crosses `target` (exactly optimal where the
+    curve is non-decreasing); a scan of ±0.02 around it catches any local dip. Ties go to the
+    φ nearest the crossing.
+    """
+    if curve(0) >= target:
+        low, high = 0, 0
+    else:
+        low, high = _bracket(curve, target)
+    start = max(0, high - _SCAN_RADIUS_UNITS)
+    candidates = {low, high, *range(start, high + _SCAN_RADIUS_UNITS + 1, _SCAN_STEP_UNITS)}
+    best = min(candidates, key=lambda units: (abs(curve(units) - target), abs(units - high)))
+    return best / _PHI_UNITS
+
+
+def _check_phis(phis: Sequence[float] | None, mode: str) -> tuple[float, ...]:
+    if phis is None:
+        return tuple(float(k) for k in _DEFAULT_PHIS)
+    checked = tuple(round(_check_phi(phi), _DECIMALS) for phi in phis)
+    if not checked:
+        raise ValueError("phis must not be empty")
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"phis must be distinct (to 1e-6), got {list(phis)!r}")
+    if mode == "flops-matched":
+        allowed = range(len(OFFICIAL_FAMILY))
+        for phi in checked:
+            if not phi.is_integer() or int(phi) not in allowed:
+                raise ValueError(
+                    f"flops-matched phis name official models: integers 0..{allowed[-1]}, "
+                    f"got {phi!r}"
+                )
+    return checked
+
+
+def make_family(
+    coefficients: Coefficients,
+    *,
+    mode: str = "formula",
+    phis: Sequence[float] | None = None,
+    base_resolution_px: int = B0_RESOLUTION_PX,
+    num_classes: int = 1000,
+) -> Family:
+    """Scale B0 by `coefficients` into a family of models (Tan & Le 2019, §3.3 step 2).
+
+    Args:
+        coefficients: The triple (α, β, γ) found by step 1.
+        mode: "formula": one member per φ in `phis`, scaled by eq. 3, dropout of the official
+            B_k at φ = k and interpolated linearly between (B7's beyond φ = 7).
+            "flops-matched": one member per official B_k, k in `phis`, at the φ (searched on a
+            1e-6 grid) whose MACs ratio to B0 at `base_resolution_px` is closest to that of
+            the published B_k to B0 at 224 px; name and dropout are B_k's.
+        phis: φ values (formula) or official indices 0..7 (flops-matched); default 1..7.
+            Values are kept to 6 decimals.
+        base_resolution_px: Input side of the base network in pixels.
+        num_classes: Outputs of every member's classifier.
+
+    Returns:
+        The family, members in the order of `phis`.
+
+    Raises:
+        ValueError: On an unknown mode, empty or repeated phis, a negative or non-finite φ, a
+            non-integer or out-of-range φ in flops-matched mode, base_resolution_px < 1 or
+            num_classes < 1.
+    """
+    if mode not in FAMILY_MODES:
+        raise ValueError(f"mode must be one of {FAMILY_MODES}, got {mode!r}")
+    _check_count("base_resolution_px", base_resolution_px)
+    _check_count("num_classes", num_classes)
+    checked = _check_phis(phis, mode)
+    common = (coefficients, base_resolution_px, num_classes)
+    if mode == "formula":
+        members = tuple(
+            _member(_formula_name(phi), phi, _dropout_at(phi), *common) for phi in checked
+        )
+    else:
+        curve = _macs_curve(*common)
+        members = tuple(_matched_member(OFFICIAL_FAMILY[int(k)], curve, common) for k in checked)
+    return Family(
+        alpha=coefficients.alpha,
+        beta=coefficients.beta,
+        gamma=coefficients.gamma,
+        mode=mode,
+        base_resolution_px=base_resolution_px,
+        num_classes=num_classes,
+        members=members,
+    )
+
+
+def _matched_member(
+    official: OfficialModel, curve: Callable[[int], float], common: tuple[Coefficients, int, int]
+) -> FamilyMember:
+    phi = _match_phi(curve, _official_ratio(official, common[2]))
+    return _member(official.name, phi, official.dropout, *common)
+
+
+def _member_to_dict(member: FamilyMember) -> dict[str, object]:
+    document = {field.name: getattr(member, field.name) for field in fields(FamilyMember)}
+    document.update({name: round(getattr(member, name), _DECIMALS) for name in _MEMBER_FLOATS})
+    document["stages"] = [asdict(stage) for stage in member.stages]
+    return document
+
+
+def family_to_dict(family: Family) -> dict[str, object]:
+    """The family as a versioned, JSON- and YAML-ready document (schema_version 1).
+
+    Args:
+        family: The family.
+
+    Returns:
+        Plain dicts, lists, strings and numbers; derived floats to 6 decimals.
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": _KIND,
+        "coefficients": {"alpha": family.alpha, "beta": family.beta, "gamma": family.gamma},
+        "mode": family.mode,
+        "base_resolution_px": family.base_resolution_px,
+        "num_classes": family.num_classes,
+        "members": [_member_to_dict(member) for member in family.members],
+    }
+
+
+def _field(data: object, key: str, where: str, kind: type[_T]) -> _T:
+    """data[key], checked to be a `kind` (an int passes as a float; a bool never passes)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"family document: {where} must be a mapping, got {data!r}")
+    if key not in data:
+        raise ValueError(f"family document: {where} has no {key!r}")
+    value = data[key]
+    allowed = (int, float) if kind is float else kind
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ValueError(
+            f"family document: {where}.{key} must be of type {kind.__name__}, got {value!r}"
+        )
+    return cast(_T, float(cast(float, value)) if kind is float else value)
+
+
+def _member_from_dict(data: object, where: str) -> FamilyMember:
+    values: dict[str, Any] = {"name": _field(data, "name", where, str)}
+    values.update({name: _field(data, name, where, float) for name in _MEMBER_FLOATS})
+    values.update({name: _field(data, name, where, int) for name in _MEMBER_INTS})
+    stages = []
+    for index, stage in enumerate(_field(data, "stages", where, list)):
+        at = f"{where}.stages[{index}]"
+        stages.append(
+            StageShape(**{f.name: _field(stage, f.name, at, int) for f in fields(StageShape)})
+        )
+    return FamilyMember(**values, stages=tuple(stages))
+
+
+def family_from_dict(data: Mapping[str, object]) -> Family:
+    """Rebuild a family from `family_to_dict`'s document (e.g. a parsed JSON or YAML file).
+
+    Args:
+        data: The document.
+
+    Returns:
+        The family.
+
+    Raises:
+        ValueError: If the schema version or kind is not this module's, the mode is unknown,
+            or a field is missing or has the wrong type.
+    """
+    top = "the document"
+    data = dict(data) if isinstance(data, Mapping) else data
+    expected = {"schema_version": SCHEMA_VERSION, "kind": _KIND}
+    for key, value in expected.items():
+        if _field(data, key, top, type(value)) != value:
+            raise ValueError(f"family document: {key} must be {value!r}, got {data[key]!r}")
+    mode = _field(data, "mode", top, str)
+    if mode not in FAMILY_MODES:
+        raise ValueError(f"family document: mode must be one of {FAMILY_MODES}, got {mode!r}")
+    coefficients = _field(data, "coefficients", top, dict)
+    members = _field(data, "members", top, list)
+    return Family(
+        alpha=_field(coefficients, "alpha", "coefficients", float),
+        beta=_field(coefficients, "beta", "coefficients", float),
+        gamma=_field(coefficients, "gamma", "coefficients", float),
+        mode=mode,
+        base_resolution_px=_field(data, "base_resolution_px", top, int),
+        num_classes=_field(data, "num_classes", top, int),
+        members=tuple(_member_from_dict(m, f"members[{i}]") for i, m in enumerate(members)),
+    )
+
+
+def dump_family(family: Family, fmt: str) -> str:
+    """Serialise a family as JSON (indent 2, trailing newline) or YAML (keys in schema order).
+
+    Args:
+        family: The family.
+        fmt: "json" or "yaml".
+
+    Returns:
+        The document as text.
+
+    Raises:
+        ValueError: If fmt is not one of DUMP_FORMATS.
+    """
+    if fmt not in DUMP_FORMATS:
+        raise ValueError(f"fmt must be one of {DUMP_FORMATS}, got {fmt!r}")
+    document = family_to_dict(family)
+    if fmt == "json":
+        return json.dumps(document, indent=2) + "\n"
+    return yaml.safe_dump(document, sort_keys=False)

@@ -1,0 +1,239 @@
+"""One trial: train the scaled B0 for the study's budget and evaluate it every epoch.
+
+:func:`fit` knows nothing of Ray. It takes a ``report`` callback that receives each epoch's
+metrics and a snapshot of the training state (to checkpoint), and can resume from such a state.
+On CUDA it trains under bf16 autocast; on every device it uses channels_last.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from scaling_search.config import TrainConfig
+from scaling_search.data import ImageData, prepare_batch
+from scaling_search.model import architecture, build_model, count_macs, count_params
+from scaling_search.space import Coefficients
+
+__all__ = ["EpochMetrics", "FitResult", "Report", "fit", "pick_device"]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """What one epoch reports. ``accuracy`` is held-out (test) top-1 in [0, 1]."""
+
+    epoch: int
+    accuracy: float
+    test_loss: float
+    train_loss: float
+    train_accuracy: float
+    epoch_seconds: float
+    images_per_second: float
+    started_at: float  # unix time the trial's training began (first epoch, this attempt)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A finished trial."""
+
+    accuracy: float  # after the last epoch
+    epochs_completed: int
+    params: int
+    macs: int
+    resolution_px: int
+    history: tuple[EpochMetrics, ...]
+
+
+Report = Callable[[EpochMetrics, Mapping[str, Any]], None]
+
+
+def pick_device() -> torch.device:
+    """CUDA when present (Ray exposes the trial's GPUs through CUDA_VISIBLE_DEVICES), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to zero, per optimiser step."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    lr = config.lr_per_256 * config.batch_size / 256
+    # No weight decay on BatchNorm scales and biases (1-d parameters).
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused or None)
+
+
+def _evaluate(
+    model: torch.nn.Module, data: ImageData, resolution_px: int, device: torch.device
+) -> tuple[float, float]:
+    """Held-out accuracy and mean loss, in larger batches, under inference mode."""
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum = torch.zeros((), device=device)
+    batch = 256
+    with torch.inference_mode(), _autocast(device):
+        for start in range(0, len(data.test_labels), batch):
+            images = data.test_images[start : start + batch].to(device, non_blocking=True)
+            labels = data.test_labels[start : start + batch].to(device, non_blocking=True)
+            inputs = prepare_batch(
+                images, resolution_px=resolution_px, mean=data.mean, std=data.std, train=False
+            )
+            logits = model(inputs).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(1) == labels).sum()
+    count = len(data.test_labels)
+    return correct.item() / count, loss_sum.item() / count
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def fit(
+    config: TrainConfig,
+    data: ImageData,
+    coefficients: Coefficients,
+    *,
+    seed: int,
+    report: Report | None = None,
+    resume: Mapping[str, Any] | None = None,
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train B0 scaled by ``coefficients`` (φ = 1) for ``config.epochs`` epochs.
+
+    Depth α and width β scale the network; the input is round(base_resolution_px·γ) pixels.
+    Seeds every source of randomness from ``seed``; with ``resume`` (a state given to ``report``)
+    training continues after the epoch that state was taken at.
+    """
+    device = device or pick_device()
+    torch.manual_seed(seed)
+    resolution_px = round(config.base_resolution_px * coefficients.gamma)
+    arch = architecture(
+        width=coefficients.beta, depth=coefficients.alpha, num_classes=data.num_classes
+    )
+    model = build_model(arch, dropout=config.dropout, stochastic_depth=config.stochastic_depth)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = config.bn_momentum
+    model = model.to(device)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    steps_per_epoch = max(1, len(data.train_labels) // config.batch_size)
+    optimizer = _optimizer(model, config, fused=device.type == "cuda")
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        _lr_lambda(steps_per_epoch * config.epochs, round(config.warmup_epochs * steps_per_epoch)),
+    )
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    history: list[EpochMetrics] = []
+    first_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        first_epoch = int(resume["epoch"])
+    started_at = time.time()
+    train_images = data.train_images.to(device)
+    train_labels = data.train_labels.to(device)
+
+    for epoch in range(first_epoch, config.epochs):
+        tick = time.perf_counter()
+        model.train()
+        order = torch.randperm(len(train_labels), generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
+        for step in range(steps_per_epoch):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            inputs = prepare_batch(
+                train_images[index],
+                resolution_px=resolution_px,
+                mean=data.mean,
+                std=data.std,
+                train=config.augment,
+                generator=generator if device.type == "cpu" else None,
+            )
+            labels = train_labels[index]
+            with _autocast(device):
+                logits = model(inputs)
+                loss = F.cross_entropy(
+                    logits.float(), labels, label_smoothing=config.label_smoothing
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            # Accumulated on the device: no host synchronisation per step.
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == labels).sum()
+        seen = steps_per_epoch * config.batch_size
+        train_loss = loss_sum.item() / steps_per_epoch
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}")
+        accuracy, test_loss = _evaluate(model, data, resolution_px, device)
+        seconds = time.perf_counter() - tick
+        metrics = EpochMetrics(
+            epoch=epoch + 1,
+            accuracy=accuracy,
+            test_loss=test_loss,
+            train_loss=train_loss,
+            train_accuracy=correct.item() / seen,
+            epoch_seconds=seconds,
+            images_per_second=seen / seconds,
+            started_at=started_at,
+        )
+        history.append(metrics)
+        if report is not None:
+            report(metrics, _state(model, optimizer, schedule, generator, epoch + 1))
+
+    return FitResult(
+        accuracy=history[-1].accuracy if history else float(resume["accuracy"] if resume else 0),
+        epochs_completed=config.epochs,
+        params=count_params(arch),
+        macs=count_macs(arch, resolution_px=resolution_px),
+        resolution_px=resolution_px,
+        history=tuple(history),
+    )
+
+
+def _state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator,
+    epoch: int,
+) -> dict[str, Any]:
+    """Everything needed to continue after ``epoch``; tensors are references, not copies."""
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }

@@ -1,0 +1,73 @@
+"""Shared fixtures: a storage URL parametrised over SQLite and PostgreSQL, and tiny studies."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get(
+    "SCALING_SEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _postgres_or_skip() -> str:
+    """A fresh PostgreSQL database for this test run; skipped without a server (never in CI)."""
+    import sqlalchemy
+
+    name = f"scaling_search_test_{uuid.uuid4().hex[:12]}"
+    try:
+        engine = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+    except Exception as exc:  # any failure to reach the server means "no server"
+        if os.environ.get("SCALING_SEARCH_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL required (SCALING_SEARCH_REQUIRE_POSTGRES) but: {exc}")
+        pytest.skip(f"no PostgreSQL server at {PG_ADMIN_URL}: {exc}")
+    return name
+
+
+def _drop_postgres(name: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A storage URL on an empty database: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'study.db'}"
+        return
+    name = _postgres_or_skip()
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        _drop_postgres(name)
+
+
+TINY_STUDY = """\
+name: {name}
+output_dir: {out}
+data: {{kind: synthetic, num_classes: 4, train_size: 96, test_size: 48, image_px: 24}}
+space: {{alpha: [1.15, 1.25], beta: [1.05, 1.15], gamma: [1.1, 1.15], tolerance: 0.1}}
+search: {{sampler: grid, max_concurrent_trials: 2}}
+train: {{base_resolution_px: 16, epochs: 2, batch_size: 32}}
+resources: {{cpus_per_trial: 1, num_cpus: 2}}
+"""
+
+
+@pytest.fixture
+def tiny_study(tmp_path: Path) -> Path:
+    """A study file of a grid with 6 candidates and trials of a few seconds on CPU."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_STUDY.format(name="tiny", out=tmp_path / "runs"), encoding="utf-8")
+    return path
