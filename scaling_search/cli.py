@@ -197,14 +197,16 @@ def _write_family(best: Any, study: StudyConfig, num_classes: int, path: Path) -
 
 
 def _existing_study(args: argparse.Namespace) -> tuple[StudyConfig, optuna.Study]:
-    """The study file's Optuna study, without creating a database or a study."""
-    from scaling_search.storage import check_url, open_storage, resolve_url
+    """The study file's Optuna study, without creating a database, tables or a study."""
+    from scaling_search.storage import open_storage, resolve_url, study_exists
 
     study = load_study(args.study, args.overrides)
     url = resolve_url(study)
-    parsed = check_url(url)
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").exists():
-        raise StudyError(f"study {study.name!r} has not been run yet (no {parsed.database})")
+    if not study_exists(url, study.name):
+        raise StudyError(
+            f"study {study.name!r} has not been run yet; start it with "
+            f"`scaling-search run {args.study}`"
+        )
     return study, _load_optuna_study(study, open_storage(url))
 
 

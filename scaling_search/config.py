@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -42,6 +42,21 @@ class StudyError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        # Lax mode would read `epochs: true` as 1; a boolean is never a count or a rate here.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(str(name))
+                numeric = field is not None and {int, float} & {
+                    field.annotation,
+                    *get_args(field.annotation),
+                }
+                if isinstance(value, bool) and numeric:
+                    raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+        return data
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -240,6 +255,8 @@ def _describe(exc: ValidationError) -> str:
         return f"{loc}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
     if kind == "value_error":  # our own validators name the key themselves
+        if re.match(r"^[a-z_]+: ", message):  # a key of this section
+            return f"{loc}.{message}" if loc else message
         return message if loc and message.startswith(loc.split(".")[0]) else f"{loc}: {message}"
     shown = _show(error.get("input"))
     return f"{loc}: {message}" + (f" (got {shown})" if shown else "")

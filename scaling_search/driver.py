@@ -105,7 +105,9 @@ def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
     if study.search.sampler != "grid":
         return max(0, (study.search.n_trials or 0) - len(done))
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    taken = {_point_key(t.params) for t in (*done, *waiting)}
+    # A queued trial holds its point in Optuna's "fixed_params" until a sampler takes it.
+    taken = {_point_key(t.params) for t in done}
+    taken |= {_point_key(t.system_attrs.get("fixed_params", {})) for t in waiting}
     for coefficients in grid_candidates(study.space):
         for seed in _seeds(study):
             params = {
@@ -265,6 +267,7 @@ def _init_ray(study: StudyConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: our progress lines only
     # Tune warns whenever per-epoch checkpoints make it snapshot often; that is expected here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(
@@ -287,6 +290,7 @@ def run_study(
 ) -> RunSummary:
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``."""
     started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     ot_study = open_study(study, storage)
     _fail_stale(ot_study, progress)
     to_launch = plan_trials(study, ot_study)

@@ -423,7 +423,10 @@ class EfficientNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Linear):
-                bound = 1.0 / math.sqrt(module.out_features)
+                # The reference uses 1/sqrt(out_features), which at 1000 classes is about
+                # 1/sqrt(in_features); with few classes it starts the logits large (std ≈ 3 at 10
+                # classes), a poor start for short trials. 1/sqrt(in_features) keeps the scale.
+                bound = 1.0 / math.sqrt(module.in_features)
                 nn.init.uniform_(module.weight, -bound, bound)
                 nn.init.zeros_(module.bias)
 

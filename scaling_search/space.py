@@ -248,8 +248,15 @@ class DefineByRun:
                 trial.suggest_float("beta", space.beta.low, space.beta.high),
                 trial.suggest_float("gamma", space.gamma.low, space.gamma.high),
             )
-            if abs(coefficients.flops_product - space.product) > space.tolerance + 1e-9:
-                raise SpaceError(f"grid trial got an infeasible point {coefficients}")
+            in_bounds = all(
+                bounds.low - 1e-9 <= value <= bounds.high + 1e-9
+                for bounds, value in zip(
+                    (space.alpha, space.beta, space.gamma), coefficients.as_tuple(), strict=True
+                )
+            )
+            off = abs(coefficients.flops_product - space.product) > space.tolerance + 1e-9
+            if off or not in_bounds:
+                raise SpaceError(f"grid trial got a point outside the space: {coefficients}")
             return coefficients, int(trial.suggest_categorical("seed", self.seeds))
         u = trial.suggest_float("depth_coordinate", 0.0, 1.0)
         v = trial.suggest_float("width_coordinate", 0.0, 1.0)

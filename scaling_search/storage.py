@@ -8,6 +8,7 @@ output folder. Passwords are never printed: every message shows :func:`mask_url`
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,11 +28,12 @@ __all__ = [
     "mask_url",
     "open_storage",
     "resolve_url",
+    "study_exists",
 ]
 
 ENV_VAR = "SCALING_SEARCH_STORAGE"
 DB_FILENAME = "optuna.db"
-_DIALECTS = ("sqlite", "postgresql")
+_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
 
 
 class StorageError(ValueError):
@@ -49,19 +51,23 @@ def resolve_url(study: StudyConfig) -> str:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ***; unparsable text is hidden after the scheme."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
-        scheme, sep, _ = url.partition("://")
-        return f"{scheme}://***" if sep else "***"
+    """``url`` with any password replaced by ***, also where the URL is malformed.
+
+    Works on the text, not on a parse, so a password holding '@' or '/' and a ``password=``
+    query parameter are hidden too.
+    """
+    masked, count = re.subn(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:).*@", r"\1***@", url.strip())
+    if not count:  # no scheme://user: prefix: hide whatever sits between a ':' and an '@'
+        masked = re.sub(r":[^:@]*@", ":***@", masked)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", masked)
 
 
 def check_url(url: str) -> URL:
     """Parse and check a storage URL without connecting.
 
     Raises:
-        StorageError: a malformed URL or an unsupported database, named with the password masked.
+        StorageError: a malformed URL, an unsupported database or driver, or an in-memory SQLite
+            database; named with the password masked.
     """
     try:
         parsed = make_url(url)
@@ -70,20 +76,54 @@ def check_url(url: str) -> URL:
             f"storage URL {mask_url(url)!r} is malformed; expected e.g. "
             "sqlite:///runs/study.db or postgresql+psycopg://user@host:5432/db"
         ) from None
-    if parsed.get_backend_name() not in _DIALECTS:
-        raise StorageError(
-            f"storage URL {mask_url(url)!r}: database {parsed.get_backend_name()!r} is not "
-            f"supported; use one of {', '.join(_DIALECTS)}"
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; this project ships psycopg 3.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername not in _DRIVERS:
+        backend = parsed.get_backend_name()
+        what = (
+            f"driver {parsed.drivername!r}"
+            if backend in ("sqlite", "postgresql")
+            else f"database {backend!r}"
         )
-    if parsed.get_backend_name() == "sqlite" and not parsed.database:
+        raise StorageError(
+            f"storage URL {mask_url(url)!r}: {what} is not supported; use sqlite:///FILE or "
+            "postgresql://… (driver psycopg 3)"
+        )
+    if parsed.drivername == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise StorageError(
             f"storage URL {mask_url(url)!r} names no file; an in-memory SQLite database would "
             "lose the study, use sqlite:///path/to/file.db"
         )
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
-        # SQLAlchemy's default PostgreSQL driver is psycopg2; this project ships psycopg 3.
-        parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed
+
+
+def study_exists(url: str, study_name: str) -> bool:
+    """Whether ``study_name`` is recorded at ``url``, creating nothing (no file, no tables)."""
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    parsed = check_url(url)
+    if parsed.drivername == "sqlite" and not Path(parsed.database or "").expanduser().is_file():
+        return False
+    engine = sqlalchemy.create_engine(parsed)
+    try:
+        with engine.connect() as connection:
+            if "studies" not in sqlalchemy.inspect(connection).get_table_names():
+                return False
+            query = sqlalchemy.text("SELECT 1 FROM studies WHERE study_name = :name")
+            return connection.execute(query, {"name": study_name}).first() is not None
+    except SQLAlchemyError as exc:
+        raise StorageError(
+            f"cannot open storage {mask_url(url)!r}: {_reason(exc, parsed)}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _reason(exc: BaseException, parsed: URL) -> str:
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return reason.replace(str(parsed.password), "***") if parsed.password else reason
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -97,19 +137,18 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
 
     parsed = check_url(url)
     engine_kwargs: dict[str, object] = {}
-    if parsed.get_backend_name() == "sqlite":
-        Path(parsed.database or ".").expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs["connect_args"] = {"timeout": 30}
-    else:
-        engine_kwargs.update(pool_pre_ping=True, pool_size=4, max_overflow=4)
     try:
+        if parsed.drivername == "sqlite":
+            Path(parsed.database or ".").expanduser().parent.mkdir(parents=True, exist_ok=True)
+            engine_kwargs["connect_args"] = {"timeout": 30}
+        else:
+            engine_kwargs.update(pool_pre_ping=True, pool_size=4, max_overflow=4)
         return optuna.storages.RDBStorage(
             parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs
         )
-    except (SQLAlchemyError, OSError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        if parsed.password:
-            reason = reason.replace(str(parsed.password), "***")
-        raise StorageError(f"cannot open storage {mask_url(url)!r}: {reason}") from None
+    except (SQLAlchemyError, OSError, ImportError) as exc:
+        raise StorageError(
+            f"cannot open storage {mask_url(url)!r}: {_reason(exc, parsed)}"
+        ) from None
     except RuntimeError as exc:  # Optuna's "schema is older/newer than this version" check
         raise StorageError(f"storage {mask_url(url)!r}: {exc}") from None

@@ -1,0 +1,200 @@
+"""End to end through real Ray Tune and a real Optuna storage: concurrency, resume, interruption."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from scaling_search.config import load_study
+from scaling_search.data import load_dataset
+from scaling_search.space import grid_candidates
+from scaling_search.storage import open_storage, resolve_url
+
+pytestmark = pytest.mark.slow
+
+DERIVED = (
+    "alpha",
+    "beta",
+    "gamma",
+    "flops_ratio_nominal",
+    "flops_ratio_measured",
+    "params",
+    "resolution_px",
+    "epochs_completed",
+)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _run(study_path: Path):
+    from scaling_search import driver
+
+    study = load_study(study_path)
+    spec = study.data
+    data = load_dataset(
+        spec.kind,
+        num_classes=spec.num_classes,
+        train_size=spec.train_size,
+        test_size=spec.test_size,
+        image_px=spec.image_px,
+        seed=spec.seed,
+    )
+    storage = open_storage(resolve_url(study))
+    summary = driver.run_study(study, data=data, storage=storage, progress=lambda _: None)
+    return study, summary, optuna.load_study(study_name=study.name, storage=storage)
+
+
+def _point(trial: optuna.trial.FrozenTrial) -> tuple[float, float, float, int]:
+    return (
+        trial.params["alpha"],
+        trial.params["beta"],
+        trial.params["gamma"],
+        trial.params["seed"],
+    )
+
+
+def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_study: Path):
+    study, summary, ot_study = _run(tiny_study)
+
+    candidates = grid_candidates(study.space)
+    trials = ot_study.get_trials()
+    assert len(candidates) >= 4
+    assert summary.launched == len(candidates) == summary.completed
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * len(candidates)
+    # Every feasible candidate trained exactly once, and nothing else.
+    assert sorted(_point(t)[:3] for t in trials) == sorted(c.as_tuple() for c in candidates)
+    for trial in trials:
+        assert set(DERIVED) <= trial.user_attrs.keys()
+        assert trial.user_attrs["epochs_completed"] == study.train.epochs
+        assert (
+            abs(
+                trial.user_attrs["flops_ratio_nominal"]
+                - trial.params["alpha"] * trial.params["beta"] ** 2 * trial.params["gamma"] ** 2
+            )
+            < 1e-6
+        )
+        assert sorted(trial.intermediate_values) == list(range(1, study.train.epochs + 1))
+        assert 0.0 <= trial.value <= 1.0
+    # The training intervals measured inside the workers overlap for at least one pair.
+    spans = [(t.user_attrs["train_started_at"], t.user_attrs["train_reported_at"]) for t in trials]
+    overlapping = [
+        (a, b) for a, b in itertools.combinations(spans, 2) if a[0] < b[1] and b[0] < a[1]
+    ]
+    assert overlapping, f"no two trials trained at the same time: {spans}"
+
+    # Running the finished study again trains nothing and changes nothing.
+    before = [(t.number, t.state, t.value, t.datetime_complete) for t in trials]
+    _, again, ot_again = _run(tiny_study)
+    assert again.launched == 0
+    assert [
+        (t.number, t.state, t.value, t.datetime_complete) for t in ot_again.get_trials()
+    ] == before
+
+
+def test_changed_training_settings_refuse_to_continue(tiny_study: Path):
+    from scaling_search.driver import DriverError, open_study
+
+    study = load_study(tiny_study)
+    storage = open_storage(resolve_url(study))
+    open_study(study, storage)
+    open_study(study, storage)  # the same settings continue
+    changed = load_study(tiny_study, ["train.epochs=3", "data.train_size=64"])
+    with pytest.raises(DriverError, match=r"data\.train_size, train\.epochs"):
+        open_study(changed, storage)
+    # The search settings may change between runs.
+    open_study(load_study(tiny_study, ["search.max_concurrent_trials=1"]), storage)
+
+
+def _kill_leftovers(ray_tmp: str) -> None:
+    """Ray processes of the killed driver's session (they name its temp folder) go too."""
+    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False, capture_output=True)
+
+
+def _count(study_path: Path, state: TrialState) -> int:
+    study = load_study(study_path)
+    if not (study.out_dir / "optuna.db").is_file():
+        return 0
+    try:
+        ot_study = optuna.load_study(study_name=study.name, storage=resolve_url(study))
+    except KeyError:
+        return 0
+    return len(ot_study.get_trials(deepcopy=False, states=(state,)))
+
+
+def test_killed_driver_resumes_without_retraining(tiny_study: Path, tmp_path: Path):
+    """SIGKILL the CLI mid-study; the next run retrains only what was not finished."""
+    slower = tiny_study.read_text().replace("epochs: 2", "epochs: 4")
+    tiny_study.write_text(slower)
+    command = [sys.executable, "-m", "scaling_search.cli", "run", str(tiny_study)]
+    env = {k: v for k, v in os.environ.items() if k != "SCALING_SEARCH_STORAGE"}
+    # A short private folder: Ray's socket paths must stay under 107 bytes.
+    ray_tmp = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")
+    env["RAY_TMPDIR"] = ray_tmp
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while _count(tiny_study, TrialState.COMPLETE) < 2 and time.monotonic() < deadline:
+        assert proc.poll() is None, "the study finished before it could be interrupted"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _kill_leftovers(ray_tmp)
+
+    study = load_study(tiny_study)
+    ot_study = optuna.load_study(study_name=study.name, storage=resolve_url(study))
+    finished = {
+        _point(t): (t.number, t.value) for t in ot_study.get_trials(states=(TrialState.COMPLETE,))
+    }
+    left_running = ot_study.get_trials(states=(TrialState.RUNNING,))
+    assert len(finished) >= 2
+    assert left_running, "the kill should have left at least one trial RUNNING"
+
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    trials = optuna.load_study(study_name=study.name, storage=resolve_url(study)).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    points = [_point(t) for t in complete]
+    # Every candidate completed exactly once: finished ones were not trained again.
+    assert len(points) == len(set(points)) == len(grid_candidates(study.space))
+    for point, (number, value) in finished.items():
+        again = [t for t in complete if _point(t) == point]
+        assert [(t.number, t.value) for t in again] == [(number, value)]
+    # The trials the killed driver left running were marked FAIL, with the reason.
+    stale = {t.number for t in left_running}
+    for trial in trials:
+        if trial.number in stale:
+            assert trial.state == TrialState.FAIL
+            assert trial.user_attrs["fail_reason"] == "driver stopped mid-trial"
+    _kill_leftovers(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert "best:" in result.stdout
+    assert (Path(study.out_dir) / "family.json").is_file() or (
+        tmp_path / study.out_dir / "family.json"
+    ).is_file()

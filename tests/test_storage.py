@@ -1,0 +1,229 @@
+"""Tests for scaling_search.storage: which URL, masking passwords, checking and opening storage.
+
+Opening runs against real databases: the ``storage_url`` fixture gives a SQLite file and a fresh
+PostgreSQL database (see conftest.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from sqlalchemy.engine import URL, make_url
+
+from scaling_search.config import parse_study
+from scaling_search.storage import (
+    DB_FILENAME,
+    ENV_VAR,
+    StorageError,
+    check_url,
+    mask_url,
+    open_storage,
+    resolve_url,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SECRET = "secret"
+
+
+# --- resolve_url ---------------------------------------------------------------------------------
+
+
+def test_the_studys_own_storage_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "sqlite:///from-env.db")
+    study = parse_study({"name": "s", "storage": "postgresql://u@h/db"})
+    assert resolve_url(study) == "postgresql://u@h/db"
+
+
+def test_the_environment_wins_over_the_default_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "postgresql://u@h/from_env")
+    assert resolve_url(parse_study({"name": "s"})) == "postgresql://u@h/from_env"
+
+
+@pytest.mark.parametrize("env", [None, "", "   "])
+def test_default_is_a_sqlite_file_in_the_output_folder(
+    monkeypatch: pytest.MonkeyPatch, env: str | None
+) -> None:
+    if env is None:
+        monkeypatch.delenv(ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ENV_VAR, env)
+    url = make_url(resolve_url(parse_study({"name": "s"})))
+    assert url.get_backend_name() == "sqlite"
+    assert Path(url.database or "") == Path("runs") / "s" / DB_FILENAME
+
+
+def test_default_file_follows_output_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    study = parse_study({"name": "s", "output_dir": str(tmp_path / "out")})
+    url = make_url(resolve_url(study))
+    assert Path(url.database or "") == tmp_path / "out" / DB_FILENAME
+
+
+# --- mask_url ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:{SECRET}@h/db",
+        f"postgresql+psycopg://user:{SECRET}@db.example.org:5432/studies",
+        f"postgresql://:{SECRET}@h/db",
+        f"postgresql://u:{SECRET}@/db",
+        f"postgresql://u:{SECRET}@h:notaport/db",  # malformed: hidden after the scheme
+        f"postgresql//u:{SECRET}@h/db",  # no scheme separator at all
+        f"u:{SECRET}@h",
+        f"postgresql://u:{SECRET}-with space@h/db",
+        f"postgresql://u:{SECRET}#frag@h/db",
+        f"postgresql://u:{SECRET}?x@h/db",
+        f"postgresql://u:{SECRET}:colon@h/db",
+    ],
+)
+def test_mask_url_never_shows_the_password(url: str) -> None:
+    masked = mask_url(url)
+    assert SECRET not in masked
+    assert masked  # something is shown
+
+
+@pytest.mark.parametrize("password", ["p@ss:w/rd?#x", "50% off & more", "ümlaut secret"])
+def test_mask_url_hides_encoded_special_characters(password: str) -> None:
+    url = URL.create(
+        "postgresql+psycopg", username="u", password=password, host="h", database="db"
+    ).render_as_string(hide_password=False)
+    masked = mask_url(url)
+    assert password not in masked
+    assert url.split("@")[0].split(":")[-1] not in masked  # nor its %-encoded form
+    assert "***" in masked and "@h/db" in masked
+
+
+def test_mask_url_keeps_what_is_not_secret() -> None:
+    assert mask_url("postgresql://alice:pw@db.example.org:5433/studies") == (
+        "postgresql://alice:***@db.example.org:5433/studies"
+    )
+    assert mask_url("sqlite:///runs/x/optuna.db") == "sqlite:///runs/x/optuna.db"
+
+
+def test_mask_url_hides_a_password_with_a_raw_at_sign() -> None:
+    assert "secret" not in mask_url("postgresql://u:top@secret@h/db")
+
+
+def test_mask_url_hides_a_password_in_the_query() -> None:
+    assert SECRET not in mask_url(f"postgresql://u@h/db?password={SECRET}")
+
+
+# --- check_url -----------------------------------------------------------------------------------
+
+
+def _check_error(url: str) -> str:
+    with pytest.raises(StorageError) as info:
+        check_url(url)
+    message = str(info.value)
+    assert "\n" not in message
+    assert SECRET not in message
+    return message
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["not a url", f"postgresql//u:{SECRET}@h/db", f"postgresql://u:{SECRET}@h:port/db", ""],
+)
+def test_malformed_urls_are_refused(url: str) -> None:
+    assert "malformed" in _check_error(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "dialect"),
+    [
+        (f"mysql://u:{SECRET}@h/db", "mysql"),
+        (f"mysql+pymysql://u:{SECRET}@h/db", "mysql"),
+        (f"oracle://u:{SECRET}@h/db", "oracle"),
+        ("foo://bar", "foo"),
+    ],
+)
+def test_unsupported_databases_are_refused(url: str, dialect: str) -> None:
+    message = _check_error(url)
+    assert repr(dialect) in message
+    assert "sqlite" in message and "postgresql" in message  # what is allowed
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+def test_sqlite_in_memory_is_refused(url: str) -> None:
+    assert "in-memory" in _check_error(url)
+
+
+def test_sqlite_memory_keyword_is_refused() -> None:
+    _check_error("sqlite:///:memory:")
+
+
+def test_plain_postgresql_gets_the_shipped_driver() -> None:
+    parsed = check_url("postgresql://u@h:5432/db")
+    assert parsed.drivername == "postgresql+psycopg"
+    assert (parsed.host, parsed.port, parsed.database) == ("h", 5432, "db")
+
+
+def test_sqlite_file_url_passes_unchanged() -> None:
+    parsed = check_url("sqlite:///runs/s/optuna.db")
+    assert parsed.get_backend_name() == "sqlite" and parsed.database == "runs/s/optuna.db"
+
+
+# --- open_storage --------------------------------------------------------------------------------
+
+
+def test_open_storage_persists_a_study(storage_url: str) -> None:
+    storage = open_storage(storage_url)
+    study = optuna.create_study(storage=storage, study_name="persist", direction="maximize")
+    study.set_user_attr("marker", 42)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"alpha": 1.2},
+            distributions={"alpha": optuna.distributions.FloatDistribution(1.0, 2.0)},
+            value=0.75,
+            user_attrs={"seed": 3},
+        )
+    )
+    storage.engine.dispose()
+
+    again = optuna.load_study(study_name="persist", storage=open_storage(storage_url))
+    assert again.user_attrs["marker"] == 42
+    (trial,) = again.trials
+    assert trial.value == 0.75
+    assert trial.params == {"alpha": 1.2}
+    assert trial.user_attrs == {"seed": 3}
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_open_storage_creates_the_sqlite_folder(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "optuna.db"
+    storage = open_storage(f"sqlite:///{path}")
+    optuna.create_study(storage=storage, study_name="x")
+    assert path.is_file()
+
+
+def test_open_storage_refuses_a_bad_url_before_creating_anything(tmp_path: Path) -> None:
+    with pytest.raises(StorageError):
+        open_storage(f"mysql://u:{SECRET}@h/db")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://u:{SECRET}@127.0.0.1:1/db",
+        f"postgresql+psycopg://u:{SECRET}@127.0.0.1:1/db",
+    ],
+)
+def test_unreachable_postgresql_is_one_masked_line(url: str) -> None:
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    message = str(info.value)
+    assert "\n" not in message
+    assert SECRET not in message
+    assert "127.0.0.1:1" in message and "***" in message
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg", "pg8000"])
+def test_a_driver_that_is_not_shipped_is_a_storage_error(driver: str) -> None:
+    with pytest.raises(StorageError):
+        open_storage(f"postgresql+{driver}://u:{SECRET}@127.0.0.1:1/db")

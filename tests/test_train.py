@@ -1,0 +1,100 @@
+"""The Ray-free trial: real gradient steps on synthetic data, reports, resume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from scaling_search.config import TrainConfig
+from scaling_search.data import make_synthetic
+from scaling_search.model import architecture, count_params
+from scaling_search.space import Coefficients
+from scaling_search.train import EpochMetrics, fit
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Deterministic and steady on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return make_synthetic(num_classes=4, train_size=256, test_size=128, image_px=32, seed=3)
+
+
+CONFIG = TrainConfig(base_resolution_px=24, epochs=2, batch_size=32, lr_per_256=0.4)
+
+
+def test_fit_reports_every_epoch_and_counts_the_scaled_model(small_data) -> None:
+    seen: list[EpochMetrics] = []
+    coefficients = Coefficients(1.2, 1.1, 1.15)
+    result = fit(CONFIG, small_data, coefficients, seed=0, report=lambda m, _: seen.append(m))
+
+    assert [m.epoch for m in seen] == [1, 2]
+    assert result.epochs_completed == 2
+    assert result.accuracy == seen[-1].accuracy
+    assert result.resolution_px == round(24 * 1.15)
+    arch = architecture(width=1.1, depth=1.2, num_classes=small_data.num_classes)
+    assert result.params == count_params(arch)
+    for metrics in seen:
+        assert 0.0 <= metrics.accuracy <= 1.0
+        assert metrics.images_per_second > 0
+
+
+def test_fit_changes_the_weights_by_gradient_steps(small_data) -> None:
+    states: list[dict[str, Any]] = []
+    config = TrainConfig(base_resolution_px=16, epochs=1, batch_size=64)
+    fit(
+        config,
+        small_data,
+        Coefficients(1.0, 1.0, 1.0),
+        seed=0,
+        report=lambda _, state: states.append({k: v.clone() for k, v in state["model"].items()}),
+    )
+    torch.manual_seed(0)
+    from scaling_search.model import build_model
+
+    fresh = build_model(architecture(width=1.0, depth=1.0, num_classes=4)).state_dict()
+    trained = states[0]
+    moved = [
+        k for k in fresh if fresh[k].is_floating_point() and not torch.equal(fresh[k], trained[k])
+    ]
+    assert len(moved) > 0.9 * len([k for k in fresh if fresh[k].is_floating_point()])
+
+
+def test_resume_from_a_reported_state_matches_an_uninterrupted_run(small_data) -> None:
+    coefficients = Coefficients(1.15, 1.1, 1.2)
+    straight = fit(CONFIG, small_data, coefficients, seed=7)
+
+    states: list[dict[str, Any]] = []
+
+    def keep_first(_: EpochMetrics, state: dict[str, Any]) -> None:
+        if not states:
+            import copy
+
+            states.append(copy.deepcopy(dict(state)))
+
+    fit(CONFIG, small_data, coefficients, seed=7, report=keep_first)
+    resumed = fit(CONFIG, small_data, coefficients, seed=7, resume=states[0])
+
+    assert [m.epoch for m in resumed.history] == [2]
+    assert resumed.accuracy == straight.accuracy
+    assert resumed.history[-1].train_loss == pytest.approx(
+        straight.history[-1].train_loss, rel=1e-6
+    )
+
+
+def test_same_seed_same_result_other_seed_differs(small_data) -> None:
+    config = TrainConfig(base_resolution_px=16, epochs=1, batch_size=64)
+    a = fit(config, small_data, Coefficients(1.0, 1.0, 1.0), seed=1)
+    b = fit(config, small_data, Coefficients(1.0, 1.0, 1.0), seed=1)
+    c = fit(config, small_data, Coefficients(1.0, 1.0, 1.0), seed=2)
+    assert a.history[0].train_loss == b.history[0].train_loss
+    assert a.history[0].train_loss != c.history[0].train_loss
