@@ -138,14 +138,15 @@ class TrainConfig(_Strict):
     base_resolution_px: int = Field(default=32, ge=8, le=1024)  # B0's input size in this study
     epochs: PositiveInt = 3  # full budget of one trial
     batch_size: PositiveInt = 64
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr_per_256: float = Field(default=0.2, gt=0.0, le=100.0, allow_inf_nan=False)
-    weight_decay: float = Field(default=5e-5, ge=0.0, le=1.0, allow_inf_nan=False)
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr_per_256: float = Field(default=0.012, gt=0.0, le=100.0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.05, ge=0.0, le=1.0, allow_inf_nan=False)
     warmup_epochs: float = Field(default=0.5, ge=0.0, allow_inf_nan=False)
     label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     stochastic_depth: float = Field(default=0.2, ge=0.0, lt=1.0)
     bn_momentum: float = Field(default=0.1, gt=0.0, le=1.0)  # PyTorch convention; short trials
+    bn_recalibration_images: int = Field(default=512, ge=0)  # exact BN statistics before each eval
     augment: bool = True  # random crop with padding + horizontal flip
 
 

@@ -1,4 +1,4 @@
-"""The EfficientNet-B0 family: the B0 table as data, scaling rules, exact counters and the module.
+"""The EfficientNet-B0 family: the B0 table as data, scaling rules, exact counters, the builder.
 
 The architecture follows the TensorFlow reference EfficientNet (Tan & Le 2019, table 1). Width
 scales every channel count through one rounding function, `round_channels`; depth scales repeat
@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from scaling_search._network import EfficientNet
+
 
 __all__ = [
     "B0_HEAD_CHANNELS",
@@ -315,134 +317,6 @@ def count_macs(arch: Architecture, *, resolution_px: int) -> int:
     return total + arch.head_channels * arch.num_classes
 
 
-def _conv_bn_act(
-    in_channels: int, out_channels: int, kernel: int, *, stride: int = 1, groups: int = 1
-) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(
-            in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False
-        ),
-        nn.BatchNorm2d(out_channels, eps=_BN_EPS, momentum=_BN_MOMENTUM),
-        nn.SiLU(),
-    )
-
-
-class _SqueezeExcite(nn.Module):
-    """Rescale channels by a gate computed from their global average (Hu et al. 2018)."""
-
-    def __init__(self, channels: int, squeeze: int) -> None:
-        super().__init__()
-        self.reduce = nn.Conv2d(channels, squeeze, 1)
-        self.expand = nn.Conv2d(squeeze, channels, 1)
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = x.mean((2, 3), keepdim=True)
-        gate = torch.sigmoid(self.expand(self.act(self.reduce(gate))))
-        return x * gate
-
-
-class _StochasticDepth(nn.Module):
-    """Drop the whole residual branch per sample with probability `drop_rate` while training.
-
-    Huang et al. (2016); kept samples are scaled by 1 / (1 - drop_rate) so that eval needs no
-    rescale.
-    """
-
-    def __init__(self, drop_rate: float) -> None:
-        super().__init__()
-        self.drop_rate = drop_rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_rate == 0.0:
-            return x
-        keep = 1.0 - self.drop_rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
-
-
-class _MBConv(nn.Module):
-    """Inverted residual block: expand, depthwise, squeeze-excite, project (+ residual)."""
-
-    def __init__(self, stage: StageShape, block_in: int, stride: int, drop_rate: float) -> None:
-        super().__init__()
-        hidden = block_in * stage.expand_ratio
-        layers: list[nn.Module] = []
-        if stage.expand_ratio != 1:
-            layers.append(_conv_bn_act(block_in, hidden, 1))
-        layers += [
-            _conv_bn_act(hidden, hidden, stage.kernel, stride=stride, groups=hidden),
-            _SqueezeExcite(hidden, _se_channels(block_in)),
-            nn.Conv2d(hidden, stage.out_channels, 1, bias=False),
-            nn.BatchNorm2d(stage.out_channels, eps=_BN_EPS, momentum=_BN_MOMENTUM),
-        ]
-        self.branch = nn.Sequential(*layers)
-        self.use_residual = stride == 1 and block_in == stage.out_channels
-        self.drop_rate = drop_rate
-        self.stochastic_depth = _StochasticDepth(drop_rate) if self.use_residual else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.branch(x)
-        if self.stochastic_depth is None:
-            return out
-        return x + self.stochastic_depth(out)
-
-
-class EfficientNet(nn.Module):
-    """EfficientNet for any input size: [B, 3, H, W] images to [B, num_classes] logits.
-
-    Build it with `build_model`. It knows nothing about devices or memory formats.
-    """
-
-    def __init__(self, arch: Architecture, *, dropout: float, stochastic_depth: float) -> None:
-        super().__init__()
-        self.arch = arch
-        self.stem = _conv_bn_act(
-            _IMAGE_CHANNELS, arch.stem_channels, _STEM_KERNEL, stride=_STEM_STRIDE
-        )
-        blocks: list[nn.Module] = []
-        for stage in arch.stages:
-            for index, block_in in enumerate(stage.block_inputs()):
-                stride = stage.stride if index == 0 else 1
-                drop_rate = stochastic_depth * len(blocks) / arch.num_blocks
-                blocks.append(_MBConv(stage, block_in, stride, drop_rate))
-        self.blocks = nn.Sequential(*blocks)
-        self.head = _conv_bn_act(arch.stages[-1].out_channels, arch.head_channels, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(arch.head_channels, arch.num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                # The reference uses 1/sqrt(out_features), which at 1000 classes is about
-                # 1/sqrt(in_features); with few classes it starts the logits large (std ≈ 3 at 10
-                # classes), a poor start for short trials. 1/sqrt(in_features) keeps the scale.
-                bound = 1.0 / math.sqrt(module.in_features)
-                nn.init.uniform_(module.weight, -bound, bound)
-                nn.init.zeros_(module.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Classify a batch of images.
-
-        Args:
-            x: Images, [B, 3, H, W], any H and W >= 1.
-
-        Returns:
-            Logits, [B, num_classes].
-        """
-        x = self.head(self.blocks(self.stem(x)))
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
-
-
 def build_model(
     arch: Architecture, *, dropout: float = 0.2, stochastic_depth: float = 0.2
 ) -> EfficientNet:
@@ -463,4 +337,15 @@ def build_model(
     for name, rate in (("dropout", dropout), ("stochastic_depth", stochastic_depth)):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
+    from scaling_search._network import EfficientNet
+
     return EfficientNet(arch, dropout=float(dropout), stochastic_depth=float(stochastic_depth))
+
+
+def __getattr__(name: str) -> Any:
+    # `model.EfficientNet` without importing torch for the counters.
+    if name == "EfficientNet":
+        from scaling_search._network import EfficientNet
+
+        return EfficientNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -100,6 +103,9 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
     ]
     assert overlapping, f"no two trials trained at the same time: {spans}"
 
+    _optuna_cli_lists_the_attributes(study, ot_study)
+    _dashboard_serves_the_trials(tiny_study, study.name, len(candidates))
+
     # Running the finished study again trains nothing and changes nothing.
     before = [(t.number, t.state, t.value, t.datetime_complete) for t in trials]
     _, again, ot_again = _run(tiny_study)
@@ -107,6 +113,77 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
     assert [
         (t.number, t.state, t.value, t.datetime_complete) for t in ot_again.get_trials()
     ] == before
+
+
+def _optuna_cli_lists_the_attributes(study, ot_study) -> None:
+    """`optuna trials --storage URL --study-name NAME` shows α, β, γ on every trial."""
+    optuna_cli = Path(sys.executable).with_name("optuna")
+    result = subprocess.run(
+        [
+            str(optuna_cli),
+            "trials",
+            "--storage",
+            resolve_url(study),
+            "--study-name",
+            study.name,
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = json.loads(result.stdout)
+    assert len(rows) == len(ot_study.trials)
+    for row in rows:
+        attrs = row["user_attrs"]
+        assert {"alpha", "beta", "gamma", "flops_ratio_measured"} <= attrs.keys()
+        assert attrs["alpha"] == row["params"]["alpha"]
+
+
+def _dashboard_serves_the_trials(study_path: Path, name: str, count: int) -> None:
+    """`scaling-search dashboard` serves the study through optuna-dashboard's API."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scaling_search.cli",
+            "dashboard",
+            str(study_path),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        studies = _get_json(f"http://127.0.0.1:{port}/api/studies", deadline_s=60)
+        [summary] = [s for s in studies["study_summaries"] if s["study_name"] == name]
+        detail = _get_json(
+            f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", deadline_s=10
+        )
+        assert len(detail["trials"]) == count
+        attrs = {a["key"] for a in detail["trials"][0]["user_attrs"]}
+        assert {"alpha", "beta", "gamma"} <= attrs
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _get_json(url: str, *, deadline_s: float):
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def test_changed_training_settings_refuse_to_continue(tiny_study: Path):

@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from scaling_search._network import _MBConv
 from scaling_search.model import (
     B0_STAGES,
     Architecture,
     StageShape,
-    _MBConv,
     architecture,
     build_model,
     count_macs,
