@@ -52,16 +52,17 @@ def _file_error(path: Path | str, overrides: tuple[str, ...] = ()) -> str:
 # --- shipped studies and defaults ----------------------------------------------------------------
 
 
-def test_quickstart_loads_with_the_values_in_the_file() -> None:
+def test_quickstart_is_a_cpu_grid_on_synthetic_data_around_the_paper_triple() -> None:
+    from scaling_search.space import Coefficients, grid_candidates
+
     study = load_study(STUDIES / "quickstart.yaml")
     assert study.name == "quickstart"
-    assert study.data.kind == "synthetic"
+    assert study.data.kind == "synthetic"  # nothing to download
     assert study.search.sampler == "grid"
-    assert (study.space.alpha.low, study.space.alpha.high) == (1.15, 1.25)
-    assert (study.space.gamma.low, study.space.gamma.high) == (1.1, 1.2)
-    assert study.space.product == 2.0
-    assert study.train.base_resolution_px == 48
-    assert study.train.epochs == 3
+    assert study.resources.gpus_per_trial == 0
+    candidates = grid_candidates(study.space)
+    assert len(candidates) >= 6
+    assert Coefficients(1.2, 1.1, 1.15) in candidates  # Tan & Le 2019, §3.3
     assert study.storage is None
     assert study.out_dir == Path("runs") / "quickstart"
 
