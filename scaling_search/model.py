@@ -23,7 +23,6 @@ __all__ = [
     "B0_STAGES",
     "B0_STEM_CHANNELS",
     "Architecture",
-    "BlockStage",
     "EfficientNet",
     "StageShape",
     "architecture",
@@ -35,28 +34,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class BlockStage:
-    """One row of the B0 table: a stage of identical MBConv blocks before scaling."""
-
-    expand_ratio: int
-    kernel: int
-    stride: int
-    in_channels: int
-    out_channels: int
-    repeats: int
-
-
-# Tan & Le (2019), table 1: (expand, kernel, stride, in, out, repeats) of the seven MBConv stages.
-B0_STAGES: tuple[BlockStage, ...] = (
-    BlockStage(1, 3, 1, 32, 16, 1),
-    BlockStage(6, 3, 2, 16, 24, 2),
-    BlockStage(6, 5, 2, 24, 40, 2),
-    BlockStage(6, 3, 2, 40, 80, 3),
-    BlockStage(6, 5, 1, 80, 112, 3),
-    BlockStage(6, 5, 2, 112, 192, 4),
-    BlockStage(6, 3, 1, 192, 320, 1),
-)
 B0_STEM_CHANNELS = 32
 B0_HEAD_CHANNELS = 1280
 B0_RESOLUTION_PX = 224
@@ -136,7 +113,10 @@ def scale_depth(repeats: int, depth: float) -> int:
 
 @dataclass(frozen=True)
 class StageShape:
-    """One stage after scaling: its first block maps in -> out channels with `stride`."""
+    """One stage of identical MBConv blocks; its first block maps in -> out with `stride`.
+
+    B0_STAGES holds B0's seven (the unscaled table); `architecture` returns scaled ones.
+    """
 
     expand_ratio: int
     kernel: int
@@ -154,6 +134,18 @@ class StageShape:
     def block_inputs(self) -> tuple[int, ...]:
         """Input channels of each block: the stage input, then the stage output."""
         return (self.in_channels,) + (self.out_channels,) * (self.repeats - 1)
+
+
+# Tan & Le (2019), table 1: (expand, kernel, stride, in, out, repeats) of the seven MBConv stages.
+B0_STAGES: tuple[StageShape, ...] = (
+    StageShape(1, 3, 1, 32, 16, 1),
+    StageShape(6, 3, 2, 16, 24, 2),
+    StageShape(6, 5, 2, 24, 40, 2),
+    StageShape(6, 3, 2, 40, 80, 3),
+    StageShape(6, 5, 1, 80, 112, 3),
+    StageShape(6, 5, 2, 112, 192, 4),
+    StageShape(6, 3, 1, 192, 320, 1),
+)
 
 
 @dataclass(frozen=True)
