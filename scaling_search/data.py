@@ -135,8 +135,7 @@ def _check_split(data: ImageData, split: str, images: torch.Tensor, labels: torc
 # keeps 57% of a period-16/3 one; a 4x downsample cancels the first and keeps 8% of the second.
 _FINE_CUES = 4
 _MEDIUM_PERIOD_PX = 16.0 / 3.0
-_MEDIUM_GAIN = 1.5  # the coarser grating is drawn stronger, so it is learnt fast at half size
-_GRATING_CONTRAST = (20.0, 35.0)  # amplitude of the period-2 grating, in uint8 levels
+_GRATING_CONTRAST = (40.0, 60.0)  # amplitude range, in uint8 levels: strong, so learnt early
 _NOISE_STD = (3.0, 8.0)  # per-image std of Gaussian pixel noise, in uint8 levels
 _CHUNK = 1024  # images rendered at once: bounds memory; the output does not depend on it
 
@@ -231,7 +230,8 @@ def _render(
     dist = torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
     mask = torch.sigmoid((radius - dist) / 0.75)[:, None]
     hue = ((labels // _FINE_CUES).float() + _uniform(generator, -0.15, 0.15, n)) / num_groups
-    sat, val = _uniform(generator, 0.45, 0.85, n), _uniform(generator, 0.45, 0.85, n)
+    # Value at most 0.75, so that disc + grating rarely clips at 255.
+    sat, val = _uniform(generator, 0.45, 0.85, n), _uniform(generator, 0.4, 0.75, n)
     colour = 255.0 * _hsv_to_rgb(hue, sat, val)[:, :, None, None]
     # The grating fades in over ~2 px: what a 2x downsample leaves of a period-2 grating is about
     # the third derivative of its envelope, so a sharp envelope would leak its orientation.
@@ -254,7 +254,7 @@ def _grating(
     sign_flip = math.pi * torch.randint(0, 2, (n,), generator=generator).float()
     phase = torch.where(finest, sign_flip, _uniform(generator, 0.0, 2.0 * math.pi, n))
     step = torch.where(finest, math.pi, 2.0 * math.pi / _MEDIUM_PERIOD_PX)  # radians per px
-    gain = torch.where(finest, 1.0, _MEDIUM_GAIN) * _uniform(generator, *_GRATING_CONTRAST, n)
+    gain = _uniform(generator, *_GRATING_CONTRAST, n)
     wave = torch.cos(step[:, None, None] * along + phase[:, None, None])
     return gain[:, None, None] * wave
 
