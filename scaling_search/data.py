@@ -130,7 +130,7 @@ def _check_split(data: ImageData, split: str, images: torch.Tensor, labels: torc
 # Synthetic data
 
 # Class c is (coarse group c // 4, fine cue c % 4). The fine cue is a luminance grating inside a
-# coloured disc: period 2 px along rows, along columns, then period 16/3 px along rows, columns.
+# coloured disc: horizontal or vertical stripes of period 2 px (cues 0, 1) or 16/3 px (2, 3).
 # An antialiased 2x downsample (weights 1, 3, 3, 1 over 8) cancels a period-2 grating exactly and
 # keeps 57% of a period-16/3 one; a 4x downsample cancels the first and keeps 8% of the second.
 _FINE_CUES = 4
@@ -147,7 +147,7 @@ def make_synthetic(
 
     Class c is a pair. Its coarse group c // 4 sets the hue of a soft disc (hues evenly spaced
     around the colour wheel, slightly jittered); its fine cue c % 4 fills the disc with a
-    grating of period 2 px or 16/3 px of `image_px`, along rows or columns, at a random phase.
+    grating of period 2 px or 16/3 px of `image_px`, horizontal or vertical, random phase.
     Nuisances: disc position, radius, saturation and brightness; grating contrast; a grey
     background with a tint and a gradient; Gaussian pixel noise. Colour alone names a class
     only up to its group of four. A model that sees the images at half size loses the period-2
@@ -247,7 +247,7 @@ def _render(
 def _grating(
     fine: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, generator: torch.Generator
 ) -> torch.Tensor:
-    """[n, s, s] gratings: along rows (vary with y) for even cues, columns for odd ones."""
+    """[n, s, s] gratings: horizontal stripes (varying with y) for even cues, else vertical."""
     n = fine.numel()
     along = torch.where((fine % 2 == 0)[:, None, None], yy, xx)
     finest = fine < 2
@@ -485,6 +485,7 @@ def load_image_folder(root: str | Path, *, image_px: int, seed: int = 0) -> Imag
             decoded.
     """
     _check_int("image_px", image_px, minimum=1)
+    _check_int("seed", seed, minimum=0)
     root = Path(root)
     train_dir = root / "train"
     if not train_dir.is_dir():
@@ -505,6 +506,11 @@ def load_image_folder(root: str | Path, *, image_px: int, seed: int = 0) -> Imag
             )
     else:
         train_files, test_files = _split_files(train_files, seed)
+        if not any(test_files.values()):
+            raise DataError(
+                f"image folder {root} has no test/ and too few images in {train_dir} to split "
+                "one off (a class needs >= 3 images to give one to test)"
+            )
     classes = sorted(train_files)
     train_images, train_labels = _decode_split(train_files, classes, image_px)
     test_images, test_labels = _decode_split(test_files, classes, image_px)
@@ -514,7 +520,9 @@ def load_image_folder(root: str | Path, *, image_px: int, seed: int = 0) -> Imag
 
 
 def _class_files(split_dir: Path) -> dict[str, list[Path]]:
-    class_dirs = sorted(path for path in split_dir.iterdir() if path.is_dir())
+    class_dirs = sorted(
+        path for path in split_dir.iterdir() if path.is_dir() and not path.name.startswith(".")
+    )
     if not class_dirs:
         raise DataError(f"image folder {split_dir} has no class subfolders")
     files = {}
@@ -553,10 +561,6 @@ def _decode_split(
     for label, name in enumerate(classes):
         arrays += [_decode_image(path, image_px) for path in files[name]]
         labels += [label] * len(files[name])
-    if not arrays:
-        return torch.empty(0, 3, image_px, image_px, dtype=torch.uint8), torch.empty(
-            0, dtype=torch.int64
-        )
     return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)
 
 
