@@ -124,7 +124,7 @@ def _emit(data: Any, fmt: str, table: Sequence[str]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from scaling_search.data import load_dataset
+    from scaling_search.data import load_data
     from scaling_search.space import SimplexCoordinates, grid_candidates
     from scaling_search.storage import mask_url, open_storage, resolve_url
 
@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         grid_candidates(study.space)
     else:
         SimplexCoordinates(study.space)
-    data = _load_data(study, load_dataset)
+    data = load_data(study.data)
     url = resolve_url(study)
     storage = open_storage(url)  # everything above is checked before anything is written
 
@@ -152,19 +152,6 @@ def _run(args: argparse.Namespace) -> int:
     _write_family(best, study, data.num_classes, path)
     print(f"family: {path} (formula mode, φ = 1…7)")
     return 0
-
-
-def _load_data(study: StudyConfig, load_dataset: Any) -> Any:
-    spec = study.data
-    return load_dataset(
-        spec.kind,
-        path=spec.path,
-        num_classes=spec.num_classes,
-        train_size=spec.train_size,
-        test_size=spec.test_size,
-        image_px=spec.image_px,
-        seed=spec.seed,
-    )
 
 
 def _print_best(ot_study: optuna.Study) -> Any:
@@ -316,11 +303,11 @@ def _floats(text: str, option: str, count: int | None = None) -> list[float]:
 
 
 def _study_classes(study: StudyConfig) -> int:
-    from scaling_search.data import load_dataset
+    from scaling_search.data import load_data
 
     if study.data.kind == "synthetic":
         return study.data.num_classes
-    return int(_load_data(study, load_dataset).num_classes)
+    return load_data(study.data).num_classes
 
 
 def _space(args: argparse.Namespace) -> int:

@@ -14,250 +14,31 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cached_property, lru_cache, partial
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+from scaling_search._files import load_cifar, load_image_folder
+from scaling_search._imagedata import DataError, ImageData, _check_int, _derive_seed
+from scaling_search._synthetic import make_synthetic
+
+if TYPE_CHECKING:
+    from scaling_search.config import DataConfig
 
 __all__ = [
     "DATASET_KINDS",
     "DataError",
     "ImageData",
     "load_cifar",
+    "load_data",
     "load_dataset",
     "load_image_folder",
     "make_synthetic",
     "prepare_batch",
 ]
-
-
-class DataError(ValueError):
-    """A dataset cannot be read or an argument is invalid; the message names the path or value."""
-
-
-@dataclass(frozen=True, eq=False)
-class ImageData:
-    """An image-classification dataset held in memory as uint8 tensors.
-
-    Attributes:
-        name: Short name, e.g. "cifar10" or "synthetic10".
-        train_images: uint8, [N, 3, H, H], contiguous.
-        train_labels: int64, [N], each in [0, num_classes).
-        test_images: uint8, [M, 3, H, H], contiguous.
-        test_labels: int64, [M].
-        num_classes: Number of classes, at least 2.
-    """
-
-    name: str
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-
-    def __post_init__(self) -> None:
-        _check_int("num_classes", self.num_classes, minimum=2)
-        train_px = _check_split(self, "train", self.train_images, self.train_labels)
-        test_px = _check_split(self, "test", self.test_images, self.test_labels)
-        if train_px != test_px:
-            raise DataError(
-                f"dataset {self.name!r}: train images are {train_px} px but test images are "
-                f"{test_px} px; both splits must have one size"
-            )
-        for field in ("train_images", "train_labels", "test_images", "test_labels"):
-            object.__setattr__(self, field, getattr(self, field).contiguous())
-
-    @property
-    def image_px(self) -> int:
-        """Side of the (square) images in pixels."""
-        return int(self.train_images.shape[-1])
-
-    @property
-    def mean(self) -> tuple[float, float, float]:
-        """Per-channel mean of the train images, in [0, 1] units."""
-        return self._channel_stats[0]
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        """Per-channel standard deviation of the train images, in [0, 1] units."""
-        return self._channel_stats[1]
-
-    @cached_property
-    def _channel_stats(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-        # Exact statistics from a 256-bin histogram per channel: no float copy of the data.
-        levels = np.arange(256, dtype=np.float64) / 255.0
-        means, stds = [], []
-        for channel in range(3):
-            pixels = self.train_images[:, channel].reshape(-1).cpu()
-            hist = torch.bincount(pixels, minlength=256).double().numpy()
-            weights = hist / hist.sum()
-            mean = float(weights @ levels)
-            means.append(mean)
-            stds.append(math.sqrt(max(float(weights @ levels**2) - mean**2, 0.0)))
-        return (means[0], means[1], means[2]), (stds[0], stds[1], stds[2])
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_split(data: ImageData, split: str, images: torch.Tensor, labels: torch.Tensor) -> int:
-    where = f"dataset {data.name!r}, {split} split"
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise DataError(
-            f"{where}: images must be uint8 [N, 3, H, H], got {images.dtype} {list(images.shape)}"
-        )
-    if images.shape[2] != images.shape[3] or images.shape[0] == 0:
-        raise DataError(f"{where}: images must be square and non-empty, got {list(images.shape)}")
-    if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
-        raise DataError(
-            f"{where}: labels must be int64 [{images.shape[0]}], got {labels.dtype} "
-            f"{list(labels.shape)}"
-        )
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= data.num_classes:
-        raise DataError(
-            f"{where}: labels span [{low}, {high}] but must lie in [0, {data.num_classes})"
-        )
-    return int(images.shape[2])
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic data
-
-# Class c is (coarse group c // 4, fine cue c % 4). The fine cue is a luminance grating inside a
-# coloured disc: horizontal or vertical stripes of period 2 px (cues 0, 1) or 16/3 px (2, 3).
-# An antialiased 2x downsample (weights 1, 3, 3, 1 over 8) cancels a period-2 grating exactly and
-# keeps 57% of a period-16/3 one; a 4x downsample cancels the first and keeps 8% of the second.
-_FINE_CUES = 4
-_MEDIUM_PERIOD_PX = 16.0 / 3.0
-_GRATING_CONTRAST = (40.0, 60.0)  # amplitude range, in uint8 levels: strong, so learnt early
-_NOISE_STD = (3.0, 8.0)  # per-image std of Gaussian pixel noise, in uint8 levels
-_CHUNK = 1024  # images rendered at once: bounds memory; the output does not depend on it
-
-
-def make_synthetic(
-    *, num_classes: int, train_size: int, test_size: int, image_px: int, seed: int
-) -> ImageData:
-    """Render a deterministic synthetic dataset whose accuracy depends on resolution.
-
-    Class c is a pair. Its coarse group c // 4 sets the hue of a soft disc (hues evenly spaced
-    around the colour wheel, slightly jittered); its fine cue c % 4 fills the disc with a
-    grating of period 2 px or 16/3 px of `image_px`, horizontal or vertical, random phase.
-    Nuisances: disc position, radius, saturation and brightness; grating contrast; a grey
-    background with a tint and a gradient; Gaussian pixel noise. Colour alone names a class
-    only up to its group of four. A model that sees the images at half size loses the period-2
-    gratings, and at a quarter size nearly all gratings, which caps its accuracy at 70% and
-    30% for 10 classes (chance 10%); at full size 100% is possible.
-
-    Labels are balanced (counts differ by at most one) and shuffled. Train and test are drawn
-    from independent streams derived from `seed`, so the test set does not change with
-    `train_size`. Horizontal flips and small shifts keep the class.
-
-    Args:
-        num_classes: Number of classes, >= 2.
-        train_size: Number of train images, >= 1.
-        test_size: Number of test images, >= 1.
-        image_px: Side of the images in pixels, >= 8.
-        seed: Non-negative seed; equal seeds give identical tensors.
-
-    Returns:
-        The dataset, named "synthetic{num_classes}".
-
-    Raises:
-        DataError: If an argument is out of range.
-    """
-    _check_int("num_classes", num_classes, minimum=2)
-    _check_int("train_size", train_size, minimum=1)
-    _check_int("test_size", test_size, minimum=1)
-    _check_int("image_px", image_px, minimum=8)
-    _check_int("seed", seed, minimum=0)
-    train_images, train_labels = _synthetic_split(train_size, num_classes, image_px, seed, 0)
-    test_images, test_labels = _synthetic_split(test_size, num_classes, image_px, seed, 1)
-    return ImageData(
-        f"synthetic{num_classes}", train_images, train_labels, test_images, test_labels,
-        num_classes,
-    )  # fmt: skip
-
-
-def _derive_seed(seed: int, stream: int) -> int:
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _synthetic_split(
-    size: int, num_classes: int, image_px: int, seed: int, stream: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(_derive_seed(seed, stream))
-    labels = (torch.arange(size) % num_classes)[torch.randperm(size, generator=generator)]
-    num_groups = -(-num_classes // _FINE_CUES)
-    chunks = [
-        _render(labels[start : start + _CHUNK], num_groups, image_px, generator)
-        for start in range(0, size, _CHUNK)
-    ]
-    return torch.cat(chunks), labels
-
-
-def _uniform(generator: torch.Generator, low: float, high: float, *shape: int) -> torch.Tensor:
-    return low + (high - low) * torch.rand(shape, generator=generator)
-
-
-def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    # [n] each -> [n, 3] in [0, 1]: the piecewise-linear hue ramps, one per channel.
-    offsets = torch.tensor([5.0, 3.0, 1.0])
-    k = (offsets + hue[:, None] * 6.0) % 6.0
-    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return val[:, None] * (1.0 - sat[:, None] * ramp)
-
-
-def _render(
-    labels: torch.Tensor, num_groups: int, image_px: int, generator: torch.Generator
-) -> torch.Tensor:
-    n, s = labels.numel(), image_px
-    coord = torch.arange(s, dtype=torch.float32)
-    yy, xx = coord.view(1, s, 1), coord.view(1, 1, s)
-    # Background: grey with a weak tint and a linear gradient, so brightness alone says nothing.
-    grey = _uniform(generator, 70.0, 170.0, n, 1) + _uniform(generator, -12.0, 12.0, n, 3)
-    slope = _uniform(generator, -30.0, 30.0, n, 2) / s
-    ramp = slope[:, 0, None, None] * (yy - s / 2) + slope[:, 1, None, None] * (xx - s / 2)
-    background = grey[:, :, None, None] + ramp[:, None]
-    # Disc: the coarse cue is its hue; it stays mostly inside the image after a crop of s // 8.
-    radius = (_uniform(generator, 0.2, 0.3, n) * s)[:, None, None]
-    cy, cx = (_uniform(generator, 0.35, 0.65, n)[:, None, None] * s for _ in range(2))
-    dist = torch.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-    mask = torch.sigmoid((radius - dist) / 0.75)[:, None]
-    hue = ((labels // _FINE_CUES).float() + _uniform(generator, -0.15, 0.15, n)) / num_groups
-    # Value at most 0.75, so that disc + grating rarely clips at 255.
-    sat, val = _uniform(generator, 0.45, 0.85, n), _uniform(generator, 0.4, 0.75, n)
-    colour = 255.0 * _hsv_to_rgb(hue, sat, val)[:, :, None, None]
-    # The grating fades in over ~2 px: what a 2x downsample leaves of a period-2 grating is about
-    # the third derivative of its envelope, so a sharp envelope would leak its orientation.
-    envelope = torch.sigmoid((radius - 1.0 - dist) / 2.0)
-    grating = (_grating(labels % _FINE_CUES, yy, xx, generator) * envelope)[:, None]
-    # In place from here on: these [n, 3, s, s] tensors dominate the time.
-    image = (colour - background).mul_(mask).add_(background).add_(grating)
-    noise = torch.randn(n, 3, s, s, generator=generator)
-    image.add_(noise.mul_(_uniform(generator, *_NOISE_STD, n, 1, 1, 1)))
-    return image.round_().clamp_(0.0, 255.0).to(torch.uint8)
-
-
-def _grating(
-    fine: torch.Tensor, yy: torch.Tensor, xx: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """[n, s, s] gratings: horizontal stripes (varying with y) for even cues, else vertical."""
-    n = fine.numel()
-    along = torch.where((fine % 2 == 0)[:, None, None], yy, xx)
-    finest = fine < 2
-    sign_flip = math.pi * torch.randint(0, 2, (n,), generator=generator).float()
-    phase = torch.where(finest, sign_flip, _uniform(generator, 0.0, 2.0 * math.pi, n))
-    step = torch.where(finest, math.pi, 2.0 * math.pi / _MEDIUM_PERIOD_PX)  # radians per px
-    gain = _uniform(generator, *_GRATING_CONTRAST, n)
-    wave = torch.cos(step[:, None, None] * along + phase[:, None, None])
-    return gain[:, None, None] * wave
-
 
 # ----------------------------------------------------------------------------------------------
 # Batches
@@ -360,222 +141,6 @@ def _crop_and_flip(images: torch.Tensor, generator: torch.Generator | None) -> t
     index_b = torch.arange(batch, device=images.device).view(batch, 1, 1, 1)
     index_c = torch.arange(channels, device=images.device).view(1, channels, 1, 1)
     return images[index_b, index_c, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-# ----------------------------------------------------------------------------------------------
-# Files
-
-
-@dataclass(frozen=True)
-class _CifarLayout:
-    """Where the binary version of a CIFAR dataset keeps its records and labels."""
-
-    folder: str  # the subfolder the official archive unpacks to
-    train_files: tuple[str, ...]
-    test_file: str
-    label_bytes: int  # the class is the last label byte (CIFAR-100: coarse, then fine)
-
-
-_CIFAR_LAYOUTS = {
-    10: _CifarLayout(
-        "cifar-10-batches-bin",
-        tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
-        "test_batch.bin",
-        1,
-    ),
-    100: _CifarLayout("cifar-100-binary", ("train.bin",), "test.bin", 2),
-}
-_CIFAR_PX = 32
-_CIFAR_PIXEL_BYTES = 3 * _CIFAR_PX * _CIFAR_PX
-
-
-def load_cifar(root: str | Path, *, num_classes: int) -> ImageData:
-    """Read CIFAR-10 or CIFAR-100 from the binary version of the dataset (never a pickle).
-
-    CIFAR-10 needs data_batch_1.bin ... data_batch_5.bin and test_batch.bin; CIFAR-100 needs
-    train.bin and test.bin (fine labels are used). The files may sit in `root` itself or in the
-    folder the official archive unpacks to (cifar-10-batches-bin/ or cifar-100-binary/).
-
-    Args:
-        root: Folder holding the files.
-        num_classes: 10 or 100.
-
-    Returns:
-        The dataset, named "cifar10" or "cifar100", 32 px images.
-
-    Raises:
-        DataError: If num_classes is not 10 or 100, a file is missing, or a file's size is not a
-            whole number of records or a label is out of range.
-    """
-    layout = _CIFAR_LAYOUTS.get(num_classes) if isinstance(num_classes, int) else None
-    if layout is None:
-        raise DataError(f"CIFAR num_classes must be 10 or 100, got {num_classes!r}")
-    folder = _cifar_folder(Path(root), layout, num_classes)
-    parts = [_read_cifar(folder / name, layout, num_classes) for name in layout.train_files]
-    test_images, test_labels = _read_cifar(folder / layout.test_file, layout, num_classes)
-    return ImageData(
-        name=f"cifar{num_classes}",
-        train_images=torch.cat([images for images, _ in parts]),
-        train_labels=torch.cat([labels for _, labels in parts]),
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=num_classes,
-    )
-
-
-def _cifar_folder(root: Path, layout: _CifarLayout, num_classes: int) -> Path:
-    if not root.is_dir():
-        raise DataError(f"CIFAR-{num_classes} folder {root} does not exist")
-    expected = (*layout.train_files, layout.test_file)
-    candidates = (root, root / layout.folder)
-    for folder in candidates:
-        if all((folder / name).is_file() for name in expected):
-            return folder
-    best = max(candidates, key=lambda folder: sum((folder / n).is_file() for n in expected))
-    missing = [name for name in expected if not (best / name).is_file()]
-    raise DataError(
-        f"CIFAR-{num_classes} binary files not found in {root} or {root / layout.folder}: "
-        f"expected {', '.join(expected)}; missing {', '.join(missing)} in {best}"
-    )
-
-
-def _read_cifar(
-    path: Path, layout: _CifarLayout, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    record = layout.label_bytes + _CIFAR_PIXEL_BYTES
-    size = path.stat().st_size
-    if size == 0 or size % record:
-        raise DataError(
-            f"CIFAR file {path} has {size} bytes, not a positive multiple of the "
-            f"{record}-byte record ({layout.label_bytes} label byte(s) + {_CIFAR_PIXEL_BYTES} "
-            "pixel bytes)"
-        )
-    raw = np.fromfile(path, dtype=np.uint8).reshape(-1, record)
-    labels = raw[:, layout.label_bytes - 1].astype(np.int64)
-    if int(labels.max()) >= num_classes:
-        raise DataError(f"CIFAR file {path} has label {labels.max()}; expected < {num_classes}")
-    # Each record's pixels are the R, G and B planes in turn, each 32 rows of 32.
-    images = raw[:, layout.label_bytes :].reshape(-1, 3, _CIFAR_PX, _CIFAR_PX)
-    return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
-
-
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
-_TEST_SHARE = 0.2  # of each class, when an image folder has no test/ split
-
-
-def load_image_folder(root: str | Path, *, image_px: int, seed: int = 0) -> ImageData:
-    """Read images laid out as root/train/<class>/* and root/test/<class>/*.
-
-    Files ending in .png, .jpg, .jpeg, .bmp or .webp (any case) are decoded with PIL, converted
-    to RGB, center-cropped to a square and resized (bilinear) to `image_px`. Classes are the
-    sorted subfolder names; train and test must have the same ones. Without a test/ folder,
-    each class of train/ is split 80/20: its files, sorted by name, are shuffled by `seed` and
-    the first round(20%) become test (but at least one image stays in train).
-
-    Args:
-        root: Folder holding train/ and, optionally, test/.
-        image_px: Side of the loaded images in pixels, >= 1.
-        seed: Seed of the train/test split when there is no test/ folder.
-
-    Returns:
-        The dataset, named after the root folder.
-
-    Raises:
-        DataError: If a folder is missing or empty, the class sets differ, or an image cannot be
-            decoded.
-    """
-    _check_int("image_px", image_px, minimum=1)
-    _check_int("seed", seed, minimum=0)
-    root = Path(root)
-    train_dir = root / "train"
-    if not train_dir.is_dir():
-        raise DataError(
-            f"image folder {root} has no train/ subfolder; expected "
-            f"{train_dir}/<class>/*.png (or .jpg, .jpeg, .bmp, .webp)"
-        )
-    train_files = _class_files(train_dir)
-    test_dir = root / "test"
-    if test_dir.is_dir():
-        test_files = _class_files(test_dir)
-        if sorted(test_files) != sorted(train_files):
-            only_train = sorted(set(train_files) - set(test_files))
-            only_test = sorted(set(test_files) - set(train_files))
-            raise DataError(
-                f"image folder {root}: train/ and test/ must hold the same classes; only in "
-                f"train/: {only_train or 'none'}; only in test/: {only_test or 'none'}"
-            )
-    else:
-        train_files, test_files = _split_files(train_files, seed)
-        if not any(test_files.values()):
-            raise DataError(
-                f"image folder {root} has no test/ and too few images in {train_dir} to split "
-                "one off (a class needs >= 3 images to give one to test)"
-            )
-    classes = sorted(train_files)
-    train_images, train_labels = _decode_split(train_files, classes, image_px)
-    test_images, test_labels = _decode_split(test_files, classes, image_px)
-    return ImageData(
-        root.resolve().name, train_images, train_labels, test_images, test_labels, len(classes)
-    )
-
-
-def _class_files(split_dir: Path) -> dict[str, list[Path]]:
-    class_dirs = sorted(
-        path for path in split_dir.iterdir() if path.is_dir() and not path.name.startswith(".")
-    )
-    if not class_dirs:
-        raise DataError(f"image folder {split_dir} has no class subfolders")
-    files = {}
-    for class_dir in class_dirs:
-        images = sorted(
-            path
-            for path in class_dir.iterdir()
-            if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES
-        )
-        if not images:
-            raise DataError(
-                f"class folder {class_dir} has no images (.png, .jpg, .jpeg, .bmp, .webp)"
-            )
-        files[class_dir.name] = images
-    return files
-
-
-def _split_files(
-    files: dict[str, list[Path]], seed: int
-) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
-    rng = np.random.default_rng(seed)
-    train, test = {}, {}
-    for name in sorted(files):
-        paths = files[name]
-        order = rng.permutation(len(paths))
-        num_test = min(round(_TEST_SHARE * len(paths)), len(paths) - 1)
-        test[name] = [paths[i] for i in sorted(order[:num_test])]
-        train[name] = [paths[i] for i in sorted(order[num_test:])]
-    return train, test
-
-
-def _decode_split(
-    files: dict[str, list[Path]], classes: list[str], image_px: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    arrays, labels = [], []
-    for label, name in enumerate(classes):
-        arrays += [_decode_image(path, image_px) for path in files[name]]
-        labels += [label] * len(files[name])
-    return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)
-
-
-def _decode_image(path: Path, image_px: int) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except OSError as error:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot decode image {path}: {error}") from error
-    width, height = rgb.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    square = rgb.crop((left, top, left + side, top + side))
-    resized = square.resize((image_px, image_px), Image.Resampling.BILINEAR)
-    return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -710,3 +275,16 @@ _LOADERS: dict[str, Callable[[_Request], ImageData]] = {
     "image_folder": _load_image_folder,
 }
 DATASET_KINDS: tuple[str, ...] = tuple(_LOADERS)
+
+
+def load_data(spec: DataConfig) -> ImageData:
+    """Load the dataset a study file's ``data`` section names."""
+    return load_dataset(
+        spec.kind,
+        path=spec.path,
+        num_classes=spec.num_classes,
+        train_size=spec.train_size,
+        test_size=spec.test_size,
+        image_px=spec.image_px,
+        seed=spec.seed,
+    )

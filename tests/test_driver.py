@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from scaling_search.config import load_study
-from scaling_search.data import load_dataset
+from scaling_search.data import load_data
 from scaling_search.space import grid_candidates
 from scaling_search.storage import open_storage, resolve_url
 
@@ -51,15 +51,7 @@ def _run(study_path: Path):
     from scaling_search import driver
 
     study = load_study(study_path)
-    spec = study.data
-    data = load_dataset(
-        spec.kind,
-        num_classes=spec.num_classes,
-        train_size=spec.train_size,
-        test_size=spec.test_size,
-        image_px=spec.image_px,
-        seed=spec.seed,
-    )
+    data = load_data(study.data)
     storage = open_storage(resolve_url(study))
     summary = driver.run_study(study, data=data, storage=storage, progress=lambda _: None)
     return study, summary, optuna.load_study(study_name=study.name, storage=storage)

@@ -1,0 +1,108 @@
+"""The in-memory dataset type shared by the loaders (private; see scaling_search.data)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+__all__ = ["DataError", "ImageData"]
+
+
+class DataError(ValueError):
+    """A dataset cannot be read or an argument is invalid; the message names the path or value."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageData:
+    """An image-classification dataset held in memory as uint8 tensors.
+
+    Attributes:
+        name: Short name, e.g. "cifar10" or "synthetic10".
+        train_images: uint8, [N, 3, H, H], contiguous.
+        train_labels: int64, [N], each in [0, num_classes).
+        test_images: uint8, [M, 3, H, H], contiguous.
+        test_labels: int64, [M].
+        num_classes: Number of classes, at least 2.
+    """
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        _check_int("num_classes", self.num_classes, minimum=2)
+        train_px = _check_split(self, "train", self.train_images, self.train_labels)
+        test_px = _check_split(self, "test", self.test_images, self.test_labels)
+        if train_px != test_px:
+            raise DataError(
+                f"dataset {self.name!r}: train images are {train_px} px but test images are "
+                f"{test_px} px; both splits must have one size"
+            )
+        for field in ("train_images", "train_labels", "test_images", "test_labels"):
+            object.__setattr__(self, field, getattr(self, field).contiguous())
+
+    @property
+    def image_px(self) -> int:
+        """Side of the (square) images in pixels."""
+        return int(self.train_images.shape[-1])
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        """Per-channel mean of the train images, in [0, 1] units."""
+        return self._channel_stats[0]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        """Per-channel standard deviation of the train images, in [0, 1] units."""
+        return self._channel_stats[1]
+
+    @cached_property
+    def _channel_stats(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        # Exact statistics from a 256-bin histogram per channel: no float copy of the data.
+        levels = np.arange(256, dtype=np.float64) / 255.0
+        means, stds = [], []
+        for channel in range(3):
+            pixels = self.train_images[:, channel].reshape(-1).cpu()
+            hist = torch.bincount(pixels, minlength=256).double().numpy()
+            weights = hist / hist.sum()
+            mean = float(weights @ levels)
+            means.append(mean)
+            stds.append(math.sqrt(max(float(weights @ levels**2) - mean**2, 0.0)))
+        return (means[0], means[1], means[2]), (stds[0], stds[1], stds[2])
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_split(data: ImageData, split: str, images: torch.Tensor, labels: torch.Tensor) -> int:
+    where = f"dataset {data.name!r}, {split} split"
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise DataError(
+            f"{where}: images must be uint8 [N, 3, H, H], got {images.dtype} {list(images.shape)}"
+        )
+    if images.shape[2] != images.shape[3] or images.shape[0] == 0:
+        raise DataError(f"{where}: images must be square and non-empty, got {list(images.shape)}")
+    if labels.dtype != torch.int64 or labels.shape != images.shape[:1]:
+        raise DataError(
+            f"{where}: labels must be int64 [{images.shape[0]}], got {labels.dtype} "
+            f"{list(labels.shape)}"
+        )
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= data.num_classes:
+        raise DataError(
+            f"{where}: labels span [{low}, {high}] but must lie in [0, {data.num_classes})"
+        )
+    return int(images.shape[2])
+
+
+def _derive_seed(seed: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
