@@ -146,6 +146,9 @@ class _StudySearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         super().on_trial_result(trial_id, result)
+        self._record(trial_id, result)
+
+    def _record(self, trial_id: str, result: dict[str, Any]) -> None:
         ot_trial = self._ot_trials[trial_id]
         self._epochs[trial_id] = int(result["epoch"])
         ot_trial.set_user_attr("epochs_completed", int(result["epoch"]))
@@ -156,9 +159,13 @@ class _StudySearch(OptunaSearch):
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
+        if result and "epoch" in result and trial_id in self._ot_trials and not error:
+            # When a scheduler stops a trial, its last result arrives here only (Tune does not
+            # pass it to on_trial_result), so record it now.
+            if int(result["epoch"]) > self._epochs.get(trial_id, 0):
+                self._ot_trials[trial_id].report(float(result[METRIC]), int(result["epoch"]))
+            self._record(trial_id, result)
         epochs = self._epochs.get(trial_id, 0)
-        if trial_id in self._ot_trials and not error:
-            self._ot_trials[trial_id].set_user_attr("epochs_completed", epochs)
         ot_study = self._ot_study
         if not error and result and epochs < self._budget_epochs and ot_study is not None:
             # Stopped early by the scheduler: a lower-fidelity score that must never win.

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from scaling_search.config import load_study
 from scaling_search.data import load_data
 from scaling_search.space import grid_candidates
-from scaling_search.storage import open_storage, resolve_url
+from scaling_search.storage import StorageError, open_storage, resolve_url, study_exists
 
 pytestmark = pytest.mark.slow
 
@@ -198,13 +198,15 @@ def _kill_leftovers(ray_tmp: str) -> None:
 
 
 def _count(study_path: Path, state: TrialState) -> int:
+    """Trials in ``state``, read without creating anything while the CLI sets the storage up."""
     study = load_study(study_path)
-    if not (study.out_dir / "optuna.db").is_file():
-        return 0
+    url = resolve_url(study)
     try:
-        ot_study = optuna.load_study(study_name=study.name, storage=resolve_url(study))
-    except KeyError:
-        return 0
+        if not study_exists(url, study.name):
+            return 0
+        ot_study = optuna.load_study(study_name=study.name, storage=url)
+    except (StorageError, KeyError):
+        return 0  # the CLI is creating the schema right now
     return len(ot_study.get_trials(deepcopy=False, states=(state,)))
 
 
@@ -217,17 +219,18 @@ def test_killed_driver_resumes_without_retraining(tiny_study: Path, tmp_path: Pa
     # A short private folder: Ray's socket paths must stay under 107 bytes.
     ray_tmp = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")
     env["RAY_TMPDIR"] = ray_tmp
+    log = tmp_path / "first-run.log"
     proc = subprocess.Popen(
         command,
         cwd=tmp_path,
         env=env,
         start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 240
     while _count(tiny_study, TrialState.COMPLETE) < 2 and time.monotonic() < deadline:
-        assert proc.poll() is None, "the study finished before it could be interrupted"
+        assert proc.poll() is None, f"the first run ended before the kill: {log.read_text()}"
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -267,3 +270,45 @@ def test_killed_driver_resumes_without_retraining(tiny_study: Path, tmp_path: Pa
     assert (Path(study.out_dir) / "family.json").is_file() or (
         tmp_path / study.out_dir / "family.json"
     ).is_file()
+
+
+def test_tpe_on_the_surface_with_asha_never_crowns_an_early_stop(ray_local, tiny_study: Path):
+    """Continuous coordinates: every sample on α·β²·γ² = c; early-stopped trials cannot win."""
+    from scaling_search.results import best_triple
+
+    overrides = [
+        "search.sampler=tpe",
+        "search.n_trials=5",
+        "search.scheduler=asha",
+        "train.epochs=3",
+        "space.alpha=[1.0,1.6]",
+        "space.beta=[1.0,1.3]",
+        "space.gamma=[1.0,1.3]",
+    ]
+    study = load_study(tiny_study, overrides)
+    storage = open_storage(resolve_url(study))
+    from scaling_search import driver
+
+    data = load_data(study.data)
+    summary = driver.run_study(study, data=data, storage=storage, progress=lambda _: None)
+    ot_study = optuna.load_study(study_name=study.name, storage=storage)
+    trials = ot_study.get_trials()
+
+    assert summary.launched == 5 and len(trials) == 5
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    for trial in trials:
+        a, b, g = (trial.user_attrs[k] for k in ("alpha", "beta", "gamma"))
+        assert a * b**2 * g**2 == pytest.approx(study.space.product, rel=1e-9)
+        shares = [trial.user_attrs[f"{k}_share"] for k in ("depth", "width", "resolution")]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5)
+        if trial.state == TrialState.PRUNED:
+            assert trial.user_attrs["epochs_completed"] < study.train.epochs
+        else:
+            assert trial.user_attrs["epochs_completed"] == study.train.epochs
+    full = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = best_triple(ot_study)
+    assert best.mean_accuracy == max(t.value for t in full)
+    assert best.coefficients.alpha in {t.user_attrs["alpha"] for t in full}
+
+    again = driver.run_study(study, data=data, storage=storage, progress=lambda _: None)
+    assert again.launched == 0
