@@ -39,6 +39,19 @@ def _product(a: float, b: float, g: float) -> float:
     return a * b * b * g * g
 
 
+def _surface_point(draw: st.DrawFn, product: float) -> tuple[float, float, float]:
+    """A point (α, β, γ) of α·β²·γ² = product inside [1, 2.5]³, from random log-FLOPs shares."""
+    depth_share = draw(st.floats(0.0, 1.0))
+    width_share = draw(st.floats(0.0, 1.0)) * (1.0 - depth_share)
+    point = (
+        product**depth_share,
+        product ** (width_share / 2),
+        product ** ((1.0 - depth_share - width_share) / 2),
+    )
+    assume(max(point) <= 2.5)
+    return point
+
+
 @st.composite
 def grid_spaces(draw: st.DrawFn) -> SpaceConfig:
     """SpaceConfig with c in (1.2, 4], bounds in [1, 2.5], step in [0.02, 0.2], tol in [0, 0.3].
@@ -48,14 +61,7 @@ def grid_spaces(draw: st.DrawFn) -> SpaceConfig:
     """
     product = draw(st.integers(1201, 4000)) / _MILLI
     step = draw(st.integers(20, 200))  # in thousandths
-    depth_share = draw(st.floats(0.0, 1.0))
-    width_share = draw(st.floats(0.0, 1.0)) * (1.0 - depth_share)
-    point = (
-        product**depth_share,
-        product ** (width_share / 2),
-        product ** ((1.0 - depth_share - width_share) / 2),
-    )
-    assume(max(point) <= 2.5)
+    point = _surface_point(draw, product)
     bounds = []
     for x in point:
         # At most 25 steps per axis keeps a grid under ~18k points (fast enough per example).
@@ -164,14 +170,7 @@ def box_spaces(draw: st.DrawFn) -> SpaceConfig:
 def feasible_box_spaces(draw: st.DrawFn) -> SpaceConfig:
     """A box in [1, 2.5]³ built around a point of the surface α·β²·γ² = c, c in (1.2, 4]."""
     product = draw(st.floats(1.2, 4.0, exclude_min=True))
-    depth_share = draw(st.floats(0.0, 1.0))
-    width_share = draw(st.floats(0.0, 1.0)) * (1.0 - depth_share)
-    point = (
-        product**depth_share,
-        product ** (width_share / 2),
-        product ** ((1.0 - depth_share - width_share) / 2),
-    )
-    assume(max(point) <= 2.5)
+    point = _surface_point(draw, product)
     bounds = [Bounds(low=draw(st.floats(1.0, x)), high=draw(st.floats(x, 2.5))) for x in point]
     return SpaceConfig(product=product, alpha=bounds[0], beta=bounds[1], gamma=bounds[2])
 
