@@ -168,7 +168,8 @@ def _print_best(ot_study: optuna.Study) -> Any:
 
 
 def _write_family(best: Any, study: StudyConfig, num_classes: int, path: Path) -> None:
-    from scaling_search.family import dump_family, make_family
+    from scaling_search.export import dump_family
+    from scaling_search.family import make_family
 
     family = make_family(
         best.coefficients,
@@ -263,7 +264,8 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from scaling_search.family import dump_family, make_family
+    from scaling_search.export import dump_family
+    from scaling_search.family import make_family
     from scaling_search.space import Coefficients
 
     if (args.study is None) == (args.coefficients is None):

@@ -2,20 +2,16 @@
 
 Modes: "formula" takes φ = 1, 2, … literally (eq. 3); "flops-matched" picks, for each published
 B_k, the φ whose model costs as many multiply-adds relative to B0 as B_k does (the paper's own
-B1…B7 were hand-tuned and sit on no integer φ). A family serialises to a versioned JSON/YAML
-document that other projects import.
+B1…B7 were hand-tuned and sit on no integer φ). scaling_search.export writes a family as the
+versioned JSON/YAML document that other projects import.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar, cast
-
-import yaml
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from scaling_search.model import (
     B0_RESOLUTION_PX,
@@ -27,25 +23,17 @@ from scaling_search.model import (
 from scaling_search.space import Coefficients
 
 __all__ = [
-    "DUMP_FORMATS",
     "FAMILY_MODES",
     "OFFICIAL_FAMILY",
-    "SCHEMA_VERSION",
     "Family",
     "FamilyMember",
     "OfficialModel",
     "compound_scale",
-    "dump_family",
-    "family_from_dict",
-    "family_to_dict",
     "make_family",
 ]
 
-SCHEMA_VERSION = 1
 FAMILY_MODES = ("formula", "flops-matched")
-DUMP_FORMATS = ("json", "yaml")
 
-_KIND = "efficientnet-family"
 _DECIMALS = 6  # floats in a family (and its files) carry 6 decimals, so files are stable
 _PHI_UNITS = 10**_DECIMALS  # flops-matched φ is searched on the same 1e-6 grid
 _DEFAULT_PHIS = (1, 2, 3, 4, 5, 6, 7)
@@ -55,9 +43,6 @@ _DEFAULT_PHIS = (1, 2, 3, 4, 5, 6, 7)
 _SCAN_RADIUS_UNITS = 20_000
 _SCAN_STEP_UNITS = 1_000
 _MAX_PHI = 1024.0  # flops-matched search gives up beyond this φ
-_MEMBER_FLOATS = ("phi", "width", "depth", "dropout")
-_MEMBER_INTS = ("resolution_px", "params", "macs", "stem_channels", "head_channels")
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -345,114 +330,3 @@ def _matched_member(
 ) -> FamilyMember:
     phi = _match_phi(curve, _official_ratio(official, common[2]))
     return _member(official.name, phi, official.dropout, *common)
-
-
-def _member_to_dict(member: FamilyMember) -> dict[str, object]:
-    document = {field.name: getattr(member, field.name) for field in fields(FamilyMember)}
-    document.update({name: round(getattr(member, name), _DECIMALS) for name in _MEMBER_FLOATS})
-    document["stages"] = [asdict(stage) for stage in member.stages]
-    return document
-
-
-def family_to_dict(family: Family) -> dict[str, object]:
-    """The family as a versioned, JSON- and YAML-ready document (schema_version 1).
-
-    Args:
-        family: The family.
-
-    Returns:
-        Plain dicts, lists, strings and numbers; derived floats to 6 decimals.
-    """
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": _KIND,
-        "coefficients": {"alpha": family.alpha, "beta": family.beta, "gamma": family.gamma},
-        "mode": family.mode,
-        "base_resolution_px": family.base_resolution_px,
-        "num_classes": family.num_classes,
-        "members": [_member_to_dict(member) for member in family.members],
-    }
-
-
-def _field(data: object, key: str, where: str, kind: type[_T]) -> _T:
-    """data[key], checked to be a `kind` (an int passes as a float; a bool never passes)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"family document: {where} must be a mapping, got {data!r}")
-    if key not in data:
-        raise ValueError(f"family document: {where} has no {key!r}")
-    value = data[key]
-    allowed = (int, float) if kind is float else kind
-    if isinstance(value, bool) or not isinstance(value, allowed):
-        raise ValueError(
-            f"family document: {where}.{key} must be of type {kind.__name__}, got {value!r}"
-        )
-    return cast(_T, float(cast(float, value)) if kind is float else value)
-
-
-def _member_from_dict(data: object, where: str) -> FamilyMember:
-    values: dict[str, Any] = {"name": _field(data, "name", where, str)}
-    values.update({name: _field(data, name, where, float) for name in _MEMBER_FLOATS})
-    values.update({name: _field(data, name, where, int) for name in _MEMBER_INTS})
-    stages = []
-    for index, stage in enumerate(_field(data, "stages", where, list)):
-        at = f"{where}.stages[{index}]"
-        stages.append(
-            StageShape(**{f.name: _field(stage, f.name, at, int) for f in fields(StageShape)})
-        )
-    return FamilyMember(**values, stages=tuple(stages))
-
-
-def family_from_dict(data: Mapping[str, object]) -> Family:
-    """Rebuild a family from `family_to_dict`'s document (e.g. a parsed JSON or YAML file).
-
-    Args:
-        data: The document.
-
-    Returns:
-        The family.
-
-    Raises:
-        ValueError: If the schema version or kind is not this module's, the mode is unknown,
-            or a field is missing or has the wrong type.
-    """
-    top = "the document"
-    data = dict(data) if isinstance(data, Mapping) else data
-    expected = {"schema_version": SCHEMA_VERSION, "kind": _KIND}
-    for key, value in expected.items():
-        if _field(data, key, top, type(value)) != value:
-            raise ValueError(f"family document: {key} must be {value!r}, got {data[key]!r}")
-    mode = _field(data, "mode", top, str)
-    if mode not in FAMILY_MODES:
-        raise ValueError(f"family document: mode must be one of {FAMILY_MODES}, got {mode!r}")
-    coefficients = _field(data, "coefficients", top, dict)
-    members = _field(data, "members", top, list)
-    return Family(
-        alpha=_field(coefficients, "alpha", "coefficients", float),
-        beta=_field(coefficients, "beta", "coefficients", float),
-        gamma=_field(coefficients, "gamma", "coefficients", float),
-        mode=mode,
-        base_resolution_px=_field(data, "base_resolution_px", top, int),
-        num_classes=_field(data, "num_classes", top, int),
-        members=tuple(_member_from_dict(m, f"members[{i}]") for i, m in enumerate(members)),
-    )
-
-
-def dump_family(family: Family, fmt: str) -> str:
-    """Serialise a family as JSON (indent 2, trailing newline) or YAML (keys in schema order).
-
-    Args:
-        family: The family.
-        fmt: "json" or "yaml".
-
-    Returns:
-        The document as text.
-
-    Raises:
-        ValueError: If fmt is not one of DUMP_FORMATS.
-    """
-    if fmt not in DUMP_FORMATS:
-        raise ValueError(f"fmt must be one of {DUMP_FORMATS}, got {fmt!r}")
-    document = family_to_dict(family)
-    if fmt == "json":
-        return json.dumps(document, indent=2) + "\n"
-    return yaml.safe_dump(document, sort_keys=False)

@@ -13,15 +13,17 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scaling_search.family import (
-    FAMILY_MODES,
-    OFFICIAL_FAMILY,
+from scaling_search.export import (
     SCHEMA_VERSION,
-    Family,
-    compound_scale,
     dump_family,
     family_from_dict,
     family_to_dict,
+)
+from scaling_search.family import (
+    FAMILY_MODES,
+    OFFICIAL_FAMILY,
+    Family,
+    compound_scale,
     make_family,
 )
 from scaling_search.model import architecture, count_macs, count_params

@@ -1,0 +1,136 @@
+"""A family as a document other projects build from: versioned JSON or YAML (schema_version 1).
+
+``family_to_dict`` / ``family_from_dict`` are exact inverses; ``dump_family`` renders a document.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from typing import Any, TypeVar, cast
+
+import yaml
+
+from scaling_search.family import _DECIMALS, FAMILY_MODES, Family, FamilyMember
+from scaling_search.model import StageShape
+
+__all__ = ["DUMP_FORMATS", "SCHEMA_VERSION", "dump_family", "family_from_dict", "family_to_dict"]
+
+SCHEMA_VERSION = 1
+DUMP_FORMATS = ("json", "yaml")
+_KIND = "efficientnet-family"
+_MEMBER_FLOATS = ("phi", "width", "depth", "dropout")
+_MEMBER_INTS = ("resolution_px", "params", "macs", "stem_channels", "head_channels")
+_T = TypeVar("_T")
+
+
+def _member_to_dict(member: FamilyMember) -> dict[str, object]:
+    document = {field.name: getattr(member, field.name) for field in fields(FamilyMember)}
+    document.update({name: round(getattr(member, name), _DECIMALS) for name in _MEMBER_FLOATS})
+    document["stages"] = [asdict(stage) for stage in member.stages]
+    return document
+
+
+def family_to_dict(family: Family) -> dict[str, object]:
+    """The family as a versioned, JSON- and YAML-ready document (schema_version 1).
+
+    Args:
+        family: The family.
+
+    Returns:
+        Plain dicts, lists, strings and numbers; derived floats to 6 decimals.
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": _KIND,
+        "coefficients": {"alpha": family.alpha, "beta": family.beta, "gamma": family.gamma},
+        "mode": family.mode,
+        "base_resolution_px": family.base_resolution_px,
+        "num_classes": family.num_classes,
+        "members": [_member_to_dict(member) for member in family.members],
+    }
+
+
+def _field(data: object, key: str, where: str, kind: type[_T]) -> _T:
+    """data[key], checked to be a `kind` (an int passes as a float; a bool never passes)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"family document: {where} must be a mapping, got {data!r}")
+    if key not in data:
+        raise ValueError(f"family document: {where} has no {key!r}")
+    value = data[key]
+    allowed = (int, float) if kind is float else kind
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ValueError(
+            f"family document: {where}.{key} must be of type {kind.__name__}, got {value!r}"
+        )
+    return cast(_T, float(cast(float, value)) if kind is float else value)
+
+
+def _member_from_dict(data: object, where: str) -> FamilyMember:
+    values: dict[str, Any] = {"name": _field(data, "name", where, str)}
+    values.update({name: _field(data, name, where, float) for name in _MEMBER_FLOATS})
+    values.update({name: _field(data, name, where, int) for name in _MEMBER_INTS})
+    stages = []
+    for index, stage in enumerate(_field(data, "stages", where, list)):
+        at = f"{where}.stages[{index}]"
+        stages.append(
+            StageShape(**{f.name: _field(stage, f.name, at, int) for f in fields(StageShape)})
+        )
+    return FamilyMember(**values, stages=tuple(stages))
+
+
+def family_from_dict(data: Mapping[str, object]) -> Family:
+    """Rebuild a family from `family_to_dict`'s document (e.g. a parsed JSON or YAML file).
+
+    Args:
+        data: The document.
+
+    Returns:
+        The family.
+
+    Raises:
+        ValueError: If the schema version or kind is not this module's, the mode is unknown,
+            or a field is missing or has the wrong type.
+    """
+    top = "the document"
+    data = dict(data) if isinstance(data, Mapping) else data
+    expected = {"schema_version": SCHEMA_VERSION, "kind": _KIND}
+    for key, value in expected.items():
+        if _field(data, key, top, type(value)) != value:
+            raise ValueError(f"family document: {key} must be {value!r}, got {data[key]!r}")
+    mode = _field(data, "mode", top, str)
+    if mode not in FAMILY_MODES:
+        raise ValueError(f"family document: mode must be one of {FAMILY_MODES}, got {mode!r}")
+    coefficients = _field(data, "coefficients", top, dict)
+    members = _field(data, "members", top, list)
+    return Family(
+        alpha=_field(coefficients, "alpha", "coefficients", float),
+        beta=_field(coefficients, "beta", "coefficients", float),
+        gamma=_field(coefficients, "gamma", "coefficients", float),
+        mode=mode,
+        base_resolution_px=_field(data, "base_resolution_px", top, int),
+        num_classes=_field(data, "num_classes", top, int),
+        members=tuple(_member_from_dict(m, f"members[{i}]") for i, m in enumerate(members)),
+    )
+
+
+def dump_family(family: Family, fmt: str) -> str:
+    """Serialise a family as JSON (indent 2, trailing newline) or YAML (keys in schema order).
+
+    Args:
+        family: The family.
+        fmt: "json" or "yaml".
+
+    Returns:
+        The document as text.
+
+    Raises:
+        ValueError: If fmt is not one of DUMP_FORMATS.
+    """
+    if fmt not in DUMP_FORMATS:
+        raise ValueError(f"fmt must be one of {DUMP_FORMATS}, got {fmt!r}")
+    document = family_to_dict(family)
+    if fmt == "json":
+        return json.dumps(document, indent=2) + "\n"
+    return yaml.safe_dump(document, sort_keys=False)
