@@ -257,7 +257,7 @@ def fit(
             report(metrics, _state(model, optimizer, schedule, generator, epoch + 1))
 
     return FitResult(
-        accuracy=history[-1].accuracy if history else float(resume["accuracy"] if resume else 0),
+        accuracy=history[-1].accuracy if history else math.nan,  # resumed after its last epoch
         epochs_completed=config.epochs,
         params=count_params(arch),
         macs=count_macs(arch, resolution_px=resolution_px),
