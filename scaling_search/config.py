@@ -7,6 +7,7 @@ and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -219,7 +220,7 @@ def parse_study(raw: dict[str, Any]) -> StudyConfig:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``a.b.c=value`` set (value parsed as YAML)."""
-    result = _deep_copy(raw)
+    result = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
@@ -237,10 +238,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             node = child
         node[leaf] = value
     return result
-
-
-def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
 def _describe(exc: ValidationError) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,10 @@ def open_study(study: StudyConfig, storage: optuna.storages.BaseStorage) -> optu
     return ot_study
 
 
-def _fail_stale(ot_study: optuna.Study, progress: Progress) -> int:
+def _fail_stale(
+    ot_study: optuna.Study, storage: optuna.storages.BaseStorage, progress: Progress
+) -> int:
     """Mark trials left RUNNING by a driver that died as FAIL, so they are run again."""
-    storage = ot_study._storage
     stale = ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         storage.set_trial_user_attr(trial._trial_id, "fail_reason", "driver stopped mid-trial")
@@ -287,6 +289,10 @@ def _init_ray(study: StudyConfig, address: str | None) -> None:
     )
 
 
+def _state_counts(ot_study: optuna.Study) -> Counter[TrialState]:
+    return Counter(t.state for t in ot_study.get_trials(deepcopy=False))
+
+
 def run_study(
     study: StudyConfig,
     *,
@@ -299,12 +305,12 @@ def run_study(
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ot_study = open_study(study, storage)
-    _fail_stale(ot_study, progress)
+    _fail_stale(ot_study, storage, progress)
     to_launch = plan_trials(study, ot_study)
     if to_launch == 0:
         progress(f"study {study.name!r}: every trial is already done; nothing to train")
         return RunSummary(0, 0, 0, 0, time.perf_counter() - started)
-    before = {s: len(ot_study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    before = _state_counts(ot_study)
     progress(
         f"study {study.name!r}: launching {to_launch} trial(s), "
         f"up to {study.search.max_concurrent_trials} at a time"
@@ -348,7 +354,7 @@ def run_study(
         ),
     )
     tuner.fit()
-    after = {s: len(ot_study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    after = _state_counts(ot_study)
     return RunSummary(
         launched=to_launch,
         completed=after[TrialState.COMPLETE] - before[TrialState.COMPLETE],
