@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,9 +83,21 @@ def _build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num-classes", type=int, default=1000)
     model.add_argument("--format", choices=("table", "json"), default="table")
 
-    dashboard = sub.add_parser("dashboard", help="open optuna-dashboard on the study's storage")
-    _study_args(dashboard)
-    dashboard.add_argument("--host", default="127.0.0.1")
+    dashboard = sub.add_parser(
+        "dashboard", help="open optuna-dashboard on a study's storage (or on --storage URL)"
+    )
+    dashboard.add_argument("study", type=Path, nargs="?", help="study file (omit with --storage)")
+    dashboard.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
+    )
+    dashboard.add_argument(
+        "--storage",
+        metavar="URL",
+        help="serve every study at this URL (default without a study: $SCALING_SEARCH_STORAGE)",
+    )
+    dashboard.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
     dashboard.add_argument("--port", type=int, default=8080)
     return parser
 
@@ -374,12 +387,22 @@ def _model(args: argparse.Namespace) -> int:
 def _dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from scaling_search.storage import mask_url, open_storage, resolve_url
+    from scaling_search.storage import ENV_VAR, mask_url, open_storage, resolve_url
 
-    study, _ = _existing_study(args)
-    url = resolve_url(study)
+    if args.study is not None and args.storage is not None:
+        raise StudyError("dashboard takes a study file or --storage URL, not both")
+    if args.study is not None:
+        study, _ = _existing_study(args)
+        url = resolve_url(study)
+    else:
+        url = args.storage or os.environ.get(ENV_VAR, "").strip()
+        if not url:
+            raise StudyError(
+                f"dashboard needs a study file, --storage URL or ${ENV_VAR}; none was given"
+            )
+    storage = open_storage(url)
     print(f"optuna-dashboard on {mask_url(url)} at http://{args.host}:{args.port}/  (Ctrl-C stops)")
-    optuna_dashboard.run_server(open_storage(url), host=args.host, port=args.port)
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
     return 0
 
 

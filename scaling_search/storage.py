@@ -33,6 +33,7 @@ __all__ = [
 
 ENV_VAR = "SCALING_SEARCH_STORAGE"
 DB_FILENAME = "optuna.db"
+CONNECT_TIMEOUT_S = 5  # an unreachable host fails in seconds, not after the OS's TCP timeout
 _DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
 
 
@@ -106,7 +107,8 @@ def study_exists(url: str, study_name: str) -> bool:
     parsed = check_url(url)
     if parsed.drivername == "sqlite" and not Path(parsed.database or "").expanduser().is_file():
         return False
-    engine = sqlalchemy.create_engine(parsed)
+    connect_args = {"connect_timeout": CONNECT_TIMEOUT_S} if parsed.drivername != "sqlite" else {}
+    engine = sqlalchemy.create_engine(parsed, connect_args=connect_args)
     try:
         with engine.connect() as connection:
             if "studies" not in sqlalchemy.inspect(connection).get_table_names():
@@ -142,7 +144,15 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             Path(parsed.database or ".").expanduser().parent.mkdir(parents=True, exist_ok=True)
             engine_kwargs["connect_args"] = {"timeout": 30}
         else:
-            engine_kwargs.update(pool_pre_ping=True, pool_size=4, max_overflow=4)
+            # One driver (its searcher, heartbeat thread and status reads) per engine: a small
+            # pool, checked before use so a restarted server does not fail the next write.
+            engine_kwargs.update(
+                pool_pre_ping=True,
+                pool_size=4,
+                max_overflow=4,
+                pool_recycle=1800,
+                connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+            )
         return optuna.storages.RDBStorage(
             parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs
         )
