@@ -143,8 +143,9 @@ def load_image_folder(root: str | Path, *, image_px: int, seed: int = 0) -> Imag
     root = Path(root)
     train_dir = root / "train"
     if not train_dir.is_dir():
+        problem = "has no train/ subfolder" if root.is_dir() else "does not exist"
         raise DataError(
-            f"image folder {root} has no train/ subfolder; expected "
+            f"image folder {root} {problem}; expected "
             f"{train_dir}/<class>/*.png (or .jpg, .jpeg, .bmp, .webp)"
         )
     train_files = _class_files(train_dir)

@@ -35,6 +35,9 @@ __all__ = [
 SAMPLERS = ("grid", "tpe", "random", "qmc")
 SCHEDULERS = ("fifo", "asha")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+# A real study holds under 200 values, 3 levels deep; these limits only stop YAML built to hurt.
+_MAX_VALUES = 100_000  # values (keys, items, scalars) once YAML aliases are expanded
+_MAX_DEPTH = 32  # levels of nested mappings and lists
 
 
 class StudyError(ValueError):
@@ -123,6 +126,8 @@ class SearchConfig(_Strict):
     scheduler: Literal["fifo", "asha"] = "fifo"
     max_concurrent_trials: PositiveInt = 2
     seed: int = 0  # sampler seed
+    # Times Ray restarts a trial that raised (or whose node died) from its last checkpoint.
+    trial_retries: int = Field(default=2, ge=0, le=100)
 
     @model_validator(mode="after")
     def _sampler_rules(self) -> SearchConfig:
@@ -157,6 +162,23 @@ class ResourcesConfig(_Strict):
     cpus_per_trial: float = Field(default=1.0, gt=0.0, le=1024.0, allow_inf_nan=False)
     gpus_per_trial: float = Field(default=0.0, ge=0.0, le=64.0, allow_inf_nan=False)
     num_cpus: PositiveInt | None = None  # local Ray only: CPUs to give it (default: all)
+    # Ray custom resources per trial, e.g. {"accelerator_type:A100": 0.001} or a node label.
+    custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name.strip() or name.lower() in ("cpu", "gpu", "memory"):
+                raise ValueError(
+                    f"resource name {name!r} is not allowed; CPUs and GPUs have their own keys "
+                    "(cpus_per_trial, gpus_per_trial), custom names must be non-empty"
+                )
+            if not math.isfinite(amount) or amount <= 0:
+                raise ValueError(
+                    f"resource {name!r} amount {amount} must be a positive finite number"
+                )
+        return value
 
 
 class StudyConfig(_Strict):
@@ -196,6 +218,10 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise StudyError(f"study file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise StudyError(
+            f"{path}: not valid YAML (nested too deeply; at most {_MAX_DEPTH} levels are allowed)"
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StudyError(f"{path}: not valid YAML ({first})") from None
@@ -212,10 +238,53 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def parse_study(raw: dict[str, Any]) -> StudyConfig:
     """Validate a plain mapping into a StudyConfig, raising StudyError on the first problem."""
+    _check_expansion(raw)
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as exc:
         raise StudyError(_describe(exc)) from None
+
+
+def _check_expansion(raw: dict[str, Any]) -> None:
+    """Refuse YAML alias bombs ("billion laughs"), recursive aliases and absurd nesting.
+
+    ``yaml.safe_load`` gives an anchor and all its aliases one shared object, so loading is cheap;
+    validation (and any error message that shows a value) walks the expanded tree, which can be
+    exponentially large. Each object is counted once (memoised by id), so this check is linear in
+    the size of the file.
+    """
+    _expanded_size(raw, {}, set(), path=())
+
+
+def _expanded_size(
+    node: Any, sizes: dict[int, int], open_ids: set[int], *, path: tuple[str, ...]
+) -> int:
+    """Values in ``node`` (keys, items, scalars) with each shared object counted every time."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    if id(node) in sizes:
+        return sizes[id(node)]
+    where = ".".join(path) or "the study"
+    if id(node) in open_ids:
+        raise StudyError(f"{where}: a YAML alias refers to a value that contains it (a cycle)")
+    if len(path) > _MAX_DEPTH:
+        raise StudyError(
+            f"{path[0]}: nested more than {_MAX_DEPTH} levels deep; at most {_MAX_DEPTH} are "
+            "allowed"
+        )
+    open_ids.add(id(node))
+    keys = len(node) if isinstance(node, dict) else 0
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    size = 1 + keys
+    size += sum(_expanded_size(child, sizes, open_ids, path=(*path, str(k))) for k, child in items)
+    if size > _MAX_VALUES:
+        raise StudyError(
+            f"{where}: {size} values once YAML aliases are expanded; at most {_MAX_VALUES} are "
+            "allowed in a study (a real one holds a few dozen)"
+        )
+    open_ids.discard(id(node))
+    sizes[id(node)] = size
+    return size
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -227,7 +296,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             raise StudyError(f"--set {item!r}: expected key.path=value, e.g. train.epochs=5")
         try:
             value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = text
         node = result
         *parents, leaf = key.split(".")

@@ -395,3 +395,16 @@ def test_study_config_round_trips_through_its_dump() -> None:
     study = load_study(STUDIES / "quickstart.yaml")
     again = StudyConfig.model_validate(study.model_dump())
     assert again == study
+
+
+def test_alias_bomb_is_refused_before_validation() -> None:
+    # "Billion laughs": yaml.safe_load gives an anchor and its aliases one shared object, so 9
+    # levels of 9 aliases load at once but expand to 9^9 strings, which validation would walk.
+    bomb: list = ["lol"] * 9
+    for _ in range(8):
+        bomb = [bomb] * 9
+    message = _error({"name": "tiny", "space": {"alpha": bomb}})
+    assert message.startswith("space.alpha.") and "once YAML aliases are expanded" in message
+    assert "at most 100000" in message
+    shared = [1.05, 1.15]  # an alias used twice, as a real study might
+    assert parse_study({"name": "tiny", "space": {"beta": shared, "gamma": shared}})
