@@ -1,14 +1,13 @@
 """The search on Ray Tune: OptunaSearch on the study's storage, a scheduler, trials on workers.
 
-This is the only module that imports ray. Only this driver writes to the Optuna study; workers
-report through ``ray.tune.report``. Running a study again continues it: candidates already trained
-(complete or stopped early by the scheduler) are never trained again, trials that a killed driver
-left RUNNING are marked FAIL and their candidates queued again.
+This is the only module that imports ray. Only the driver writes to the Optuna study; workers
+report through ``ray.tune.report``. What to train, and recovery from drivers that died, is the
+ledger's job (:mod:`scaling_search.ledger`): running a study again continues it, candidates
+already trained are never trained again, and several drivers can share one study.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -25,23 +24,22 @@ import torch
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from scaling_search import ledger
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
-from scaling_search.space import Coefficients, DefineByRun, grid_candidates
-from scaling_search.train import EpochMetrics, fit
+from scaling_search.ledger import Heartbeat
+from scaling_search.space import Coefficients, DefineByRun
+from scaling_search.train import EpochMetrics, failure_reason, fit
 
-__all__ = ["DriverError", "RunSummary", "open_study", "plan_trials", "run_study"]
+__all__ = ["RunSummary", "run_study"]
 
 METRIC = "accuracy"
-_CONFIG_ATTR = "study_config"
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+FAIL_KEY = "fail_reason"  # a result that ends its trial as FAIL, e.g. the loss diverged
 Progress = Callable[[str], None]
-
-
-class DriverError(ValueError):
-    """A study that cannot be run as asked (e.g. its stored settings differ from the file)."""
+Fit = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -55,98 +53,40 @@ class RunSummary:
     wall_seconds: float
 
 
-def _identity(study: StudyConfig) -> dict[str, Any]:
-    """The settings that define what a trial's number means; a resumed study must keep them."""
-    return json.loads(study.model_dump_json(include={"data", "space", "train"}))
-
-
-def open_study(study: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Create or load the Optuna study, refusing one recorded with different trial settings."""
-    ot_study = optuna.create_study(
-        storage=storage, study_name=study.name, direction="maximize", load_if_exists=True
-    )
-    stored = ot_study.user_attrs.get(_CONFIG_ATTR)
-    identity = _identity(study)
-    if stored is None:
-        ot_study.set_user_attr(_CONFIG_ATTR, identity)
-        ot_study.set_user_attr("sampler", study.search.sampler)
-    elif stored != identity:
-        changed = sorted(
-            f"{section}.{key}"
-            for section in identity
-            for key in identity[section]
-            if stored.get(section, {}).get(key) != identity[section][key]
-        )
-        raise DriverError(
-            f"study {study.name!r} was recorded with other settings ({', '.join(changed)} "
-            "differ); give the study a new name to run with these"
-        )
-    return ot_study
-
-
-def _fail_stale(
-    ot_study: optuna.Study, storage: optuna.storages.BaseStorage, progress: Progress
-) -> int:
-    """Mark trials left RUNNING by a driver that died as FAIL, so they are run again."""
-    stale = ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", "driver stopped mid-trial")
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    if stale:
-        progress(f"marked {len(stale)} trial(s) left running by an earlier driver as FAIL")
-    return len(stale)
-
-
-def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
-    """Queue what is left to train and return how many trials to launch.
-
-    Grid: every (candidate, seed) without a finished trial is queued once (trials already
-    WAITING stay queued). Other samplers: n_trials minus the trials already finished.
-    """
-    done = ot_study.get_trials(deepcopy=False, states=_DONE)
-    if study.search.sampler != "grid":
-        return max(0, (study.search.n_trials or 0) - len(done))
-    waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    # A queued trial holds its point in Optuna's "fixed_params" until a sampler takes it.
-    taken = {_point_key(t.params) for t in done}
-    taken |= {_point_key(t.system_attrs.get("fixed_params", {})) for t in waiting}
-    for coefficients in grid_candidates(study.space):
-        for seed in _seeds(study):
-            params = {
-                "alpha": coefficients.alpha,
-                "beta": coefficients.beta,
-                "gamma": coefficients.gamma,
-                "seed": seed,
-            }
-            if _point_key(params) not in taken:
-                ot_study.enqueue_trial(params, skip_if_exists=False)
-    return len(ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-
-
-def _point_key(params: dict[str, Any]) -> tuple[float, float, float, int] | None:
-    if not {"alpha", "beta", "gamma", "seed"} <= params.keys():
-        return None
-    return (
-        round(params["alpha"], 6),
-        round(params["beta"], 6),
-        round(params["gamma"], 6),
-        int(params["seed"]),
-    )
-
-
-def _seeds(study: StudyConfig) -> list[int]:
-    return [study.search.seed + k for k in range(study.search.repeats)]
-
-
 class _StudySearch(OptunaSearch):
-    """OptunaSearch that also records epochs, timing, and stops-by-scheduler on each trial."""
+    """OptunaSearch that claims trials through the ledger and keeps their heartbeats.
 
-    def __init__(self, *args: Any, budget_epochs: int, **kwargs: Any) -> None:
+    It also records on each Optuna trial: epochs, timing, the Ray node it ran on, stops by the
+    scheduler (PRUNED) and failures (FAIL with ``fail_reason``).
+    """
+
+    def __init__(
+        self, *args: Any, budget_epochs: int, queued_only: bool, heartbeat: Heartbeat, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._budget_epochs = budget_epochs
+        self._queued_only = queued_only
+        self._heartbeat = heartbeat
+        self._holder = ledger.driver_id()
         self._epochs: dict[str, int] = {}
+        self._errored: set[str] = set()
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if trial_id not in self._ot_trials:
+            assert self._ot_study is not None  # set up by OptunaSearch before any suggestion
+            ot_trial = ledger.claim(
+                self._ot_study, queued_only=self._queued_only, holder=self._holder
+            )
+            if ot_trial is None:
+                # The queue is empty (other drivers took the rest); Tune's sentinel is a string.
+                return Searcher.FINISHED
+            self._heartbeat.hold(ot_trial._trial_id)
+            self._ot_trials[trial_id] = ot_trial
+        return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if FAIL_KEY in result:
+            return  # handled when the trial completes, right after
         super().on_trial_result(trial_id, result)
         self._record(trial_id, result)
 
@@ -157,24 +97,55 @@ class _StudySearch(OptunaSearch):
         ot_trial.set_user_attr("train_started_at", float(result["started_at"]))
         ot_trial.set_user_attr("train_reported_at", float(result["reported_at"]))
         ot_trial.set_user_attr("images_per_second", round(float(result["images_per_second"]), 1))
+        ot_trial.set_user_attr("node_id", str(result["node_id"]))
+        ot_trial.set_user_attr("node_ip", str(result["node_ip"]))
+        if int(result["resumed_from_epoch"]):
+            ot_trial.set_user_attr("resumed_from_epoch", int(result["resumed_from_epoch"]))
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        if result and "epoch" in result and trial_id in self._ot_trials and not error:
+        if trial_id not in self._ot_trials or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        if error:
+            # Tune tells searchers before callbacks; the reason arrives through fail() next.
+            self._errored.add(trial_id)
+            return
+        self._heartbeat.release(self._ot_trials[trial_id]._trial_id)
+        if result and FAIL_KEY in result:
+            self._fail(trial_id, str(result[FAIL_KEY]))
+            return
+        if result and "epoch" in result:
             # When a scheduler stops a trial, its last result arrives here only (Tune does not
             # pass it to on_trial_result), so record it now.
             if int(result["epoch"]) > self._epochs.get(trial_id, 0):
                 self._ot_trials[trial_id].report(float(result[METRIC]), int(result["epoch"]))
             self._record(trial_id, result)
-        epochs = self._epochs.get(trial_id, 0)
         ot_study = self._ot_study
-        if not error and result and epochs < self._budget_epochs and ot_study is not None:
+        if result and self._epochs.get(trial_id, 0) < self._budget_epochs and ot_study is not None:
             # Stopped early by the scheduler: a lower-fidelity score that must never win.
             ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
+
+    def fail(self, trial_id: str, reason: str) -> None:
+        """Record why an errored trial failed (its retries used up) and end it as FAIL."""
+        if trial_id in self._errored:
+            self._errored.discard(trial_id)
+            self._heartbeat.release(self._ot_trials[trial_id]._trial_id)
+            self._fail(trial_id, reason)
+
+    def _fail(self, trial_id: str, reason: str) -> None:
+        assert self._ot_study is not None
+        ledger.fail_trial(self._ot_study._storage, self._ot_trials[trial_id]._trial_id, reason)
+        self._completed_trials.add(trial_id)
+
+    def close(self) -> None:
+        """End trials that errored without a reason reaching :meth:`fail`."""
+        for trial_id in list(self._errored):
+            self.fail(trial_id, "the trial raised an error (no message reached the driver)")
 
 
 def _sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -200,8 +171,15 @@ def _scheduler(study: StudyConfig) -> TrialScheduler:
     return FIFOScheduler()
 
 
-def _train_trial(config: dict[str, Any], *, study: StudyConfig, data: ImageData) -> None:
-    """The Ray Tune function trainable: typed point in, per-epoch reports and checkpoints out."""
+def _train_trial(
+    config: dict[str, Any], *, study: StudyConfig, data: ImageData, fit_fn: Fit
+) -> None:
+    """The Ray Tune function trainable: typed point in, per-epoch reports and checkpoints out.
+
+    Errors that would repeat on a retry (the loss diverged, out of memory) end the trial with a
+    ``fail_reason`` result; any other error propagates, and Tune restarts the trial from its
+    last checkpoint up to ``search.trial_retries`` times.
+    """
     coefficients = Coefficients(config["alpha"], config["beta"], config["gamma"])
     torch.set_num_threads(max(1, int(study.resources.cpus_per_trial)))
     resume = None
@@ -209,23 +187,45 @@ def _train_trial(config: dict[str, Any], *, study: StudyConfig, data: ImageData)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = torch.load(Path(folder) / "state.pt", weights_only=False)
+    placement = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "resumed_from_epoch": int(resume["epoch"]) if resume else 0,
+    }
+    epochs_done = placement["resumed_from_epoch"]
 
     def report(metrics: EpochMetrics, state: Any) -> None:
+        nonlocal epochs_done
         with tempfile.TemporaryDirectory() as folder:
             torch.save(state, Path(folder) / "state.pt")
             tune.report(
-                {**metrics.to_dict(), "reported_at": time.time()},
+                {**metrics.to_dict(), **placement, "reported_at": time.time()},
                 checkpoint=tune.Checkpoint.from_directory(folder),
             )
+        epochs_done = metrics.epoch
 
-    fit(study.train, data, coefficients, seed=int(config["seed"]), report=report, resume=resume)
+    try:
+        fit_fn(
+            study.train, data, coefficients, seed=int(config["seed"]), report=report, resume=resume
+        )
+    except Exception as exc:
+        reason = failure_reason(exc)
+        if reason is None:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the actor is reused for the next trial
+        tune.report({FAIL_KEY: reason, "epoch": epochs_done, METRIC: float("nan"), **placement})
 
 
 class _ProgressCallback(tune.Callback):
-    """One line per finished trial: counts and the best full-budget result so far."""
+    """One line per finished trial (counts, the best full-budget result so far); hands the
+    reason of each errored trial to the searcher."""
 
-    def __init__(self, total: int, budget_epochs: int, progress: Progress) -> None:
+    def __init__(
+        self, total: int, budget_epochs: int, progress: Progress, searcher: _StudySearch
+    ) -> None:
         self._total, self._budget, self._say = total, budget_epochs, progress
+        self._searcher = searcher
         self._done = self._failed = 0
         self._best: tuple[float, str] | None = None
         self._last: dict[str, dict[str, Any]] = {}
@@ -236,9 +236,13 @@ class _ProgressCallback(tune.Callback):
         self._last[trial.trial_id] = result
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._done += 1
         result = self._last.get(trial.trial_id, {})
         point = _label(trial.config)
+        if FAIL_KEY in result:
+            self._failed += 1
+            self._line(trials, f"{point} FAILED: {result[FAIL_KEY]}")
+            return
+        self._done += 1
         if result.get("epoch") == self._budget and (
             self._best is None or result[METRIC] > self._best[0]
         ):
@@ -249,10 +253,13 @@ class _ProgressCallback(tune.Callback):
             f"after {result.get('epoch', 0)} epoch(s)",
         )
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._say(f"{_label(trial.config)} retrying from its last checkpoint: {_reason(trial)}")
+
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._failed += 1
-        error = trial.get_error()
-        reason = str(error).strip().splitlines()[-1] if error else "unknown error"
+        reason = _reason(trial)
+        self._searcher.fail(trial.trial_id, reason)
         self._line(trials, f"{_label(trial.config)} FAILED: {reason}")
 
     def _line(self, trials: list, event: str) -> None:
@@ -260,9 +267,18 @@ class _ProgressCallback(tune.Callback):
         running = min(sum(1 for t in trials if t.status == "RUNNING"), self._total - finished)
         best = f"best so far {self._best[1]} accuracy {self._best[0]:.4f}" if self._best else ""
         self._say(
-            f"[{self._done + self._failed}/{self._total} done, {running} running, "
-            f"{self._failed} failed] {event}" + (f" | {best}" if best else "")
+            f"[{finished} done, {running} running, {self._failed} failed] {event}"
+            + (f" | {best}" if best else "")
         )
+
+
+def _reason(trial: Any) -> str:
+    """The last line of a Tune trial's error: the exception, without Ray's traceback."""
+    # Tune writes the error next to the trial first (local_path) and syncs it to storage later.
+    local = Path(trial.error_file) if trial.error_file else None
+    text = local.read_text(errors="replace") if local and local.is_file() else trial.get_error()
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 def _label(config: dict[str, Any]) -> str:
@@ -293,50 +309,84 @@ def _state_counts(ot_study: optuna.Study) -> Counter[TrialState]:
     return Counter(t.state for t in ot_study.get_trials(deepcopy=False))
 
 
+def _resources(study: StudyConfig) -> dict[str, float]:
+    """One trial's Ray resource request: CPUs, (fractions of) GPUs, and custom resources."""
+    wanted = {"cpu": study.resources.cpus_per_trial, "gpu": study.resources.gpus_per_trial}
+    return {**wanted, **study.resources.custom}
+
+
 def run_study(
     study: StudyConfig,
     *,
     data: ImageData,
-    storage: optuna.storages.BaseStorage,
+    storage: optuna.storages.RDBStorage,
     progress: Progress = print,
     address: str | None = None,
+    fit_fn: Fit = fit,
 ) -> RunSummary:
-    """Run (or continue) ``study`` on Ray and record every trial in ``storage``."""
+    """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
+
+    ``address`` joins a running Ray cluster ("auto" or HOST:PORT); without it a local Ray starts.
+    ``fit_fn`` trains one trial (default :func:`scaling_search.train.fit`, same signature).
+    """
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ot_study = open_study(study, storage)
-    _fail_stale(ot_study, storage, progress)
-    to_launch = plan_trials(study, ot_study)
+    ot_study = ledger.open_study(study, storage)
+    ledger.recover_stale(ot_study, progress)
+    to_launch = ledger.plan_trials(study, ot_study)
     if to_launch == 0:
-        progress(f"study {study.name!r}: every trial is already done; nothing to train")
+        progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
         return RunSummary(0, 0, 0, 0, time.perf_counter() - started)
     before = _state_counts(ot_study)
     progress(
-        f"study {study.name!r}: launching {to_launch} trial(s), "
+        f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
         f"up to {study.search.max_concurrent_trials} at a time"
     )
     _init_ray(study, address)
     define = DefineByRun(
         study.space,
         sampler=study.search.sampler,
-        seeds=_seeds(study),
+        seeds=ledger.seeds(study),
         base_resolution_px=study.train.base_resolution_px,
         num_classes=data.num_classes,
     )
-    searcher = _StudySearch(
-        space=define,
-        metric=METRIC,
-        mode="max",
-        sampler=_sampler(study),
-        study_name=study.name,
-        storage=storage,
-        budget_epochs=study.train.epochs,
+    with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
+        searcher = _StudySearch(
+            space=define,
+            metric=METRIC,
+            mode="max",
+            sampler=_sampler(study),
+            study_name=study.name,
+            storage=storage,
+            budget_epochs=study.train.epochs,
+            queued_only=study.search.sampler == "grid",
+            heartbeat=heartbeat,
+        )
+        _tuner(study, data, fit_fn, searcher, to_launch, progress).fit()
+        searcher.close()
+    after = _state_counts(ot_study)
+    return RunSummary(
+        launched=to_launch,
+        completed=after[TrialState.COMPLETE] - before[TrialState.COMPLETE],
+        pruned=after[TrialState.PRUNED] - before[TrialState.PRUNED],
+        failed=after[TrialState.FAIL] - before[TrialState.FAIL],
+        wall_seconds=time.perf_counter() - started,
     )
+
+
+def _tuner(
+    study: StudyConfig,
+    data: ImageData,
+    fit_fn: Fit,
+    searcher: _StudySearch,
+    to_launch: int,
+    progress: Progress,
+) -> tune.Tuner:
     trainable = tune.with_resources(
-        tune.with_parameters(_train_trial, study=study, data=data),
-        {"cpu": study.resources.cpus_per_trial, "gpu": study.resources.gpus_per_trial},
+        tune.with_parameters(_train_trial, study=study, data=data, fit_fn=fit_fn),
+        _resources(study),
     )
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
@@ -346,19 +396,12 @@ def run_study(
             reuse_actors=True,  # a worker process (torch imported, data fetched) runs many trials
         ),
         run_config=tune.RunConfig(
+            # A new experiment each run: the Optuna study, not Tune's state, says what is done.
             name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str((study.out_dir / "ray").resolve()),
             verbose=0,
-            callbacks=[_ProgressCallback(to_launch, study.train.epochs, progress)],
+            callbacks=[_ProgressCallback(to_launch, study.train.epochs, progress, searcher)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=study.search.trial_retries),
         ),
-    )
-    tuner.fit()
-    after = _state_counts(ot_study)
-    return RunSummary(
-        launched=to_launch,
-        completed=after[TrialState.COMPLETE] - before[TrialState.COMPLETE],
-        pruned=after[TrialState.PRUNED] - before[TrialState.PRUNED],
-        failed=after[TrialState.FAIL] - before[TrialState.FAIL],
-        wall_seconds=time.perf_counter() - started,
     )

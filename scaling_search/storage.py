@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,8 @@ __all__ = [
 
 ENV_VAR = "SCALING_SEARCH_STORAGE"
 DB_FILENAME = "optuna.db"
+HEARTBEAT_INTERVAL_S = 10  # a driver refreshes each trial it runs this often
+HEARTBEAT_GRACE_S = 60  # six missed beats: a slow database is not a dead driver
 CONNECT_TIMEOUT_S = 5  # an unreachable host fails in seconds, not after the OS's TCP timeout
 _DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
 
@@ -153,12 +156,35 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 pool_recycle=1800,
                 connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
             )
-        return optuna.storages.RDBStorage(
-            parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs
-        )
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                parsed.render_as_string(hide_password=False),
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=HEARTBEAT_GRACE_S,
+            )
     except (SQLAlchemyError, OSError, ImportError) as exc:
         raise StorageError(
             f"cannot open storage {mask_url(url)!r}: {_reason(exc, parsed)}"
         ) from None
     except RuntimeError as exc:  # Optuna's "schema is older/newer than this version" check
-        raise StorageError(f"storage {mask_url(url)!r}: {exc}") from None
+        raise StorageError(_schema_message(str(exc), url)) from None
+
+
+def _schema_message(optuna_message: str, url: str) -> str:
+    """Optuna's schema-version complaint, said with the command to run (password masked)."""
+    found = re.search(r"set up by optuna ([^)\s]+)", optuna_message)
+    made_by = f"Optuna {found.group(1)}" if found else "another Optuna version"
+    import optuna
+
+    if "optuna storage upgrade" in optuna_message:
+        return (
+            f"storage {mask_url(url)!r} was created by {made_by}, older than the installed "
+            f"Optuna {optuna.__version__}; back it up, then run "
+            f"`optuna storage upgrade --storage '{mask_url(url)}'` (with the real password)"
+        )
+    return (
+        f"storage {mask_url(url)!r} was created by {made_by}, newer than the installed Optuna "
+        f"{optuna.__version__}; upgrade Optuna (pip install -U optuna) to use it"
+    )

@@ -21,7 +21,7 @@ from scaling_search.data import ImageData, prepare_batch
 from scaling_search.model import architecture, build_model, count_macs, count_params
 from scaling_search.space import Coefficients
 
-__all__ = ["EpochMetrics", "FitResult", "Report", "fit", "pick_device"]
+__all__ = ["EpochMetrics", "FitResult", "Report", "failure_reason", "fit", "pick_device"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,23 @@ class FitResult:
 
 
 Report = Callable[[EpochMetrics, Mapping[str, Any]], None]
+
+
+def failure_reason(exc: BaseException) -> str | None:
+    """Why a trial failed, when a retry would fail the same way; None for any other error.
+
+    A diverged loss repeats from the same checkpoint, and so does running out of memory for
+    this candidate's size (CUDA, or a host allocation the system refuses).
+    """
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, FloatingPointError):
+        return f"diverged: {first_line}"
+    out_of_memory = isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in first_line
+    )
+    if out_of_memory:
+        return f"out of memory: {first_line[:300]}"
+    return None
 
 
 def pick_device() -> torch.device:

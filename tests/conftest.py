@@ -71,3 +71,27 @@ def tiny_study(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_STUDY.format(name="tiny", out=tmp_path / "runs"), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A local Ray with 2 CPUs for the tests of one module."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[str]:
+    """A short private RAY_TMPDIR (socket paths must stay under 107 bytes); its processes are
+    killed and the folder removed afterwards."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")
+    yield folder
+    subprocess.run(["pkill", "-9", "-f", folder], check=False, capture_output=True)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,110 @@
+"""A real multi-node Ray cluster on this machine (ray.cluster_utils.Cluster: a head and worker
+nodes, each its own raylet): `scaling-search run --address` joins it, trials are placed on every
+node, and a worker node that dies mid-trial costs a retry, not the study.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from scaling_search.config import load_study
+from scaling_search.space import grid_candidates
+from scaling_search.storage import resolve_url, study_exists
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def cluster(ray_tmp: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A head node and one worker node with one CPU each (temp_dir in the node arguments is
+    refused by Ray; RAY_TMPDIR places the session instead)."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    nodes = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    yield nodes
+    nodes.shutdown()
+
+
+def _launch(study_path: Path, address: str, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "scaling_search.cli", "run", str(study_path)]
+    env = {k: v for k, v in os.environ.items() if k != "SCALING_SEARCH_STORAGE"}
+    return subprocess.Popen(
+        [*command, "--address", address],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _trials(study_path: Path) -> list[optuna.trial.FrozenTrial]:
+    study = load_study(study_path)
+    url = resolve_url(study)
+    if not study_exists(url, study.name):
+        return []
+    try:
+        return optuna.load_study(study_name=study.name, storage=url).get_trials()
+    except KeyError:
+        return []  # the driver is creating the study right now
+
+
+def test_trials_run_on_every_node_of_an_existing_cluster(cluster, tiny_study: Path, tmp_path):
+    log = tmp_path / "run.log"
+    proc = _launch(tiny_study, cluster.address, tmp_path, log)
+    assert proc.wait(timeout=420) == 0, log.read_text()[-3000:]
+
+    trials = _trials(tiny_study)
+    study = load_study(tiny_study)
+    assert len(trials) == len(grid_candidates(study.space))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    nodes = {node.node_id for node in cluster.list_all_nodes()}
+    used = {t.user_attrs["node_id"] for t in trials}
+    assert used == nodes, f"trials ran on {used}, the cluster has {nodes}"
+    # It joined the cluster: no local Ray of its own was started.
+    assert "Started a local Ray instance" not in log.read_text()
+
+
+def test_a_worker_node_killed_mid_trial_costs_a_retry_not_the_study(
+    cluster, tiny_study: Path, tmp_path: Path
+):
+    tiny_study.write_text(tiny_study.read_text().replace("epochs: 2", "epochs: 5"))
+    worker = next(node for node in cluster.list_all_nodes() if not node.head)
+    log = tmp_path / "run.log"
+    proc = _launch(tiny_study, cluster.address, tmp_path, log)
+
+    def victim() -> optuna.trial.FrozenTrial | None:
+        for trial in _trials(tiny_study):
+            on_worker = trial.user_attrs.get("node_id") == worker.node_id
+            trained = trial.user_attrs.get("epochs_completed", 0) >= 1
+            if trial.state == TrialState.RUNNING and on_worker and trained:
+                return trial
+        return None
+
+    deadline = time.monotonic() + 300
+    while (killed := victim()) is None:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial reached epoch 1 on the worker node"
+        time.sleep(0.3)
+    cluster.remove_node(worker, allow_graceful=False)  # SIGKILLs the node's raylet and workers
+    assert proc.wait(timeout=420) == 0, log.read_text()[-3000:]
+
+    trials = {t.number: t for t in _trials(tiny_study)}
+    assert all(t.state == TrialState.COMPLETE for t in trials.values()), log.read_text()[-3000:]
+    retried = trials[killed.number]
+    assert retried.user_attrs["node_id"] != worker.node_id  # it finished on the head node
+    assert retried.user_attrs["resumed_from_epoch"] >= 1  # from its checkpoint, not from zero
+    assert "retrying from its last checkpoint" in log.read_text()
