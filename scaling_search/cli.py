@@ -222,6 +222,7 @@ def _load_optuna_study(study: StudyConfig, storage: Any) -> optuna.Study:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from scaling_search.ledger import duplicates
     from scaling_search.results import ResultsError, best_triple, trials_frame
     from scaling_search.storage import mask_url, resolve_url
 
@@ -232,17 +233,24 @@ def _status(args: argparse.Namespace) -> int:
         best: dict[str, Any] | None = best_triple(ot_study).to_dict()
     except ResultsError:
         best = None
+    twice = duplicates(ot_study.get_trials(deepcopy=False))
     data = {
         "study": study.name,
         "storage": mask_url(resolve_url(study)),
         "trials": len(frame),
         "states": counts,
+        "duplicates": twice,
         "best": best,
     }
     table = [
         f"study {study.name}  storage {data['storage']}",
         f"trials {len(frame)}: " + ", ".join(f"{k.lower()} {v}" for k, v in counts.items()),
     ]
+    if twice["skipped_duplicates"] or twice["trained_twice"]:
+        table.append(
+            f"duplicates: {twice['skipped_duplicates']} queued twice by concurrent drivers and "
+            f"skipped (FAIL, duplicate_of), {twice['trained_twice']} point(s) trained twice"
+        )
     if best:
         table.append(
             f"best α={best['alpha']:g} β={best['beta']:g} γ={best['gamma']:g} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import tempfile
 import time
 from collections import Counter
@@ -141,6 +142,18 @@ class _StudySearch(OptunaSearch):
         assert self._ot_study is not None
         ledger.fail_trial(self._ot_study._storage, self._ot_trials[trial_id]._trial_id, reason)
         self._completed_trials.add(trial_id)
+
+    # Tune pickles the searcher into tuner.pkl and its experiment snapshots, for Tuner.restore.
+    # The Optuna study, not Tune, is what this project resumes from; and the storage inside
+    # would write the database password to disk. So both copies hold no storage.
+    _NOT_PICKLED = ("_storage", "_ot_study", "_ot_trials", "_heartbeat", "_sampler")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.__getstate__(), file)
 
     def close(self) -> None:
         """End trials that errored without a reason reaching :meth:`fail`."""
@@ -397,7 +410,7 @@ def _tuner(
         ),
         run_config=tune.RunConfig(
             # A new experiment each run: the Optuna study, not Tune's state, says what is done.
-            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=str((study.out_dir / "ray").resolve()),
             verbose=0,
             callbacks=[_ProgressCallback(to_launch, study.train.epochs, progress, searcher)],
