@@ -408,3 +408,39 @@ def test_alias_bomb_is_refused_before_validation() -> None:
     assert "at most 100000" in message
     shared = [1.05, 1.15]  # an alias used twice, as a real study might
     assert parse_study({"name": "tiny", "space": {"beta": shared, "gamma": shared}})
+
+
+# --- cluster resources and retries --------------------------------------------------------------
+
+
+def test_custom_resources_and_retries_are_read() -> None:
+    study = parse_study(
+        {
+            "name": "tiny",
+            "search": {"trial_retries": 0},
+            "resources": {"gpus_per_trial": 0.25, "custom": {"accelerator_type:A100": 0.001}},
+        }
+    )
+    assert study.search.trial_retries == 0
+    assert study.resources.gpus_per_trial == 0.25
+    assert study.resources.custom == {"accelerator_type:A100": 0.001}
+
+
+@pytest.mark.parametrize(
+    ("custom", "shown"),
+    [
+        ({"GPU": 1}, "'GPU' is not allowed"),
+        ({"": 1}, "'' is not allowed"),
+        ({"trainer": 0}, "'trainer' amount 0.0 must be a positive finite number"),
+        ({"trainer": float("inf")}, "must be a positive finite number"),
+        ({"trainer": "lots"}, "'lots'"),
+    ],
+)
+def test_bad_custom_resource_names_itself(custom: dict, shown: str) -> None:
+    message = _error({"name": "tiny", "resources": {"custom": custom}})
+    assert "resources.custom" in message and shown in message
+
+
+def test_negative_retries_are_refused() -> None:
+    message = _error({"name": "tiny", "search": {"trial_retries": -1}})
+    assert "search.trial_retries" in message and "-1" in message

@@ -151,9 +151,21 @@ def _dashboard_serves_the_trials(study_path: Path, name: str, count: int) -> Non
         assert len(detail["trials"]) == count
         attrs = {a["key"] for a in detail["trials"][0]["user_attrs"]}
         assert {"alpha", "beta", "gamma"} <= attrs
+        _only_on_loopback(port)
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def _only_on_loopback(port: int) -> None:
+    """The dashboard bound 127.0.0.1 by default: this machine's network address is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
+        address = probe.getsockname()[0]
+    if address.startswith("127."):
+        return  # no network interface to try from
+    with pytest.raises(OSError), socket.create_connection((address, port), timeout=5):
+        pass
 
 
 def _get_json(url: str, *, deadline_s: float):
