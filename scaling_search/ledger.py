@@ -33,6 +33,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.config import StudyConfig
@@ -124,12 +125,15 @@ def driver_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
 
 
+def _on_this_host(holder: str) -> bool:
+    return holder.partition(":")[0] == socket.gethostname()
+
+
 def _driver_is_dead(holder: str) -> bool:
-    """Whether ``holder`` (a :func:`driver_id`) names a process on this host that is gone."""
-    host, _, rest = holder.partition(":")
-    pid, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another host: only its heartbeat can tell
+    """Whether ``holder`` (a :func:`driver_id` on this host) names a process that is gone."""
+    pid, _, start = holder.partition(":")[2].partition(":")
+    if not pid.isdigit():
+        return False
     now = _process_start(int(pid))
     return now is None or (now != "?" and start != "?" and now != start)
 
@@ -154,11 +158,11 @@ class Heartbeat:
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles the searcher that holds this (tuner.pkl, experiment snapshots); a copy
-        # is inert: it has no thread and holds nothing.
-        return {"storage": self._storage, "interval": self._interval}
+        # is inert: no thread, nothing held, and no storage (whose URL holds the password).
+        return {"interval": self._interval}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["storage"], state["interval"])  # type: ignore[misc]
+        self.__init__(None, state["interval"])  # type: ignore[misc]
 
     def hold(self, trial_id: int) -> None:
         with self._lock:
@@ -192,7 +196,8 @@ def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str)
 
 
 def _stale_heartbeats(ot_study: optuna.Study) -> set[int]:
-    storage = ot_study._storage
+    # Optuna wraps the RDB storage of a study in a cache; the heartbeat table is the backend's.
+    storage = getattr(ot_study._storage, "_backend", ot_study._storage)
     if not isinstance(storage, optuna.storages.RDBStorage) or storage.heartbeat_interval is None:
         return set()
     # Optuna keeps the heartbeat comparison (database clock) behind this one method; its public
@@ -201,22 +206,28 @@ def _stale_heartbeats(ot_study: optuna.Study) -> set[int]:
 
 
 def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
-    """Fail RUNNING trials whose driver is gone, so that planning queues their points again."""
+    """Fail RUNNING trials whose driver is gone, so that planning queues their points again.
+
+    A holder on this host is judged by its process (gone: fail now; alive: keep, however late
+    its heartbeat); a holder on another host by its heartbeat. A trial that names no holder was
+    left in the moment between being taken and being named: it fails once it is older than the
+    heartbeat grace. (:func:`claim` records the first heartbeat before naming the holder, so a
+    named trial always has a heartbeat.)
+    """
     stale_heartbeat = _stale_heartbeats(ot_study)
     grace = timedelta(seconds=HEARTBEAT_GRACE_S)
     failed = 0
     for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         holder = trial.system_attrs.get(DRIVER_ATTR)
-        if isinstance(holder, str) and _driver_is_dead(holder):
+        started = trial.datetime_start or datetime.now()
+        if isinstance(holder, str) and _on_this_host(holder):
+            if not _driver_is_dead(holder):
+                continue
             reason = f"driver {holder} stopped mid-trial"
         elif trial._trial_id in stale_heartbeat:
             reason = f"driver {holder} sent no heartbeat for {HEARTBEAT_GRACE_S} s"
-        elif (
-            holder is None
-            and trial.datetime_start
-            and datetime.now() - trial.datetime_start > grace
-        ):
-            reason = "left running by a driver that recorded no heartbeat"
+        elif holder is None and datetime.now() - started > grace:
+            reason = "left running by a driver that stopped before it sent a heartbeat"
         else:
             continue
         failed += fail_trial(ot_study._storage, trial._trial_id, reason)
@@ -292,7 +303,7 @@ def claim(ot_study: optuna.Study, *, queued_only: bool, holder: str) -> optuna.T
         warnings.simplefilter("ignore", UserWarning)
         if not queued_only:
             trial = ot_study.ask()
-            storage.set_trial_system_attr(trial._trial_id, DRIVER_ATTR, holder)
+            _take(storage, trial._trial_id, holder)
             return trial
         for queued in ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             try:
@@ -300,7 +311,7 @@ def claim(ot_study: optuna.Study, *, queued_only: bool, holder: str) -> optuna.T
                     continue  # another driver took it first
             except UpdateFinishedTrialError:
                 continue
-            storage.set_trial_system_attr(queued._trial_id, DRIVER_ATTR, holder)
+            _take(storage, queued._trial_id, holder)
             earlier = _earlier_holder(ot_study, queued)
             if earlier is not None:
                 storage.set_trial_user_attr(queued._trial_id, DUPLICATE_ATTR, earlier.number)
@@ -308,6 +319,14 @@ def claim(ot_study: optuna.Study, *, queued_only: bool, holder: str) -> optuna.T
                 continue
             return optuna.Trial(ot_study, queued._trial_id)
     return None
+
+
+def _take(storage: optuna.storages.BaseStorage, trial_id: int, holder: str) -> None:
+    """Name ``holder`` on a trial it has just set RUNNING; the first heartbeat goes first, so a
+    named trial is never without one (see :func:`recover_stale`)."""
+    if isinstance(storage, BaseHeartbeat):
+        storage.record_heartbeat(trial_id)
+    storage.set_trial_system_attr(trial_id, DRIVER_ATTR, holder)
 
 
 def duplicates(trials: Iterable[FrozenTrial]) -> dict[str, int]:

@@ -11,9 +11,9 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 if TYPE_CHECKING:
@@ -61,7 +61,9 @@ def mask_url(url: str) -> str:
     query parameter are hidden too.
     """
     masked, count = re.subn(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:).*@", r"\1***@", url.strip())
-    if not count:  # no scheme://user: prefix: hide whatever sits between a ':' and an '@'
+    if not count and "://" not in masked:
+        # No scheme: hide whatever sits between a ':' and an '@'. (With a scheme and no
+        # "user:" there is no password to hide: postgresql://alice@host/db stays as it is.)
         masked = re.sub(r":[^:@]*@", ":***@", masked)
     return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", masked)
 
@@ -158,18 +160,42 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             )
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            storage = optuna.storages.RDBStorage(
                 parsed.render_as_string(hide_password=False),
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=HEARTBEAT_INTERVAL_S,
                 grace_period=HEARTBEAT_GRACE_S,
             )
+        if parsed.drivername.startswith("sqlite"):
+            _lock_sqlite_transactions(storage.engine)
+        return storage
     except (SQLAlchemyError, OSError, ImportError) as exc:
         raise StorageError(
             f"cannot open storage {mask_url(url)!r}: {_reason(exc, parsed)}"
         ) from None
     except RuntimeError as exc:  # Optuna's "schema is older/newer than this version" check
         raise StorageError(_schema_message(str(exc), url)) from None
+
+
+def _lock_sqlite_transactions(engine: Engine) -> None:
+    """Make each SQLite transaction take the database's write lock as it begins.
+
+    pysqlite begins a transaction only at its first write, so Optuna's read-then-update of a
+    queued trial (WAITING → RUNNING; PostgreSQL locks the row with FOR UPDATE) could run in two
+    drivers at once and hand one trial to both. SQLAlchemy's recipe for pysqlite: switch off the
+    driver's own BEGIN and emit BEGIN IMMEDIATE instead.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners existed are closed
 
 
 def _schema_message(optuna_message: str, url: str) -> str:

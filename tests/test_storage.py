@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
 from scaling_search.config import parse_study
@@ -103,6 +104,19 @@ def test_mask_url_keeps_what_is_not_secret() -> None:
         "postgresql://alice:***@db.example.org:5433/studies"
     )
     assert mask_url("sqlite:///runs/x/optuna.db") == "sqlite:///runs/x/optuna.db"
+
+
+# Regression: with a scheme and a user but no password, the fallback for scheme-less URLs once
+# ate "//user" ("postgresql:***@h/db"), so messages named a URL that was not the user's.
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://alice@db.example.org:5433/studies",
+        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+    ],
+)
+def test_mask_url_leaves_a_url_without_a_password_unchanged(url: str) -> None:
+    assert mask_url(url) == url
 
 
 def test_mask_url_hides_a_password_with_a_raw_at_sign() -> None:
@@ -227,3 +241,69 @@ def test_unreachable_postgresql_is_one_masked_line(url: str) -> None:
 def test_a_driver_that_is_not_shipped_is_a_storage_error(driver: str) -> None:
     with pytest.raises(StorageError):
         open_storage(f"postgresql+{driver}://u:{SECRET}@127.0.0.1:1/db")
+
+
+# --- schema versions -----------------------------------------------------------------------------
+
+
+def _stamp_schema(url: str, revision: str, made_by: str) -> None:
+    """Make the database look created by Optuna ``made_by``, at alembic schema ``revision``."""
+    storage = open_storage(url)
+    with storage.engine.begin() as connection:
+        connection.execute(
+            sqlalchemy.text("UPDATE alembic_version SET version_num = :v"), {"v": revision}
+        )
+        connection.execute(
+            sqlalchemy.text("UPDATE version_info SET library_version = :v"), {"v": made_by}
+        )
+    storage.engine.dispose()
+
+
+def _revision(url: str) -> str:
+    engine = sqlalchemy.create_engine(check_url(url))
+    with engine.connect() as connection:
+        revision = connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version"))
+        found = revision.scalar_one()
+    engine.dispose()
+    return found
+
+
+def _with_password(url: str) -> str:
+    """``url`` with a password on PostgreSQL (the test server trusts local connections anyway)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        return url
+    return parsed.set(password=SECRET).render_as_string(hide_password=False)
+
+
+def _schema_error(url: str) -> str:
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    message = str(info.value)
+    assert "\n" not in message
+    assert SECRET not in message
+    assert mask_url(url) in message
+    return message
+
+
+def test_a_schema_older_than_optuna_asks_for_a_storage_upgrade(storage_url: str) -> None:
+    storage = open_storage(storage_url)
+    head, older = storage.get_all_versions()[:2]  # newest first
+    assert storage.get_current_version() == head
+    storage.engine.dispose()
+    _stamp_schema(storage_url, older, made_by="3.0.0")
+
+    url = _with_password(storage_url)
+    message = _schema_error(url)
+    assert "Optuna 3.0.0" in message and f"Optuna {optuna.__version__}" in message
+    assert f"`optuna storage upgrade --storage '{mask_url(url)}'`" in message
+    assert _revision(storage_url) == older  # nothing was upgraded behind the user's back
+
+
+def test_a_schema_newer_than_optuna_asks_to_upgrade_optuna(storage_url: str) -> None:
+    _stamp_schema(storage_url, "v99.0.0", made_by="99.0.0")
+    message = _schema_error(_with_password(storage_url))
+    assert "Optuna 99.0.0" in message and "newer than the installed" in message
+    assert "pip install -U optuna" in message
+    assert "optuna storage upgrade" not in message
+    assert _revision(storage_url) == "v99.0.0"

@@ -1,0 +1,457 @@
+"""Does a study survive its driver being SIGKILLed? Kill the real CLI mid-study and count.
+
+Runs a small grid study (synthetic data, 10 candidates, 2 trials at a time on CPU) with the real
+command ``python -m scaling_search.cli run STUDY``, SIGKILLs the driver's whole process group
+``--kills`` times at random moments (seeded; some kills during start-up, some while trials are
+mid-training), removes the Ray processes it left (they all name a private RAY_TMPDIR), starts it
+again each time, and lets the last run finish. Before and after each kill it snapshots the
+COMPLETE trials. At the end it counts
+
+- completed: grid points (candidate, seed) with a COMPLETE trial; should be the grid size;
+- lost: trials COMPLETE in a snapshot that are not COMPLETE with the same number and value at
+  the end;
+- rerun: trials (other than queue duplicates, which the ledger skips untrained) started after
+  another trial of the same point had completed, i.e. a finished candidate trained again.
+
+The last line is ``completed: N lost: L rerun: R``; the exit code is 0 when nothing was lost or
+rerun and every grid point completed, else 1. The storage is a fresh PostgreSQL database
+(``crash_resume_<random>``, dropped at the end unless ``--keep``) or, with ``--sqlite``, a
+SQLite file. About 1.5 minutes on 2 CPU cores:
+
+    .venv/bin/python bench/crash_resume.py [--sqlite]
+    .venv/bin/python bench/crash_resume.py --kills 5 --seed 3 --keep
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
+
+from scaling_search.config import StudyConfig, load_study
+from scaling_search.ledger import seeds
+from scaling_search.space import grid_candidates
+from scaling_search.storage import StorageError, mask_url, study_exists
+
+PG_ADMIN_URL = os.environ.get(
+    "SCALING_SEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+POLL_S = 1.0  # how often the study is read while a driver runs
+STUDY = """\
+name: crash_resume
+output_dir: {out}
+storage: {storage}
+data: {{kind: synthetic, num_classes: 4, train_size: 96, test_size: 48, image_px: 24}}
+space: {{alpha: [1.1, 1.3], beta: [1.05, 1.15], gamma: [1.1, 1.15], tolerance: 0.1}}
+search: {{sampler: grid, max_concurrent_trials: 2}}
+train: {{base_resolution_px: 16, epochs: {epochs}, batch_size: 32}}
+resources: {{cpus_per_trial: 1, num_cpus: 2}}
+"""
+_STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+Point = tuple[float, float, float, int]
+Snapshot = dict[int, tuple[Point | None, float | None]]  # trial number -> (point, value)
+
+
+@dataclass(frozen=True)
+class KillPlan:
+    """When to kill one run: ``delay_s`` after its start, or after it is well into training."""
+
+    kind: str  # "early", "mid-trial" or "anywhere"
+    delay_s: float
+
+    @property
+    def after_training(self) -> bool:
+        return self.kind == "mid-trial"
+
+    def __str__(self) -> str:
+        since = "a trial completed and another trained an epoch" if self.after_training else "start"
+        return f"{self.kind}: {self.delay_s:.1f} s after {since}"
+
+
+@dataclass
+class RunRecord:
+    """What one start of the driver did."""
+
+    number: int
+    seconds: float = 0.0
+    killed_at_s: float | None = None
+    phase: str = ""  # what the study looked like when the kill came
+    returncode: int | None = None
+    timed_out: bool = False
+    after: Counter[TrialState] = field(default_factory=Counter)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sqlite", action="store_true", help="a SQLite file, not PostgreSQL")
+    parser.add_argument(
+        "--pg-admin-url",
+        default=PG_ADMIN_URL,
+        help="PostgreSQL URL allowed to CREATE/DROP DATABASE (default $SCALING_SEARCH_TEST_PG "
+        f"or {mask_url(PG_ADMIN_URL).replace('%', '%%')})",
+    )
+    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs before the last run")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
+    parser.add_argument("--epochs", type=int, default=4, help="training budget of a trial")
+    parser.add_argument(
+        "--min-delay", type=float, default=2.0, help="earliest kill, seconds after a start"
+    )
+    parser.add_argument(
+        "--max-delay",
+        type=float,
+        default=20.0,
+        help="latest kill, seconds after a start (mid-trial kills: a quarter of it)",
+    )
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds one run may take")
+    parser.add_argument("--keep", action="store_true", help="keep the database and work folder")
+    args = parser.parse_args(argv)
+    if args.kills < 0 or args.epochs < 1 or not 0 <= args.min_delay <= args.max_delay:
+        parser.error("need --kills >= 0, --epochs >= 1 and 0 <= --min-delay <= --max-delay")
+    return args
+
+
+def plan_kills(
+    rng: random.Random, kills: int, min_delay: float, max_delay: float
+) -> list[KillPlan]:
+    """Kill moments, cycling through three kinds so that both set-up and training are hit.
+
+    early: in the first quarter of [min_delay, max_delay] after the start (imports, storage,
+    Ray starting, trials being claimed); mid-trial: up to max_delay / 4 after the run has
+    completed a trial and another of its trials has trained an epoch (so there is finished work
+    to lose and a trial part-trained); anywhere: in [min_delay, max_delay] after the start.
+    """
+    early = min_delay + (max_delay - min_delay) / 4
+    kinds = [
+        ("early", min_delay, early),
+        ("mid-trial", 0.0, max_delay / 4),
+        ("anywhere", min_delay, max_delay),
+    ]
+    plans = []
+    for k in range(kills):
+        kind, low, high = kinds[k % len(kinds)]
+        plans.append(KillPlan(kind, rng.uniform(low, high)))
+    return plans
+
+
+# --- storage -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fresh_storage(args: argparse.Namespace, work: Path) -> Iterator[str]:
+    """The study's storage URL on an empty database; a PostgreSQL one is dropped afterwards."""
+    if args.sqlite:
+        yield f"sqlite:///{work / 'optuna.db'}"
+        return
+    import sqlalchemy
+
+    admin = sqlalchemy.engine.make_url(args.pg_admin_url)
+    name = f"crash_resume_{secrets.token_hex(4)}"
+    engine = sqlalchemy.create_engine(
+        admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+    )
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        if args.keep:
+            print(f"kept database {name!r}")
+        else:
+            with engine.connect() as connection:
+                drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+                connection.execute(sqlalchemy.text(drop))
+        engine.dispose()
+
+
+class StudyReader:
+    """Reads the study's trials without creating anything while the driver sets storage up."""
+
+    def __init__(self, url: str, study_name: str) -> None:
+        self._url, self._name = url, study_name
+        self._storage: optuna.storages.RDBStorage | None = None
+
+    def trials(self, retries: int = 0) -> list[FrozenTrial] | None:
+        """Every trial, or None while the study does not exist yet (or cannot be read now);
+        a study that exists but cannot be read is tried ``retries`` more times, a second apart."""
+        for attempt in range(retries + 1):
+            try:
+                if self._storage is None:
+                    if not study_exists(self._url, self._name):
+                        return None
+                    sqlite = self._url.startswith("sqlite")
+                    args = {"connect_args": {"timeout": 5}} if sqlite else {}
+                    self._storage = optuna.storages.RDBStorage(self._url, engine_kwargs=args)
+                study = optuna.load_study(study_name=self._name, storage=self._storage)
+                return study.get_trials(deepcopy=False)
+            except (KeyError, StorageError, SQLAlchemyError, RuntimeError):
+                pass  # the driver is creating the schema or holds a write lock
+            if self._storage is None or attempt == retries:
+                return None
+            time.sleep(1.0)
+        return None
+
+    def close(self) -> None:
+        if self._storage is not None:
+            self._storage.engine.dispose()
+
+
+def _point(trial: FrozenTrial) -> Point | None:
+    """The trial's (α, β, γ, seed): its params, or while queued its fixed params."""
+    params = trial.params if "seed" in trial.params else trial.system_attrs.get("fixed_params", {})
+    if not {"alpha", "beta", "gamma", "seed"} <= params.keys():
+        return None
+    return (
+        round(params["alpha"], 6),
+        round(params["beta"], 6),
+        round(params["gamma"], 6),
+        int(params["seed"]),
+    )
+
+
+def snapshot(trials: list[FrozenTrial] | None) -> Snapshot:
+    complete = [t for t in trials or [] if t.state == TrialState.COMPLETE]
+    return {t.number: (_point(t), t.value) for t in complete}
+
+
+def counts(trials: list[FrozenTrial] | None) -> Counter[TrialState]:
+    return Counter(t.state for t in trials or [])
+
+
+def well_into_training(trials: list[FrozenTrial] | None, since: datetime) -> bool:
+    """Whether the trials started at or after ``since`` (this run's) include a COMPLETE one and
+    a RUNNING one that has trained an epoch."""
+    mine = [t for t in trials or [] if t.datetime_start and t.datetime_start >= since]
+    return any(t.state == TrialState.COMPLETE for t in mine) and any(
+        t.state == TrialState.RUNNING and t.user_attrs.get("epochs_completed", 0) >= 1 for t in mine
+    )
+
+
+def describe(states: Counter[TrialState]) -> str:
+    if not states:
+        return "no study yet"
+    order = [*_STATES, TrialState.FAIL]
+    return ", ".join(f"{s.name.lower()} {states[s]}" for s in order if states[s])
+
+
+def phase(trials: list[FrozenTrial] | None) -> str:
+    """Where the study stood: not created, nothing running, trials starting or training."""
+    if trials is None:
+        return "before the study existed"
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if not running:
+        return "set-up, no trial running"
+    epochs = [int(t.user_attrs.get("epochs_completed", 0)) for t in running]
+    where = "mid-training" if any(epochs) else "trials claimed, no epoch done yet"
+    return f"{where}, epochs done by the {len(running)} running: {epochs}"
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def start_driver(study_file: Path, work: Path, ray_tmp: str, run: int) -> subprocess.Popen[bytes]:
+    """The real CLI in its own process group, with Ray's files under ``ray_tmp``."""
+    env = {k: v for k, v in os.environ.items() if k != "SCALING_SEARCH_STORAGE"}
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "scaling_search.cli", "run", str(study_file)]
+    with (work / f"run-{run}.log").open("wb") as log:
+        return subprocess.Popen(
+            command,
+            cwd=work,
+            env=env,
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def kill_driver(proc: subprocess.Popen[bytes], ray_tmp: str) -> None:
+    """SIGKILL the driver's process group, then every Ray process of its session."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for _ in range(20):
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False, capture_output=True)
+        left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True)
+        if not left.stdout.strip():
+            return
+        time.sleep(0.5)
+    print(f"  warning: processes naming {ray_tmp} survived: {left.stdout.split()}", flush=True)
+
+
+def run_once(
+    number: int,
+    plan: KillPlan | None,
+    ctx: Context,
+    snapshots: list[Snapshot],
+) -> RunRecord:
+    """Start the driver, kill it as ``plan`` says (None: let it finish), record what happened."""
+    record = RunRecord(number)
+    started = time.monotonic()
+    since = datetime.now()  # Optuna's trial times are naive local times of the driver (this host)
+    kill_at = started + plan.delay_s if plan and not plan.after_training else None
+    proc = start_driver(ctx.study_file, ctx.work, ctx.ray_tmp, number)
+    try:
+        while proc.poll() is None and time.monotonic() - started < ctx.timeout_s:
+            time.sleep(POLL_S)
+            if plan and kill_at is None and well_into_training(ctx.reader.trials(), since):
+                kill_at = time.monotonic() + plan.delay_s
+            if kill_at is not None and time.monotonic() >= kill_at and proc.poll() is None:
+                trials = ctx.reader.trials()
+                snapshots.append(snapshot(trials))
+                record.killed_at_s = time.monotonic() - started
+                record.phase = f"{phase(trials)}; study: {describe(counts(trials))}"
+                break
+    finally:
+        if proc.poll() is None:
+            record.timed_out = record.killed_at_s is None
+            kill_driver(proc, ctx.ray_tmp)
+    record.seconds = time.monotonic() - started
+    record.returncode = proc.returncode
+    trials = ctx.reader.trials(retries=10)
+    snapshots.append(snapshot(trials))
+    record.after = counts(trials)
+    return record
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every run shares."""
+
+    study_file: Path
+    work: Path
+    ray_tmp: str
+    reader: StudyReader
+    timeout_s: float
+
+
+# --- the verdict ---------------------------------------------------------------------------------
+
+
+def lost_trials(snapshots: list[Snapshot], final: Snapshot) -> set[int]:
+    """Numbers of trials once COMPLETE that are not COMPLETE with the same point and value now."""
+    return {n for snap in snapshots for n, seen in snap.items() if final.get(n) != seen}
+
+
+def rerun_trials(trials: list[FrozenTrial]) -> set[int]:
+    """Trials started after another trial of their point had completed (queue duplicates,
+    which the ledger fails without training, excepted)."""
+    completed_at: dict[Point, list[datetime]] = {}
+    for trial in trials:
+        point = _point(trial)
+        if trial.state == TrialState.COMPLETE and point and trial.datetime_complete:
+            completed_at.setdefault(point, []).append(trial.datetime_complete)
+    rerun = set()
+    for trial in trials:
+        point = _point(trial)
+        if "duplicate_of" in trial.user_attrs or point is None or trial.datetime_start is None:
+            continue
+        if any(done < trial.datetime_start for done in completed_at.get(point, [])):
+            rerun.add(trial.number)
+    return rerun
+
+
+def grid_size(study: StudyConfig) -> int:
+    return len(grid_candidates(study.space)) * len(seeds(study))
+
+
+def print_runs(records: list[RunRecord]) -> None:
+    print(f"\n{'run':>3}  {'seconds':>7}  {'ended':<22}  states after")
+    for r in records:
+        if r.killed_at_s is not None:
+            ended = f"SIGKILL at {r.killed_at_s:5.1f} s"
+        elif r.timed_out:
+            ended = "timed out, killed"
+        else:
+            ended = f"exited, code {r.returncode}"
+        print(f"{r.number:>3}  {r.seconds:7.1f}  {ended:<22}  {describe(r.after)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plans = plan_kills(random.Random(args.seed), args.kills, args.min_delay, args.max_delay)
+    work = Path(tempfile.mkdtemp(prefix="crash-resume-"))
+    ray_tmp = tempfile.mkdtemp(prefix="cr-", dir="/tmp")  # Ray's socket paths must stay short
+    started = time.monotonic()
+    try:
+        with fresh_storage(args, work) as url:
+            return _bench(args, plans, work, ray_tmp, url, started)
+    except SQLAlchemyError as exc:  # only creating or dropping the database gets here
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        where = mask_url(args.pg_admin_url)
+        print(f"crash_resume: PostgreSQL at {where}: {reason}; try --sqlite", file=sys.stderr)
+        return 2
+    finally:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False, capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        if args.keep:
+            print(f"kept work folder {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench(
+    args: argparse.Namespace,
+    plans: list[KillPlan],
+    work: Path,
+    ray_tmp: str,
+    url: str,
+    started: float,
+) -> int:
+    study_file = work / "study.yaml"
+    study_file.write_text(
+        STUDY.format(out=work / "runs", storage=url, epochs=args.epochs), encoding="utf-8"
+    )
+    study = load_study(study_file)
+    expected = grid_size(study)
+    print(f"storage {mask_url(url)}; grid of {expected} points; RAY_TMPDIR {ray_tmp}", flush=True)
+    reader = StudyReader(url, study.name)
+    ctx = Context(study_file, work, ray_tmp, reader, args.timeout)
+    snapshots: list[Snapshot] = []
+    records: list[RunRecord] = []
+    try:
+        for number, plan in enumerate([*plans, None], start=1):
+            record = run_once(number, plan, ctx, snapshots)
+            records.append(record)
+            if record.killed_at_s is not None:
+                at = f"SIGKILL at {record.killed_at_s:.1f} s (planned {plan})"
+                print(f"run {number}: {at}, {record.phase}", flush=True)
+                continue
+            end = "timed out" if record.timed_out else f"exited with code {record.returncode}"
+            print(f"run {number}: {end} after {record.seconds:.0f} s", flush=True)
+            if record.returncode != 0:
+                log = (work / f"run-{number}.log").read_text(errors="replace")
+                print(f"--- run {number} log (tail) ---\n{log[-3000:]}")
+            break  # the driver finished on its own: the study is done
+        trials = reader.trials(retries=10) or []
+    finally:
+        reader.close()
+    print_runs(records)
+    points = {_point(t) for t in trials if t.state == TrialState.COMPLETE} - {None}
+    lost = lost_trials(snapshots, snapshot(trials))
+    rerun = rerun_trials(trials)
+    print(f"\nlost trials: {sorted(lost)}; rerun trials: {sorted(rerun)}")
+    print(f"expected: {expected} grid points; total {time.monotonic() - started:.0f} s")
+    print(f"completed: {len(points)} lost: {len(lost)} rerun: {len(rerun)}")
+    ok = records[-1].returncode == 0 and len(points) == expected
+    return 0 if ok and not lost and not rerun else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
