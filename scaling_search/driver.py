@@ -234,10 +234,8 @@ class _ProgressCallback(tune.Callback):
     """One line per finished trial (counts, the best full-budget result so far); hands the
     reason of each errored trial to the searcher."""
 
-    def __init__(
-        self, total: int, budget_epochs: int, progress: Progress, searcher: _StudySearch
-    ) -> None:
-        self._total, self._budget, self._say = total, budget_epochs, progress
+    def __init__(self, budget_epochs: int, progress: Progress, searcher: _StudySearch) -> None:
+        self._budget, self._say = budget_epochs, progress
         self._searcher = searcher
         self._done = self._failed = 0
         self._best: tuple[float, str] | None = None
@@ -253,7 +251,7 @@ class _ProgressCallback(tune.Callback):
         point = _label(trial.config)
         if FAIL_KEY in result:
             self._failed += 1
-            self._line(trials, f"{point} FAILED: {result[FAIL_KEY]}")
+            self._line(trials, trial, f"{point} FAILED: {result[FAIL_KEY]}")
             return
         self._done += 1
         if result.get("epoch") == self._budget and (
@@ -262,6 +260,7 @@ class _ProgressCallback(tune.Callback):
             self._best = (result[METRIC], point)
         self._line(
             trials,
+            trial,
             f"{point} accuracy {result.get(METRIC, float('nan')):.4f} "
             f"after {result.get('epoch', 0)} epoch(s)",
         )
@@ -273,11 +272,12 @@ class _ProgressCallback(tune.Callback):
         self._failed += 1
         reason = _reason(trial)
         self._searcher.fail(trial.trial_id, reason)
-        self._line(trials, f"{_label(trial.config)} FAILED: {reason}")
+        self._line(trials, trial, f"{_label(trial.config)} FAILED: {reason}")
 
-    def _line(self, trials: list, event: str) -> None:
+    def _line(self, trials: list, finished_trial: Any, event: str) -> None:
         finished = self._done + self._failed
-        running = min(sum(1 for t in trials if t.status == "RUNNING"), self._total - finished)
+        # Tune still lists the trial that just ended as RUNNING when it calls back.
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not finished_trial)
         best = f"best so far {self._best[1]} accuracy {self._best[0]:.4f}" if self._best else ""
         self._say(
             f"[{finished} done, {running} running, {self._failed} failed] {event}"
@@ -413,7 +413,7 @@ def _tuner(
             name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=str((study.out_dir / "ray").resolve()),
             verbose=0,
-            callbacks=[_ProgressCallback(to_launch, study.train.epochs, progress, searcher)],
+            callbacks=[_ProgressCallback(study.train.epochs, progress, searcher)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=study.search.trial_retries),
         ),
