@@ -39,9 +39,11 @@ def cluster(ray_tmp: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     nodes.shutdown()
 
 
-def _launch(study_path: Path, address: str, cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+def _launch(
+    study_path: Path, address: str, cwd: Path, log: Path, *, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "scaling_search.cli", "run", str(study_path)]
-    env = {k: v for k, v in os.environ.items() if k != "SCALING_SEARCH_STORAGE"}
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "SCALING_SEARCH_STORAGE"}
     return subprocess.Popen(
         [*command, "--address", address],
         cwd=cwd,
@@ -64,7 +66,8 @@ def _trials(study_path: Path) -> list[optuna.trial.FrozenTrial]:
 
 def test_trials_run_on_every_node_of_an_existing_cluster(cluster, tiny_study: Path, tmp_path):
     log = tmp_path / "run.log"
-    proc = _launch(tiny_study, cluster.address, tmp_path, log)
+    # `--address auto` finds the cluster the way Ray documents: through RAY_ADDRESS.
+    proc = _launch(tiny_study, "auto", tmp_path, log, env={"RAY_ADDRESS": cluster.address})
     assert proc.wait(timeout=420) == 0, log.read_text()[-3000:]
 
     trials = _trials(tiny_study)
