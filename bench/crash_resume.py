@@ -46,7 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from scaling_search.config import StudyConfig, load_study
-from scaling_search.ledger import seeds
+from scaling_search.ledger import Point, point_of, seeds
 from scaling_search.space import grid_candidates
 from scaling_search.storage import StorageError, mask_url, study_exists
 
@@ -65,7 +65,6 @@ train: {{base_resolution_px: 16, epochs: {epochs}, batch_size: 32}}
 resources: {{cpus_per_trial: 1, num_cpus: 2}}
 """
 _STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
-Point = tuple[float, float, float, int]
 Snapshot = dict[int, tuple[Point | None, float | None]]  # trial number -> (point, value)
 
 
@@ -212,22 +211,9 @@ class StudyReader:
             self._storage.engine.dispose()
 
 
-def _point(trial: FrozenTrial) -> Point | None:
-    """The trial's (α, β, γ, seed): its params, or while queued its fixed params."""
-    params = trial.params if "seed" in trial.params else trial.system_attrs.get("fixed_params", {})
-    if not {"alpha", "beta", "gamma", "seed"} <= params.keys():
-        return None
-    return (
-        round(params["alpha"], 6),
-        round(params["beta"], 6),
-        round(params["gamma"], 6),
-        int(params["seed"]),
-    )
-
-
 def snapshot(trials: list[FrozenTrial] | None) -> Snapshot:
     complete = [t for t in trials or [] if t.state == TrialState.COMPLETE]
-    return {t.number: (_point(t), t.value) for t in complete}
+    return {t.number: (point_of(t), t.value) for t in complete}
 
 
 def counts(trials: list[FrozenTrial] | None) -> Counter[TrialState]:
@@ -354,12 +340,12 @@ def rerun_trials(trials: list[FrozenTrial]) -> set[int]:
     which the ledger fails without training, excepted)."""
     completed_at: dict[Point, list[datetime]] = {}
     for trial in trials:
-        point = _point(trial)
+        point = point_of(trial)
         if trial.state == TrialState.COMPLETE and point and trial.datetime_complete:
             completed_at.setdefault(point, []).append(trial.datetime_complete)
     rerun = set()
     for trial in trials:
-        point = _point(trial)
+        point = point_of(trial)
         if "duplicate_of" in trial.user_attrs or point is None or trial.datetime_start is None:
             continue
         if any(done < trial.datetime_start for done in completed_at.get(point, [])):
@@ -443,7 +429,7 @@ def _bench(
     finally:
         reader.close()
     print_runs(records)
-    points = {_point(t) for t in trials if t.state == TrialState.COMPLETE} - {None}
+    points = {point_of(t) for t in trials if t.state == TrialState.COMPLETE} - {None}
     lost = lost_trials(snapshots, snapshot(trials))
     rerun = rerun_trials(trials)
     print(f"\nlost trials: {sorted(lost)}; rerun trials: {sorted(rerun)}")

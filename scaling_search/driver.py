@@ -8,6 +8,7 @@ already trained are never trained again, and several drivers can share one study
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -22,6 +23,7 @@ from typing import Any
 import optuna
 import ray
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
@@ -88,12 +90,18 @@ class _StudySearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if FAIL_KEY in result:
             return  # handled when the trial completes, right after
-        super().on_trial_result(trial_id, result)
+        with contextlib.suppress(UpdateFinishedTrialError):  # see _record
+            super().on_trial_result(trial_id, result)
         self._record(trial_id, result)
 
     def _record(self, trial_id: str, result: dict[str, Any]) -> None:
-        ot_trial = self._ot_trials[trial_id]
         self._epochs[trial_id] = int(result["epoch"])
+        # Another driver may have ended the trial (it judged this one dead): keep going.
+        with contextlib.suppress(UpdateFinishedTrialError):
+            self._record_attrs(self._ot_trials[trial_id], result)
+
+    @staticmethod
+    def _record_attrs(ot_trial: optuna.Trial, result: dict[str, Any]) -> None:
         ot_trial.set_user_attr("epochs_completed", int(result["epoch"]))
         ot_trial.set_user_attr("train_started_at", float(result["started_at"]))
         ot_trial.set_user_attr("train_reported_at", float(result["reported_at"]))
@@ -121,12 +129,13 @@ class _StudySearch(OptunaSearch):
             # When a scheduler stops a trial, its last result arrives here only (Tune does not
             # pass it to on_trial_result), so record it now.
             if int(result["epoch"]) > self._epochs.get(trial_id, 0):
-                self._ot_trials[trial_id].report(float(result[METRIC]), int(result["epoch"]))
+                with contextlib.suppress(UpdateFinishedTrialError):  # see _record
+                    self._ot_trials[trial_id].report(float(result[METRIC]), int(result["epoch"]))
             self._record(trial_id, result)
         ot_study = self._ot_study
         if result and self._epochs.get(trial_id, 0) < self._budget_epochs and ot_study is not None:
             # Stopped early by the scheduler: a lower-fidelity score that must never win.
-            ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED, skip_if_finished=True)
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
@@ -159,16 +168,6 @@ class _StudySearch(OptunaSearch):
         """End trials that errored without a reason reaching :meth:`fail`."""
         for trial_id in list(self._errored):
             self.fail(trial_id, "the trial raised an error (no message reached the driver)")
-
-
-def _sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
-    seed = study.search.seed
-    if study.search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if study.search.sampler == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
-    # random; and grid, whose points all come from the queue.
-    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def _scheduler(study: StudyConfig) -> TrialScheduler:
@@ -368,7 +367,7 @@ def run_study(
             space=define,
             metric=METRIC,
             mode="max",
-            sampler=_sampler(study),
+            sampler=ledger.sampler(study),
             study_name=study.name,
             storage=storage,
             budget_epochs=study.train.epochs,

@@ -51,7 +51,9 @@ __all__ = [
     "fail_trial",
     "open_study",
     "plan_trials",
+    "point_of",
     "recover_stale",
+    "sampler",
     "seeds",
 ]
 
@@ -62,6 +64,7 @@ _CONFIG_ATTR = "study_config"
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 _HELD = (TrialState.WAITING, TrialState.RUNNING, *_DONE)
 Progress = Callable[[str], None]
+Point = tuple[float, float, float, int]  # (α, β, γ, seed), rounded to 6 decimals
 
 
 class LedgerError(ValueError):
@@ -244,13 +247,13 @@ def seeds(study: StudyConfig) -> list[int]:
     return [study.search.seed + k for k in range(study.search.repeats)]
 
 
-def _point(trial: FrozenTrial) -> tuple[float, float, float, int] | None:
+def point_of(trial: FrozenTrial) -> Point | None:
     """The (α, β, γ, seed) a trial trains: its params, or while queued its fixed params."""
     params = trial.params if "seed" in trial.params else trial.system_attrs.get("fixed_params", {})
     return _key(params)
 
 
-def _key(params: dict[str, Any]) -> tuple[float, float, float, int] | None:
+def _key(params: dict[str, Any]) -> Point | None:
     if not {"alpha", "beta", "gamma", "seed"} <= params.keys():
         return None
     return (
@@ -259,6 +262,16 @@ def _key(params: dict[str, Any]) -> tuple[float, float, float, int] | None:
         round(params["gamma"], 6),
         int(params["seed"]),
     )
+
+
+def sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
+    """The study's Optuna sampler. The grid's points all come from the queue (never sampled)."""
+    seed = study.search.seed
+    if study.search.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if study.search.sampler == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
@@ -270,7 +283,7 @@ def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
     if study.search.sampler != "grid":
         done = ot_study.get_trials(deepcopy=False, states=_DONE)
         return max(0, (study.search.n_trials or 0) - len(done))
-    taken = {_point(t) for t in ot_study.get_trials(deepcopy=False, states=_HELD)}
+    taken = {point_of(t) for t in ot_study.get_trials(deepcopy=False, states=_HELD)}
     for coefficients in grid_candidates(study.space):
         for seed in seeds(study):
             params = {
@@ -285,9 +298,9 @@ def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
 
 
 def _earlier_holder(ot_study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
-    point = _point(trial)
+    point = point_of(trial)
     for other in ot_study.get_trials(deepcopy=False, states=_HELD):
-        if other.number < trial.number and _point(other) == point:
+        if other.number < trial.number and point_of(other) == point:
             return other
     return None
 
@@ -332,12 +345,12 @@ def _take(storage: optuna.storages.BaseStorage, trial_id: int, holder: str) -> N
 def duplicates(trials: Iterable[FrozenTrial]) -> dict[str, int]:
     """Skipped queue duplicates, and points trained to completion more than once."""
     skipped = 0
-    finished: dict[tuple[float, float, float, int] | None, int] = {}
+    finished: dict[Point | None, int] = {}
     for trial in trials:
         if DUPLICATE_ATTR in trial.user_attrs:
             skipped += 1
-        elif trial.state in _DONE and _point(trial) is not None:
-            finished[_point(trial)] = finished.get(_point(trial), 0) + 1
+        elif trial.state in _DONE and point_of(trial) is not None:
+            finished[point_of(trial)] = finished.get(point_of(trial), 0) + 1
     return {
         "skipped_duplicates": skipped,
         "trained_twice": sum(count - 1 for count in finished.values() if count > 1),

@@ -101,3 +101,12 @@ def ray_tmp() -> Iterator[str]:
     yield folder
     subprocess.run(["pkill", "-9", "-f", folder], check=False, capture_output=True)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for running the CLI in a subprocess: no storage from the environment, no
+    Python warnings in its output. (A function, for tests that run the CLI from threads.)"""
+    env = dict(os.environ)
+    env.pop("SCALING_SEARCH_STORAGE", None)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env

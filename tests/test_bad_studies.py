@@ -13,7 +13,6 @@ no traceback, no password, and nothing written to the folder (no ``runs/``, no S
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import cli_env
 
 BAD_STUDIES = Path(__file__).resolve().parent / "bad_studies"
 CASES = sorted(BAD_STUDIES.glob("*.yaml"))
@@ -52,20 +52,13 @@ def _fragments(path: Path) -> tuple[str, ...]:
     return fragments
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("SCALING_SEARCH_STORAGE", None)
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
 def _scaling_search(args: list[str], cwd: Path) -> Failure:
     start = time.perf_counter()
     try:
         done = subprocess.run(
             [sys.executable, "-m", "scaling_search.cli", *args],
             cwd=cwd,
-            env=_env(),
+            env=cli_env(),
             capture_output=True,
             text=True,
             timeout=LIMIT_S,

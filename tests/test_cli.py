@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy
 import torch
 import yaml
+from conftest import cli_env
 from optuna.trial import TrialState, create_trial
 from torch import nn
 
@@ -64,18 +65,11 @@ class Result:
     cwd: Path
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("SCALING_SEARCH_STORAGE", None)
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
 def _cli(args: list[str], cwd: Path) -> Result:
     done = subprocess.run(
         [sys.executable, "-m", "scaling_search.cli", *args],
         cwd=cwd,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=_TIMEOUT_S,
