@@ -7,9 +7,12 @@ output folder. Passwords are never printed: every message shows :func:`mask_url`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +39,7 @@ ENV_VAR = "SCALING_SEARCH_STORAGE"
 DB_FILENAME = "optuna.db"
 HEARTBEAT_INTERVAL_S = 10  # a driver refreshes each trial it runs this often
 HEARTBEAT_GRACE_S = 60  # six missed beats: a slow database is not a dead driver
+_LOCK_KEY = 0x5CA11E5  # the advisory lock under which a process creates Optuna's tables
 CONNECT_TIMEOUT_S = 5  # an unreachable host fails in seconds, not after the OS's TCP timeout
 _DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
 
@@ -139,7 +143,6 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     Creates the SQLite file's folder. Raises StorageError for a bad URL or a database that cannot
     be reached, with the password masked.
     """
-    import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
     parsed = check_url(url)
@@ -158,14 +161,8 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 pool_recycle=1800,
                 connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
             )
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = optuna.storages.RDBStorage(
-                parsed.render_as_string(hide_password=False),
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=HEARTBEAT_GRACE_S,
-            )
+        with _schema_lock(parsed):
+            storage = _create(parsed, engine_kwargs)
         if parsed.drivername.startswith("sqlite"):
             _lock_sqlite_transactions(storage.engine)
         return storage
@@ -175,6 +172,62 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         ) from None
     except RuntimeError as exc:  # Optuna's "schema is older/newer than this version" check
         raise StorageError(_schema_message(str(exc), url)) from None
+
+
+@contextlib.contextmanager
+def _schema_lock(parsed: URL) -> Iterator[None]:
+    """Let one process at a time create or check Optuna's tables.
+
+    Drivers started together on an empty database both create the tables; PostgreSQL then fails
+    the later one ('duplicate key value violates unique constraint "pg_type_typname_nsp_index"').
+    PostgreSQL: a session advisory lock. SQLite: nothing here; see :func:`_create`.
+    """
+    if parsed.drivername != "postgresql+psycopg":
+        yield
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(
+        parsed,
+        poolclass=sqlalchemy.pool.NullPool,
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+    )
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
+            connection.commit()
+            try:
+                yield
+            finally:
+                query = sqlalchemy.text("SELECT pg_advisory_unlock(:key)")
+                connection.execute(query, {"key": _LOCK_KEY})
+                connection.commit()
+    finally:
+        engine.dispose()
+
+
+def _create(parsed: URL, engine_kwargs: dict[str, object]) -> optuna.storages.RDBStorage:
+    """Optuna's RDBStorage, created again if another process was creating the same SQLite
+    tables at the same moment (the loser sees 'already exists' or a duplicate version row)."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    parsed.render_as_string(hide_password=False),
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=HEARTBEAT_GRACE_S,
+                )
+        except (IntegrityError, OperationalError) as exc:
+            racing = isinstance(exc, IntegrityError) or "already exists" in str(exc)
+            if attempt == 2 or not racing:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _lock_sqlite_transactions(engine: Engine) -> None:

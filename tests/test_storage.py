@@ -7,6 +7,7 @@ PostgreSQL database (see conftest.py).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -307,3 +308,27 @@ def test_a_schema_newer_than_optuna_asks_to_upgrade_optuna(storage_url: str) -> 
     assert "pip install -U optuna" in message
     assert "optuna storage upgrade" not in message
     assert _revision(storage_url) == "v99.0.0"
+
+
+def _open_at_once(url: str, barrier: Any) -> str:
+    barrier.wait()
+    try:
+        open_storage(url)
+    except StorageError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_drivers_starting_together_on_an_empty_database_all_open_it(storage_url: str) -> None:
+    # Two drivers started at once both create Optuna's tables; on PostgreSQL the loser once failed
+    # with 'duplicate key value violates unique constraint "pg_type_typname_nsp_index"'.
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    count = 4
+    with context.Manager() as manager:
+        barrier = manager.Barrier(count)
+        with context.Pool(count) as pool:
+            answers = pool.starmap(_open_at_once, [(storage_url, barrier)] * count)
+    assert answers == ["ok"] * count
+    optuna.create_study(storage=open_storage(storage_url), study_name="after")
