@@ -25,15 +25,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def cluster(ray_tmp: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    """A head node and one worker node with one CPU each (temp_dir in the node arguments is
-    refused by Ray; RAY_TMPDIR places the session instead)."""
+    """A head node and one worker node with one CPU each; the worker also offers a custom
+    resource "trainer". (temp_dir in the node arguments is refused by Ray; RAY_TMPDIR places the
+    session instead.)"""
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     nodes = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
     )
-    nodes.add_node(num_cpus=1)
+    nodes.add_node(num_cpus=1, resources={"trainer": 2})
     nodes.wait_for_nodes()
     yield nodes
     nodes.shutdown()
@@ -111,3 +112,19 @@ def test_a_worker_node_killed_mid_trial_costs_a_retry_not_the_study(
     assert retried.user_attrs["node_id"] != worker.node_id  # it finished on the head node
     assert retried.user_attrs["resumed_from_epoch"] >= 1  # from its checkpoint, not from zero
     assert "retrying from its last checkpoint" in log.read_text()
+
+
+def test_custom_resources_from_the_study_place_trials(cluster, tiny_study: Path, tmp_path: Path):
+    tiny_study.write_text(
+        tiny_study.read_text().replace("num_cpus: 2}", "num_cpus: 2, custom: {trainer: 1}}")
+    )
+    assert load_study(tiny_study).resources.custom == {"trainer": 1.0}
+    log = tmp_path / "run.log"
+    proc = _launch(tiny_study, cluster.address, tmp_path, log)
+    assert proc.wait(timeout=420) == 0, log.read_text()[-3000:]
+
+    worker = next(node for node in cluster.list_all_nodes() if not node.head)
+    trials = _trials(tiny_study)
+    assert trials and all(t.state == TrialState.COMPLETE for t in trials)
+    # Only the worker node offers "trainer": every trial ran there.
+    assert {t.user_attrs["node_id"] for t in trials} == {worker.node_id}
