@@ -1,4 +1,5 @@
-"""A family as a document other projects build from: versioned JSON or YAML (schema_version 1).
+"""A family as a document other projects build from: versioned JSON, YAML or a Python module of
+plain literals (schema_version 1).
 
 ``family_to_dict`` / ``family_from_dict`` are exact inverses; ``dump_family`` renders a document.
 """
@@ -6,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import pprint
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any, TypeVar, cast
@@ -18,7 +20,7 @@ from scaling_search.model import StageShape
 __all__ = ["DUMP_FORMATS", "SCHEMA_VERSION", "dump_family", "family_from_dict", "family_to_dict"]
 
 SCHEMA_VERSION = 1
-DUMP_FORMATS = ("json", "yaml")
+DUMP_FORMATS = ("json", "yaml", "python")
 _KIND = "efficientnet-family"
 _MEMBER_FLOATS = ("phi", "width", "depth", "dropout")
 _MEMBER_INTS = ("resolution_px", "params", "macs", "stem_channels", "head_channels")
@@ -116,11 +118,15 @@ def family_from_dict(data: Mapping[str, object]) -> Family:
 
 
 def dump_family(family: Family, fmt: str) -> str:
-    """Serialise a family as JSON (indent 2, trailing newline) or YAML (keys in schema order).
+    """Serialise a family as JSON (indent 2, trailing newline), YAML (keys in schema order) or
+    a Python module that assigns the same document, as plain literals, to ``FAMILY``.
+
+    The Python module imports nothing and calls nothing, so a project can vendor it and
+    ``import`` it (or read it with ``ast.literal_eval``) without this package installed.
 
     Args:
         family: The family.
-        fmt: "json" or "yaml".
+        fmt: One of DUMP_FORMATS: "json", "yaml" or "python".
 
     Returns:
         The document as text.
@@ -133,4 +139,20 @@ def dump_family(family: Family, fmt: str) -> str:
     document = family_to_dict(family)
     if fmt == "json":
         return json.dumps(document, indent=2) + "\n"
+    if fmt == "python":
+        return _python_module(family, document)
     return yaml.safe_dump(document, sort_keys=False)
+
+
+def _python_module(family: Family, document: dict[str, object]) -> str:
+    names = ", ".join(member.name for member in family.members)
+    header = (
+        f'"""EfficientNet family {names} for alpha={family.alpha:g}, beta={family.beta:g}, '
+        f"gamma={family.gamma:g} ({family.mode} mode).\n\n"
+        f"Written by scaling-search (schema_version {SCHEMA_VERSION}): plain literals only, the "
+        "same document as\nits JSON export. FAMILY['members'][i]['stages'] lists each stage's "
+        "expand ratio, kernel,\nstride, input and output channels and repeats.\n"
+        '"""\n\n'
+    )
+    body = pprint.pformat(document, indent=1, width=100, sort_dicts=False)
+    return f"{header}SCHEMA_VERSION = {SCHEMA_VERSION}\nFAMILY = {body}\n"

@@ -8,6 +8,7 @@ in a small process pool: each imports torch, and running them one by one would b
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import itertools
@@ -185,6 +186,7 @@ def _commands() -> dict[str, tuple[list[str], Callable[[Path], None]]]:
     paper = ["export", "--coefficients", "1.2,1.1,1.15", "--phi", "1"]
     commands["export:json"] = ([*paper, "--format", "json"], nothing)
     commands["export:yaml-out"] = ([*paper, "--format", "yaml", "--out", "out/b1.yaml"], nothing)
+    commands["export:python-out"] = ([*paper, "--format", "python", "--out", "b1.py"], nothing)
     commands["export:below-one"] = (["export", "--coefficients", "0.5,1,1"], nothing)
     commands["export:not-numbers"] = (["export", "--coefficients", "a,b,c"], nothing)
     commands["export:bad-mode"] = ([*paper, "--mode", "bogus"], nothing)
@@ -460,6 +462,14 @@ def test_export_yaml_to_a_file(launched: _Launched) -> None:
     assert path.is_file()
     _check_paper_member(yaml.safe_load(path.read_text(encoding="utf-8")))
     assert "out/b1.yaml" in result.stdout
+
+
+def test_export_python_to_a_file(launched: _Launched) -> None:
+    result = launched["export:python-out"]
+    assert result.returncode == 0, result.stderr
+    module = ast.parse((result.cwd / "b1.py").read_text(encoding="utf-8"))
+    [family] = [n.value for n in module.body if isinstance(n, ast.Assign)][1:]
+    _check_paper_member(ast.literal_eval(family))
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import itertools
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -213,6 +217,40 @@ def test_json_round_trip(mode: str) -> None:
 def test_yaml_round_trip(mode: str) -> None:
     family = make_family(PAPER, mode=mode, num_classes=10)
     assert family_from_dict(yaml.safe_load(dump_family(family, "yaml"))) == family
+
+
+@pytest.mark.parametrize("mode", FAMILY_MODES)
+def test_python_module_holds_only_literals_and_round_trips(mode: str) -> None:
+    family = make_family(PAPER, mode=mode, num_classes=10)
+    tree = ast.parse(dump_family(family, "python"))
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        assert isinstance(node, ast.Assign), ast.dump(node)  # no import, no call, no def
+        [target] = node.targets
+        assert isinstance(target, ast.Name)
+        values[target.id] = ast.literal_eval(node.value)
+    assert values["SCHEMA_VERSION"] == 1
+    assert values["FAMILY"] == family_to_dict(family)
+    assert family_from_dict(values["FAMILY"]) == family
+
+
+def test_python_module_imports_in_a_bare_interpreter(formula: Family, tmp_path: Path) -> None:
+    # -I -S: no site-packages, no environment, no working directory: only the standard library.
+    (tmp_path / "paper_family.py").write_text(dump_family(formula, "python"), encoding="utf-8")
+    script = (
+        "import importlib.util, json, sys\n"
+        "assert importlib.util.find_spec('scaling_search') is None\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import paper_family\n"
+        "print(json.dumps(paper_family.FAMILY))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == family_to_dict(formula)
 
 
 def test_document_layout(formula: Family) -> None:
