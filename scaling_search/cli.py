@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -66,6 +67,13 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--coefficients", metavar="A,B,G", help="α,β,γ instead of a study")
     export.add_argument("--mode", choices=("formula", "flops-matched"), default="formula")
     export.add_argument("--phi", metavar="LIST", help="φ values, e.g. 1,2,3 (default 1..7)")
+    budget = export.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--target-macs", metavar="N", help="one member at the φ closest to N MACs, e.g. 3.0G"
+    )
+    budget.add_argument(
+        "--target-params", metavar="N", help="one member at the φ closest to N params, e.g. 20M"
+    )
     export.add_argument(
         "--base-resolution",
         type=int,
@@ -286,7 +294,7 @@ def _best(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from scaling_search.export import dump_family
-    from scaling_search.family import make_family
+    from scaling_search.family import make_family, phi_for_budget
     from scaling_search.space import Coefficients
 
     if (args.study is None) == (args.coefficients is None):
@@ -302,9 +310,30 @@ def _export(args: argparse.Namespace) -> int:
         base_px = args.base_resolution or study.train.base_resolution_px
         classes = args.num_classes or _study_classes(study)
     phis = _floats(args.phi, "--phi") if args.phi else None
+    budget = _budget(args)
+    if budget is not None:
+        if phis is not None or args.mode != "formula":
+            raise StudyError("--target-macs/--target-params choose φ: drop --phi and --mode")
+        kind, target = budget
+        phis = [
+            phi_for_budget(
+                coefficients,
+                target=target,
+                kind=kind,
+                base_resolution_px=base_px,
+                num_classes=classes,
+            )
+        ]
     family = make_family(
         coefficients, mode=args.mode, phis=phis, base_resolution_px=base_px, num_classes=classes
     )
+    if budget is not None:
+        member = family.members[0]
+        print(
+            f"target {budget[1]:,.0f} {budget[0]}: phi={member.phi:g} gives "
+            f"{member.macs:,} MACs, {member.params:,} params at {member.resolution_px} px",
+            file=sys.stderr,
+        )
     text = dump_family(family, args.format)
     if args.out is None:
         sys.stdout.write(text)
@@ -313,6 +342,32 @@ def _export(args: argparse.Namespace) -> int:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out} ({len(family.members)} members, {args.mode})")
     return 0
+
+
+_SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def _budget(args: argparse.Namespace) -> tuple[str, float] | None:
+    """("macs" | "params", count) from --target-macs / --target-params, e.g. 3.0G, 20M, 5e8."""
+    for kind, text, option in (
+        ("macs", args.target_macs, "--target-macs"),
+        ("params", args.target_params, "--target-params"),
+    ):
+        if text is None:
+            continue
+        number, suffix = text.strip(), ""
+        if number[-1:].upper() in _SUFFIXES:
+            number, suffix = number[:-1], number[-1].upper()
+        try:
+            value = float(number) * _SUFFIXES[suffix]
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise StudyError(
+                f"{option} {text!r}: expected a positive count, e.g. 3.0G, 20M, 500K or 5e8"
+            )
+        return kind, value
+    return None
 
 
 def _floats(text: str, option: str, count: int | None = None) -> list[float]:

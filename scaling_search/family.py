@@ -23,6 +23,7 @@ from scaling_search.model import (
 from scaling_search.space import Coefficients
 
 __all__ = [
+    "BUDGET_KINDS",
     "FAMILY_MODES",
     "OFFICIAL_FAMILY",
     "Family",
@@ -30,9 +31,11 @@ __all__ = [
     "OfficialModel",
     "compound_scale",
     "make_family",
+    "phi_for_budget",
 ]
 
 FAMILY_MODES = ("formula", "flops-matched")
+BUDGET_KINDS = ("macs", "params")
 
 _DECIMALS = 6  # floats in a family (and its files) carry 6 decimals, so files are stable
 _PHI_UNITS = 10**_DECIMALS  # flops-matched φ is searched on the same 1e-6 grid
@@ -43,6 +46,7 @@ _DEFAULT_PHIS = (1, 2, 3, 4, 5, 6, 7)
 _SCAN_RADIUS_UNITS = 20_000
 _SCAN_STEP_UNITS = 1_000
 _MAX_PHI = 1024.0  # flops-matched search gives up beyond this φ
+_MAX_BUDGET_PHI = 20  # a budget beyond B7 by this much is a typo (2^20 x B0's FLOPs)
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,54 @@ def _macs_curve(coefficients: Coefficients, base_px: int, classes: int) -> Calla
     return ratio
 
 
+def phi_for_budget(
+    coefficients: Coefficients,
+    *,
+    target: float,
+    kind: str = "macs",
+    base_resolution_px: int = B0_RESOLUTION_PX,
+    num_classes: int = 1000,
+) -> float:
+    """The φ (on the 1e-6 grid) whose member's MACs or params come closest to ``target``.
+
+    Rounding channels, repeats and pixels makes both counts step functions of φ, so the member
+    hits the target only as closely as the nearest step allows; a target below B0's count
+    gives φ = 0.
+
+    >>> phi = phi_for_budget(Coefficients(1.2, 1.1, 1.15), target=1.8e9)
+    >>> make_family(Coefficients(1.2, 1.1, 1.15), phis=[phi]).members[0].macs / 1e9
+    1.80...
+
+    Raises:
+        ValueError: On an unknown kind, a target that is not a positive finite number, or one
+            these coefficients do not reach by φ = 20.
+    """
+    if kind not in BUDGET_KINDS:
+        raise ValueError(f"kind must be one of {BUDGET_KINDS}, got {kind!r}")
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        raise ValueError(f"target must be a number, got {target!r}")
+    if not math.isfinite(target) or target <= 0:
+        raise ValueError(f"target must be a positive finite number, got {target!r}")
+    _check_count("base_resolution_px", base_resolution_px)
+    _check_count("num_classes", num_classes)
+
+    @functools.cache
+    def count(units: int) -> float:
+        depth, width, px = compound_scale(
+            coefficients, units / _PHI_UNITS, base_resolution_px=base_resolution_px
+        )
+        arch = architecture(width=width, depth=depth, num_classes=num_classes)
+        return count_macs(arch, resolution_px=px) if kind == "macs" else count_params(arch)
+
+    ceiling = count(_MAX_BUDGET_PHI * _PHI_UNITS)
+    if target > ceiling:
+        raise ValueError(
+            f"target {target:.4g} {kind} is beyond phi={_MAX_BUDGET_PHI} "
+            f"({ceiling:.4g} {kind} with these coefficients)"
+        )
+    return _match_phi(count, float(target))
+
+
 def _official_ratio(official: OfficialModel, classes: int) -> float:
     """MACs of the published B_k at its resolution over those of B0 at 224 px."""
     b0 = OFFICIAL_FAMILY[0]
@@ -223,8 +275,7 @@ def _bracket(curve: Callable[[int], float], target: float) -> tuple[int, int]:
         low, high = high, 2 * high
         if high > _MAX_PHI * _PHI_UNITS:
             raise ValueError(
-                f"coefficients grow MACs too slowly to reach a ratio of {target:.3f} "
-                f"by phi={_MAX_PHI:g}"
+                f"coefficients grow the model too slowly to reach {target:.4g} by phi={_MAX_PHI:g}"
             )
     while high - low > 1:
         middle = (low + high) // 2

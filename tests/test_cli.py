@@ -187,6 +187,10 @@ def _commands() -> dict[str, tuple[list[str], Callable[[Path], None]]]:
     commands["export:json"] = ([*paper, "--format", "json"], nothing)
     commands["export:yaml-out"] = ([*paper, "--format", "yaml", "--out", "out/b1.yaml"], nothing)
     commands["export:python-out"] = ([*paper, "--format", "python", "--out", "b1.py"], nothing)
+    budget = ["export", "--coefficients", "1.2,1.1,1.15"]
+    commands["export:target-macs"] = ([*budget, "--target-macs", "1.0G"], nothing)
+    commands["export:bad-target"] = ([*budget, "--target-params", "20X"], nothing)
+    commands["export:target-and-phi"] = ([*paper, "--target-macs", "1G"], nothing)
     commands["export:below-one"] = (["export", "--coefficients", "0.5,1,1"], nothing)
     commands["export:not-numbers"] = (["export", "--coefficients", "a,b,c"], nothing)
     commands["export:bad-mode"] = ([*paper, "--mode", "bogus"], nothing)
@@ -472,12 +476,24 @@ def test_export_python_to_a_file(launched: _Launched) -> None:
     _check_paper_member(ast.literal_eval(family))
 
 
+def test_export_for_a_macs_budget(launched: _Launched) -> None:
+    result = launched["export:target-macs"]
+    assert result.returncode == 0, result.stderr
+    [member] = json.loads(result.stdout)["members"]
+    # The closest step of the MACs curve to 1.0G (993,797,968 just below a jump to 1.0109G).
+    assert abs(member["macs"] - 1e9) / 1e9 < 0.01
+    assert member["name"] == f"phi_{member['phi']:g}"
+    assert f"phi={member['phi']:g} gives {member['macs']:,} MACs" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("case", "fragments", "prefix"),
     [
         ("export:below-one", ("alpha", "0.5"), ""),
         ("export:not-numbers", ("--coefficients", "a,b,c"), ""),
         ("export:bad-mode", ("--mode", "bogus"), "scaling-search export: error:"),
+        ("export:bad-target", ("--target-params", "'20X'", "20M"), ""),
+        ("export:target-and-phi", ("--target-macs", "--phi"), ""),
     ],
 )
 def test_bad_export_is_one_line(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaling_search.export import (
@@ -29,6 +29,7 @@ from scaling_search.family import (
     Family,
     compound_scale,
     make_family,
+    phi_for_budget,
 )
 from scaling_search.model import architecture, count_macs, count_params
 from scaling_search.space import Coefficients
@@ -352,3 +353,47 @@ def test_family_from_dict_rejects_bad_documents(
 def test_family_from_dict_rejects_a_non_mapping() -> None:
     with pytest.raises(ValueError, match="mapping"):
         family_from_dict([1, 2])  # type: ignore[arg-type]
+
+
+# --- budget-aware φ ------------------------------------------------------------------------------
+
+
+def _count_at(phi: float, kind: str) -> int:
+    member = make_family(PAPER, phis=[round(phi, 6)]).members[0]
+    return member.macs if kind == "macs" else member.params
+
+
+@settings(max_examples=15, deadline=None)
+@given(kind=st.sampled_from(["macs", "params"]), log_target=st.floats(0.3, 1.8))
+def test_budget_phi_is_the_closest_step(kind: str, log_target: float) -> None:
+    # Targets from about 2x to 60x B0 (MACs) or params; every φ near the answer is no closer.
+    base = _count_at(0.0, kind)
+    target = base * 10**log_target
+    phi = phi_for_budget(PAPER, target=target, kind=kind)
+    best = abs(_count_at(phi, kind) - target)
+    for delta in (-0.05, -0.01, -0.002, -1e-6, 1e-6, 0.002, 0.01, 0.05):
+        if phi + delta >= 0:
+            assert best <= abs(_count_at(phi + delta, kind) - target), (phi, delta)
+
+
+def test_budget_below_b0_gives_b0() -> None:
+    assert phi_for_budget(PAPER, target=1e6) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target": 0}, "positive finite"),
+        ({"target": float("nan")}, "positive finite"),
+        ({"target": True}, "must be a number"),
+        ({"target": 1e9, "kind": "flops"}, "'flops'"),
+    ],
+)
+def test_budget_rejects_bad_input(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        phi_for_budget(PAPER, **kwargs)
+
+
+def test_budget_out_of_reach_names_the_target() -> None:
+    with pytest.raises(ValueError, match="target 1e\\+30 macs is beyond phi=20"):
+        phi_for_budget(PAPER, target=1e30)
