@@ -10,6 +10,7 @@ import json
 import pprint
 from collections.abc import Mapping
 from dataclasses import asdict, fields
+from importlib import resources
 from typing import Any, TypeVar, cast
 
 import yaml
@@ -17,7 +18,14 @@ import yaml
 from scaling_search.family import _DECIMALS, FAMILY_MODES, Family, FamilyMember
 from scaling_search.model import StageShape
 
-__all__ = ["DUMP_FORMATS", "SCHEMA_VERSION", "dump_family", "family_from_dict", "family_to_dict"]
+__all__ = [
+    "DUMP_FORMATS",
+    "SCHEMA_VERSION",
+    "dump_family",
+    "family_from_dict",
+    "family_schema",
+    "family_to_dict",
+]
 
 SCHEMA_VERSION = 1
 DUMP_FORMATS = ("json", "yaml", "python")
@@ -25,6 +33,13 @@ _KIND = "efficientnet-family"
 _MEMBER_FLOATS = ("phi", "width", "depth", "dropout")
 _MEMBER_INTS = ("resolution_px", "params", "macs", "stem_channels", "head_channels")
 _T = TypeVar("_T")
+
+
+def family_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the family document, shipped in the package as
+    ``scaling_search/family.schema.json`` for other projects to validate against."""
+    text = resources.files("scaling_search").joinpath("family.schema.json").read_text("utf-8")
+    return cast(dict[str, Any], json.loads(text))
 
 
 def _member_to_dict(member: FamilyMember) -> dict[str, object]:

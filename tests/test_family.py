@@ -21,6 +21,7 @@ from scaling_search.export import (
     SCHEMA_VERSION,
     dump_family,
     family_from_dict,
+    family_schema,
     family_to_dict,
 )
 from scaling_search.family import (
@@ -397,3 +398,52 @@ def test_budget_rejects_bad_input(kwargs: dict[str, Any], message: str) -> None:
 def test_budget_out_of_reach_names_the_target() -> None:
     with pytest.raises(ValueError, match="target 1e\\+30 macs is beyond phi=20"):
         phi_for_budget(PAPER, target=1e30)
+
+
+# --- the shipped JSON schema ---------------------------------------------------------------------
+
+
+def _parse(text: str, fmt: str) -> Any:
+    if fmt == "json":
+        return json.loads(text)
+    if fmt == "yaml":
+        return yaml.safe_load(text)
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "FAMILY":
+            return ast.literal_eval(node.value)
+    raise AssertionError("no FAMILY in the python export")
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml", "python"])
+@pytest.mark.parametrize("mode", FAMILY_MODES)
+def test_every_export_validates_against_the_shipped_schema(mode: str, fmt: str) -> None:
+    import jsonschema
+
+    schema = family_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for family in (make_family(PAPER, mode=mode), make_family(PAPER, mode=mode, num_classes=10)):
+        jsonschema.validate(_parse(dump_family(family, fmt), fmt), schema)
+    if mode == "formula":
+        phi = phi_for_budget(PAPER, target=3e9)
+        budget = make_family(PAPER, phis=[phi])
+        jsonschema.validate(_parse(dump_family(budget, fmt), fmt), schema)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.pop("members"),
+        lambda d: d.update(schema_version=2),
+        lambda d: d["coefficients"].update(alpha=0.9),
+        lambda d: d["members"][0].update(params=1.5),
+        lambda d: d["members"][0]["stages"][0].update(extra=1),
+        lambda d: d.update(mode="bogus"),
+    ],
+)
+def test_the_schema_rejects_a_broken_document(formula: Family, edit: Callable[[Any], Any]) -> None:
+    import jsonschema
+
+    document = json.loads(dump_family(formula, "json"))
+    edit(document)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(document, family_schema())
