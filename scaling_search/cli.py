@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -135,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             "scaling-search: interrupted; run the same command again to continue", file=sys.stderr
         )
         return 130
+
+
+def _export(args: argparse.Namespace) -> int:
+    from scaling_search import _cli_export
+
+    return _cli_export.export(args)
 
 
 def _emit(data: Any, fmt: str, table: Sequence[str]) -> None:
@@ -289,103 +294,7 @@ def _best(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- export, space, model, dashboard -------------------------------------------------------------
-
-
-def _export(args: argparse.Namespace) -> int:
-    from scaling_search.export import dump_family
-    from scaling_search.family import make_family, phi_for_budget
-    from scaling_search.space import Coefficients
-
-    if (args.study is None) == (args.coefficients is None):
-        raise StudyError("export needs either a study file or --coefficients A,B,G (not both)")
-    base_px, classes = args.base_resolution or 224, args.num_classes or 1000
-    if args.coefficients is not None:
-        coefficients = Coefficients(*_floats(args.coefficients, "--coefficients", count=3))
-    else:
-        from scaling_search.results import best_triple
-
-        study, ot_study = _existing_study(args)
-        coefficients = best_triple(ot_study).coefficients
-        base_px = args.base_resolution or study.train.base_resolution_px
-        classes = args.num_classes or _study_classes(study)
-    phis = _floats(args.phi, "--phi") if args.phi else None
-    budget = _budget(args)
-    if budget is not None:
-        if phis is not None or args.mode != "formula":
-            raise StudyError("--target-macs/--target-params choose φ: drop --phi and --mode")
-        kind, target = budget
-        phis = [
-            phi_for_budget(
-                coefficients,
-                target=target,
-                kind=kind,
-                base_resolution_px=base_px,
-                num_classes=classes,
-            )
-        ]
-    family = make_family(
-        coefficients, mode=args.mode, phis=phis, base_resolution_px=base_px, num_classes=classes
-    )
-    if budget is not None:
-        member = family.members[0]
-        print(
-            f"target {budget[1]:,.0f} {budget[0]}: phi={member.phi:g} gives "
-            f"{member.macs:,} MACs, {member.params:,} params at {member.resolution_px} px",
-            file=sys.stderr,
-        )
-    text = dump_family(family, args.format)
-    if args.out is None:
-        sys.stdout.write(text)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
-        print(f"wrote {args.out} ({len(family.members)} members, {args.mode})")
-    return 0
-
-
-_SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
-
-
-def _budget(args: argparse.Namespace) -> tuple[str, float] | None:
-    """("macs" | "params", count) from --target-macs / --target-params, e.g. 3.0G, 20M, 5e8."""
-    for kind, text, option in (
-        ("macs", args.target_macs, "--target-macs"),
-        ("params", args.target_params, "--target-params"),
-    ):
-        if text is None:
-            continue
-        number, suffix = text.strip(), ""
-        if number[-1:].upper() in _SUFFIXES:
-            number, suffix = number[:-1], number[-1].upper()
-        try:
-            value = float(number) * _SUFFIXES[suffix]
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value <= 0:
-            raise StudyError(
-                f"{option} {text!r}: expected a positive count, e.g. 3.0G, 20M, 500K or 5e8"
-            )
-        return kind, value
-    return None
-
-
-def _floats(text: str, option: str, count: int | None = None) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise StudyError(f"{option} {text!r}: expected comma-separated numbers") from None
-    if count is not None and len(values) != count:
-        raise StudyError(f"{option} {text!r}: expected {count} numbers, got {len(values)}")
-    return values
-
-
-def _study_classes(study: StudyConfig) -> int:
-    from scaling_search.data import load_data
-
-    if study.data.kind == "synthetic":
-        return study.data.num_classes
-    return load_data(study.data).num_classes
+# --- space, model, dashboard -------------------------------------------------------------
 
 
 def _space(args: argparse.Namespace) -> int:
@@ -397,7 +306,9 @@ def _space(args: argparse.Namespace) -> int:
             f"space lists grid candidates; sampler {study.search.sampler!r} samples "
             "the continuous surface α·β²·γ² = product instead"
         )
-    classes = _study_classes(study)
+    from scaling_search._cli_export import study_classes
+
+    classes = study_classes(study)
     rows = [
         describe(c, base_resolution_px=study.train.base_resolution_px, num_classes=classes)
         for c in grid_candidates(study.space)
