@@ -40,7 +40,7 @@ from scaling_search.train import EpochMetrics, failure_reason, fit
 __all__ = ["RunSummary", "run_study"]
 
 METRIC = "accuracy"
-FAIL_KEY = "fail_reason"  # a result that ends its trial as FAIL, e.g. the loss diverged
+FAIL_KEY = ledger.FAIL_REASON_ATTR  # a result with it ends its trial as FAIL (e.g. diverged)
 Progress = Callable[[str], None]
 Fit = Callable[..., Any]
 

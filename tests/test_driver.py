@@ -181,15 +181,14 @@ def _get_json(url: str, *, deadline_s: float):
 
 
 def test_changed_training_settings_refuse_to_continue(tiny_study: Path):
-    from scaling_search.ledger import LedgerError as DriverError
-    from scaling_search.ledger import open_study
+    from scaling_search.ledger import LedgerError, open_study
 
     study = load_study(tiny_study)
     storage = open_storage(resolve_url(study))
     open_study(study, storage)
     open_study(study, storage)  # the same settings continue
     changed = load_study(tiny_study, ["train.epochs=3", "data.train_size=64"])
-    with pytest.raises(DriverError, match=r"data\.train_size, train\.epochs"):
+    with pytest.raises(LedgerError, match=r"data\.train_size, train\.epochs"):
         open_study(changed, storage)
     # The search settings may change between runs.
     open_study(load_study(tiny_study, ["search.max_concurrent_trials=1"]), storage)
