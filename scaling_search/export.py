@@ -25,13 +25,21 @@ __all__ = [
     "family_from_dict",
     "family_schema",
     "family_to_dict",
+    "member_from_dict",
 ]
 
 SCHEMA_VERSION = 1
 DUMP_FORMATS = ("json", "yaml", "python")
 _KIND = "efficientnet-family"
 _MEMBER_FLOATS = ("phi", "width", "depth", "dropout")
-_MEMBER_INTS = ("resolution_px", "params", "macs", "stem_channels", "head_channels")
+_MEMBER_INTS = (
+    "resolution_px",
+    "num_classes",
+    "params",
+    "macs",
+    "stem_channels",
+    "head_channels",
+)
 _T = TypeVar("_T")
 
 
@@ -97,6 +105,26 @@ def _member_from_dict(data: object, where: str) -> FamilyMember:
     return FamilyMember(**values, stages=tuple(stages))
 
 
+def member_from_dict(data: Mapping[str, object]) -> FamilyMember:
+    """Rebuild one member from its entry in a family document, e.g. ``FAMILY["members"][i]``.
+
+    Only types are checked here; `scaling_search.build_model` also checks that the stated
+    shapes and counts follow from width, depth and num_classes.
+
+    Args:
+        data: The member's mapping.
+
+    Returns:
+        The member.
+
+    Raises:
+        ValueError: If a field is missing or has the wrong type.
+    """
+    name = data.get("name") if isinstance(data, Mapping) else None
+    where = f"member {name!r}" if isinstance(name, str) else "member"
+    return _member_from_dict(dict(data) if isinstance(data, Mapping) else data, where)
+
+
 def family_from_dict(data: Mapping[str, object]) -> Family:
     """Rebuild a family from `family_to_dict`'s document (e.g. a parsed JSON or YAML file).
 
@@ -108,7 +136,8 @@ def family_from_dict(data: Mapping[str, object]) -> Family:
 
     Raises:
         ValueError: If the schema version or kind is not this module's, the mode is unknown,
-            or a field is missing or has the wrong type.
+            a field is missing or has the wrong type, or a member's num_classes is not the
+            family's.
     """
     top = "the document"
     data = dict(data) if isinstance(data, Mapping) else data
@@ -120,15 +149,25 @@ def family_from_dict(data: Mapping[str, object]) -> Family:
     if mode not in FAMILY_MODES:
         raise ValueError(f"family document: mode must be one of {FAMILY_MODES}, got {mode!r}")
     coefficients = _field(data, "coefficients", top, dict)
-    members = _field(data, "members", top, list)
+    num_classes = _field(data, "num_classes", top, int)
+    members = tuple(
+        _member_from_dict(m, f"members[{i}]")
+        for i, m in enumerate(_field(data, "members", top, list))
+    )
+    for index, member in enumerate(members):
+        if member.num_classes != num_classes:
+            raise ValueError(
+                f"family document: members[{index}].num_classes is {member.num_classes} but the "
+                f"family's num_classes is {num_classes}"
+            )
     return Family(
         alpha=_field(coefficients, "alpha", "coefficients", float),
         beta=_field(coefficients, "beta", "coefficients", float),
         gamma=_field(coefficients, "gamma", "coefficients", float),
         mode=mode,
         base_resolution_px=_field(data, "base_resolution_px", top, int),
-        num_classes=_field(data, "num_classes", top, int),
-        members=tuple(_member_from_dict(m, f"members[{i}]") for i, m in enumerate(members)),
+        num_classes=num_classes,
+        members=members,
     )
 
 

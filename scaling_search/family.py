@@ -76,13 +76,18 @@ OFFICIAL_FAMILY: tuple[OfficialModel, ...] = (
 
 @dataclass(frozen=True)
 class FamilyMember:
-    """One scaled model of a family, with everything needed to rebuild and budget it."""
+    """One scaled model of a family, with everything needed to rebuild and budget it.
+
+    `scaling_search.build_model(member)` builds its network and checks that the stated shapes
+    and counts are those that width, depth and num_classes give.
+    """
 
     name: str  # "b<k>" at integer φ = k (formula) or B_k's name (flops-matched); else "phi_<φ>"
     phi: float  # the compound coefficient actually used
     width: float  # β^φ
     depth: float  # α^φ
     resolution_px: int  # round(base · γ^φ)
+    num_classes: int  # outputs of the classifier (the family's)
     dropout: float  # before the classifier
     params: int  # model.count_params
     macs: int  # model.count_macs of one image at resolution_px
@@ -182,6 +187,7 @@ def _member(
         width=width,
         depth=depth,
         resolution_px=resolution_px,
+        num_classes=classes,
         dropout=dropout,
         params=count_params(arch),
         macs=count_macs(arch, resolution_px=resolution_px),

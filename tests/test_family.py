@@ -155,6 +155,7 @@ def test_formula_params_and_macs_grow_with_phi() -> None:
 def test_members_agree_with_the_model_counters(mode: str, num_classes: int) -> None:
     family = make_family(PAPER, mode=mode, num_classes=num_classes)
     for member in family.members:
+        assert member.num_classes == num_classes
         arch = architecture(width=member.width, depth=member.depth, num_classes=num_classes)
         assert member.params == count_params(arch)
         assert member.macs == count_macs(arch, resolution_px=member.resolution_px)
@@ -270,6 +271,21 @@ def test_document_layout(formula: Family) -> None:
     assert document["kind"] == "efficientnet-family"
     assert document["coefficients"] == {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
     member = json.loads(dump_family(formula, "json"))["members"][1]
+    assert list(member) == [
+        "name",
+        "phi",
+        "width",
+        "depth",
+        "resolution_px",
+        "num_classes",
+        "dropout",
+        "params",
+        "macs",
+        "stem_channels",
+        "head_channels",
+        "stages",
+    ]
+    assert member["num_classes"] == document["num_classes"] == 1000
     assert member["width"] == 1.21  # 1.1 ** 2 is 1.2100000000000002 before rounding
     assert list(member["stages"][0]) == [
         "expand_ratio",
@@ -336,6 +352,12 @@ def test_dump_rejects_unknown_format(formula: Family) -> None:
         (lambda d: d.update(mode="magic"), "'magic'"),
         (lambda d: d.pop("members"), "'members'"),
         (lambda d: d["members"][0].pop("macs"), r"members\[0\] has no 'macs'"),
+        (lambda d: d["members"][0].pop("num_classes"), r"members\[0\] has no 'num_classes'"),
+        (
+            lambda d: d["members"][1].update(num_classes=10),
+            r"members\[1\]\.num_classes is 10 but the family's num_classes is 1000$",
+        ),
+        (lambda d: d["members"][0].update(num_classes=True), r"members\[0\]\.num_classes.*True"),
         (lambda d: d["members"][0].update(params="many"), r"members\[0\]\.params.*'many'"),
         (lambda d: d["members"][0]["stages"][2].update(repeats=1.5), r"stages\[2\]\.repeats"),
         (lambda d: d["coefficients"].update(alpha=True), r"coefficients\.alpha.*True"),
@@ -436,6 +458,8 @@ def test_every_export_validates_against_the_shipped_schema(mode: str, fmt: str) 
         lambda d: d.update(schema_version=2),
         lambda d: d["coefficients"].update(alpha=0.9),
         lambda d: d["members"][0].update(params=1.5),
+        lambda d: d["members"][0].pop("num_classes"),
+        lambda d: d["members"][0].update(num_classes=0),
         lambda d: d["members"][0]["stages"][0].update(extra=1),
         lambda d: d.update(mode="bogus"),
     ],
