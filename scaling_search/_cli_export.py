@@ -1,13 +1,20 @@
 """`scaling-search export`: a family for a study's best triple or for given coefficients, at
-chosen φ values or at the φ that meets a MACs or parameter budget."""
+chosen φ values or at the φ that meets a MACs or parameter budget; as a document (JSON, YAML,
+Python) or, for one member, as an ONNX file."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scaling_search.config import StudyConfig, StudyError
+
+if TYPE_CHECKING:
+    from scaling_search.family import Family, FamilyMember
 
 __all__ = ["export", "study_classes"]
 
@@ -20,6 +27,7 @@ def export(args: argparse.Namespace) -> int:
 
     if (args.study is None) == (args.coefficients is None):
         raise StudyError("export needs either a study file or --coefficients A,B,G (not both)")
+    _check_onnx_args(args)
     base_px, classes = args.base_resolution or 224, args.num_classes or 1000
     if args.coefficients is not None:
         coefficients = Coefficients(*_floats(args.coefficients, "--coefficients", count=3))
@@ -49,6 +57,8 @@ def export(args: argparse.Namespace) -> int:
     family = make_family(
         coefficients, mode=args.mode, phis=phis, base_resolution_px=base_px, num_classes=classes
     )
+    # The ONNX member is chosen before anything is printed, so that a wrong --member is one line.
+    chosen = _chosen_member(family, args.member) if args.format == "onnx" else None
     if budget is not None:
         member = family.members[0]
         print(
@@ -56,6 +66,8 @@ def export(args: argparse.Namespace) -> int:
             f"{member.macs:,} MACs, {member.params:,} params at {member.resolution_px} px",
             file=sys.stderr,
         )
+    if chosen is not None:
+        return _write_onnx(chosen, args.out)
     text = dump_family(family, args.format)
     if args.out is None:
         sys.stdout.write(text)
@@ -63,6 +75,63 @@ def export(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out} ({len(family.members)} members, {args.mode})")
+    return 0
+
+
+def _check_onnx_args(args: argparse.Namespace) -> None:
+    """--format onnx needs --out and the onnx extra; --member belongs to --format onnx only."""
+    if args.format != "onnx":
+        if args.member is not None:
+            raise StudyError(
+                f"--member picks the one model of --format onnx; with --format {args.format} "
+                "choose members with --phi"
+            )
+        return
+    if args.out is None:
+        raise StudyError("--format onnx writes a binary file: give --out PATH, e.g. --out b3.onnx")
+    from scaling_search.onnx_export import require_onnx
+
+    try:
+        require_onnx()
+    except ImportError as exc:
+        raise StudyError(str(exc)) from None
+
+
+def _chosen_member(family: Family, name: str | None) -> FamilyMember:
+    names = [member.name for member in family.members]
+    if name is None and len(names) == 1:
+        return family.members[0]
+    if name is None:
+        raise StudyError(
+            f"--format onnx writes one model: name it with --member ({', '.join(names)})"
+        )
+    if name not in names:
+        raise StudyError(
+            f"--member {name!r} is not in this family ({', '.join(names)}); "
+            "--phi chooses the members, e.g. --phi 3 for b3"
+        )
+    return family.members[names.index(name)]
+
+
+def _write_onnx(member: FamilyMember, out: Path) -> int:
+    """Export `member`, freshly initialised with ONNX_SEED, to `out`."""
+    from scaling_search.export import member_to_dict
+    from scaling_search.onnx_export import ONNX_SEED, export_onnx
+    from scaling_search.rebuild import build_model
+
+    model = build_model(member, seed=ONNX_SEED)
+    metadata = {
+        "scaling_search.member": json.dumps(member_to_dict(member)),
+        "scaling_search.weights": f"fresh initialisation, seed {ONNX_SEED}",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, out, resolution_px=member.resolution_px, metadata=metadata)
+    px = member.resolution_px
+    print(
+        f"wrote {out} ({member.name}: {member.params:,} params, {member.macs:,} MACs; "
+        f"image [N, 3, {px}, {px}] -> logits [N, {member.num_classes}]; "
+        f"untrained weights, seed {ONNX_SEED})"
+    )
     return 0
 
 

@@ -80,7 +80,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="B0's resolution (default: the study's, else 224)",
     )
     export.add_argument("--num-classes", type=int, help="classes (default: the study's, else 1000)")
-    export.add_argument("--format", choices=("json", "yaml", "python"), default="json")
+    export.add_argument("--format", choices=("json", "yaml", "python", "onnx"), default="json")
+    export.add_argument("--member", metavar="NAME", help="with --format onnx: the member, e.g. b3")
     export.add_argument("--out", type=Path, help="file to write (default: stdout)")
 
     model = sub.add_parser("model", help="params, MACs and shapes of a scaled B0")

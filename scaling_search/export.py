@@ -26,6 +26,7 @@ __all__ = [
     "family_schema",
     "family_to_dict",
     "member_from_dict",
+    "member_to_dict",
 ]
 
 SCHEMA_VERSION = 1
@@ -50,7 +51,8 @@ def family_schema() -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(text))
 
 
-def _member_to_dict(member: FamilyMember) -> dict[str, object]:
+def member_to_dict(member: FamilyMember) -> dict[str, object]:
+    """One member as its entry in the family document (the inverse of `member_from_dict`)."""
     document = {field.name: getattr(member, field.name) for field in fields(FamilyMember)}
     document.update({name: round(getattr(member, name), _DECIMALS) for name in _MEMBER_FLOATS})
     document["stages"] = [asdict(stage) for stage in member.stages]
@@ -73,7 +75,7 @@ def family_to_dict(family: Family) -> dict[str, object]:
         "mode": family.mode,
         "base_resolution_px": family.base_resolution_px,
         "num_classes": family.num_classes,
-        "members": [_member_to_dict(member) for member in family.members],
+        "members": [member_to_dict(member) for member in family.members],
     }
 
 
