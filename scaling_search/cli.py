@@ -1,4 +1,4 @@
-"""The ``scaling-search`` command: run, status, best, export, space, model, dashboard.
+"""The ``scaling-search`` command: run, status, best, export, space, model, dashboard, report.
 
 Every error a user can cause is one line on stderr and exit code 2 (``--debug`` shows the
 traceback). Heavy modules (torch, ray, optuna) are imported by the subcommands that need them.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,6 +106,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     dashboard.add_argument("--port", type=int, default=8080)
+
+    report = sub.add_parser(
+        "report", help="write the study's plotly report (one offline HTML file)"
+    )
+    _study_args(report)
+    report.add_argument("--out", type=Path, help="HTML file (default: <output_dir>/report.html)")
     return parser
 
 
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "space": _space,
         "model": _model,
         "dashboard": _dashboard,
+        "report": _report,
     }
     try:
         return handlers[args.command](args)
@@ -178,6 +184,9 @@ def _run(args: argparse.Namespace) -> int:
     path = study.out_dir / FAMILY_FILENAME
     _write_family(best, study, data.num_classes, path)
     print(f"family: {path} (formula mode, φ = 1…7)")
+    from scaling_search._cli_view import write_report_for
+
+    print(f"report: {write_report_for(study, ot_study, None, data.num_classes)}")
     return 0
 
 
@@ -360,25 +369,15 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    import optuna_dashboard
+    from scaling_search import _cli_view
 
-    from scaling_search.storage import ENV_VAR, mask_url, open_storage, resolve_url
+    return _cli_view.dashboard(args)
 
-    if args.study is not None and args.storage is not None:
-        raise StudyError("dashboard takes a study file or --storage URL, not both")
-    if args.study is not None:
-        study, _ = _existing_study(args)
-        url = resolve_url(study)
-    else:
-        url = args.storage or os.environ.get(ENV_VAR, "").strip()
-        if not url:
-            raise StudyError(
-                f"dashboard needs a study file, --storage URL or ${ENV_VAR}; none was given"
-            )
-    storage = open_storage(url)
-    print(f"optuna-dashboard on {mask_url(url)} at http://{args.host}:{args.port}/  (Ctrl-C stops)")
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
-    return 0
+
+def _report(args: argparse.Namespace) -> int:
+    from scaling_search import _cli_view
+
+    return _cli_view.report(args)
 
 
 if __name__ == "__main__":

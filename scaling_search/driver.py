@@ -34,6 +34,7 @@ from scaling_search import ledger
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
 from scaling_search.ledger import Heartbeat
+from scaling_search.report import LiveDashboard
 from scaling_search.space import Coefficients, DefineByRun
 from scaling_search.train import EpochMetrics, failure_reason, fit
 
@@ -233,9 +234,11 @@ class _ProgressCallback(tune.Callback):
     """One line per finished trial (counts, the best full-budget result so far); hands the
     reason of each errored trial to the searcher."""
 
-    def __init__(self, budget_epochs: int, progress: Progress, searcher: _StudySearch) -> None:
+    def __init__(
+        self, budget_epochs: int, progress: Progress, searcher: _StudySearch, live: LiveDashboard
+    ) -> None:
         self._budget, self._say = budget_epochs, progress
-        self._searcher = searcher
+        self._searcher, self._live = searcher, live
         self._done = self._failed = 0
         self._best: tuple[float, str] | None = None
         self._last: dict[str, dict[str, Any]] = {}
@@ -244,6 +247,7 @@ class _ProgressCallback(tune.Callback):
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         self._last[trial.trial_id] = result
+        self._live.update()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = self._last.get(trial.trial_id, {})
@@ -251,6 +255,7 @@ class _ProgressCallback(tune.Callback):
         if FAIL_KEY in result:
             self._failed += 1
             self._line(trials, trial, f"{point} FAILED: {result[FAIL_KEY]}")
+            self._live.update()
             return
         self._done += 1
         if result.get("epoch") == self._budget and (
@@ -263,6 +268,7 @@ class _ProgressCallback(tune.Callback):
             f"{point} accuracy {result.get(METRIC, float('nan')):.4f} "
             f"after {result.get('epoch', 0)} epoch(s)",
         )
+        self._live.update()
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._say(f"{_label(trial.config)} retrying from its last checkpoint: {_reason(trial)}")
@@ -272,6 +278,7 @@ class _ProgressCallback(tune.Callback):
         reason = _reason(trial)
         self._searcher.fail(trial.trial_id, reason)
         self._line(trials, trial, f"{_label(trial.config)} FAILED: {reason}")
+        self._live.update()
 
     def _line(self, trials: list, finished_trial: Any, event: str) -> None:
         finished = self._done + self._failed
@@ -374,8 +381,10 @@ def run_study(
             queued_only=study.search.sampler == "grid",
             heartbeat=heartbeat,
         )
-        _tuner(study, data, fit_fn, searcher, to_launch, progress).fit()
+        live = LiveDashboard(ot_study, progress)
+        _tuner(study, data, fit_fn, searcher, to_launch, progress, live).fit()
         searcher.close()
+        live.update(force=True)  # the figures and note of the finished run
     after = _state_counts(ot_study)
     return RunSummary(
         launched=to_launch,
@@ -393,6 +402,7 @@ def _tuner(
     searcher: _StudySearch,
     to_launch: int,
     progress: Progress,
+    live: LiveDashboard,
 ) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(_train_trial, study=study, data=data, fit_fn=fit_fn),
@@ -412,7 +422,7 @@ def _tuner(
             name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=str((study.out_dir / "ray").resolve()),
             verbose=0,
-            callbacks=[_ProgressCallback(study.train.epochs, progress, searcher)],
+            callbacks=[_ProgressCallback(study.train.epochs, progress, searcher, live)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=study.search.trial_retries),
         ),

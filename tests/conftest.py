@@ -110,3 +110,111 @@ def cli_env() -> dict[str, str]:
     env.pop("SCALING_SEARCH_STORAGE", None)
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+# --- studies for the report and the browser tests ------------------------------------------------
+
+# Trials of every outcome the report draws, on the paper's constraint (α·β²·γ² ≈ 2):
+# (α, β, γ), Optuna state, epochs completed, accuracy at epoch 1.
+CRAFTED_BUDGET = 3
+CRAFTED_TRIALS = (
+    ((1.2, 1.1, 1.15), "COMPLETE", 3, 0.40),
+    ((1.4, 1.05, 1.1), "COMPLETE", 3, 0.45),
+    ((1.0, 1.2, 1.18), "COMPLETE", 3, 0.35),
+    ((1.1, 1.0, 1.35), "PRUNED", 1, 0.90),  # best score of all, but stopped early: cannot win
+    ((1.9, 1.0, 1.02), "COMPLETE", 1, 0.85),  # completed, but with fewer epochs than the budget
+    ((1.3, 1.1, 1.1), "FAIL", 1, 0.20),
+    ((1.05, 1.15, 1.15), "RUNNING", 2, 0.30),
+)
+CRAFTED_SEEDS = (0, 1)
+
+
+def crafted_accuracy(base: float, epoch: int, seed: int) -> float:
+    """The made-up learning curve of a crafted trial: +0.1 per epoch, +0.01 per seed."""
+    return round(base + 0.1 * (epoch - 1) + 0.01 * seed, 6)
+
+
+def make_crafted_study(url: str, name: str = "crafted"):
+    """A study with two seeds of each of CRAFTED_TRIALS, recorded the way the driver records
+    trials (user attributes from space.describe, one intermediate value per epoch), plus one
+    queued trial and one skipped duplicate. Built with optuna.trial.create_trial: no training."""
+    import optuna
+    from optuna.distributions import FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from scaling_search.space import Coefficients, describe
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=url, study_name=name, direction="maximize")
+    study.set_user_attr(
+        "study_config",
+        {
+            "space": {"product": 2.0},
+            "train": {"epochs": CRAFTED_BUDGET, "base_resolution_px": 32},
+        },
+    )
+    dists = {
+        "alpha": FloatDistribution(1.0, 2.0),
+        "beta": FloatDistribution(1.0, 2.0),
+        "gamma": FloatDistribution(1.0, 2.0),
+        "seed": IntDistribution(0, 9),
+    }
+    for (alpha, beta, gamma), state, epochs, base in CRAFTED_TRIALS:
+        for seed in CRAFTED_SEEDS:
+            cost = describe(Coefficients(alpha, beta, gamma), base_resolution_px=32, num_classes=10)
+            attrs = {**cost.to_dict(), "seed": seed, "epochs_completed": epochs}
+            if state == "FAIL":
+                attrs["fail_reason"] = "diverged: the loss became nan at epoch 2"
+            curve = {e: crafted_accuracy(base, e, seed) for e in range(1, epochs + 1)}
+            params = {"alpha": alpha, "beta": beta, "gamma": gamma, "seed": seed}
+            study.add_trial(
+                create_trial(
+                    state=TrialState[state],
+                    value=curve[epochs] if state == "COMPLETE" else None,
+                    params=params,
+                    distributions=dists,
+                    user_attrs=attrs,
+                    intermediate_values=curve,
+                )
+            )
+    first = {"alpha": 1.2, "beta": 1.1, "gamma": 1.15, "seed": 0}
+    study.add_trial(create_trial(state=TrialState.WAITING, params=first, distributions=dists))
+    study.add_trial(
+        create_trial(
+            state=TrialState.FAIL,
+            params=first,
+            distributions=dists,
+            user_attrs={**attrs, "duplicate_of": 0, "fail_reason": "duplicate"},
+        )
+    )
+    return study
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny study run to the end once per test session by the real CLI (Ray, training);
+    returns its study file. Its SQLite storage and outputs live beside it."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = tmp_path_factory.mktemp("finished")
+    path = folder / "tiny.yaml"
+    path.write_text(TINY_STUDY.format(name="finished", out=folder / "runs"), encoding="utf-8")
+    ray_tmp = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "scaling_search.cli", "run", str(path)],
+            env={**cli_env(), "RAY_TMPDIR": ray_tmp},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False, capture_output=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder / "run.out").write_text(result.stdout, encoding="utf-8")
+    return path

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from scaling_search.config import load_study
 from scaling_search.data import load_data
+from scaling_search.report import LIVE_FIGURES
 from scaling_search.space import grid_candidates
 from scaling_search.storage import StorageError, open_storage, resolve_url, study_exists
 
@@ -151,6 +152,10 @@ def _dashboard_serves_the_trials(study_path: Path, name: str, count: int) -> Non
         assert len(detail["trials"]) == count
         attrs = {a["key"] for a in detail["trials"][0]["user_attrs"]}
         assert {"alpha", "beta", "gamma"} <= attrs
+        # The driver's own figures and its note with the best triple, on the study's page.
+        assert sorted(g["id"] for g in detail["plotly_graph_objects"]) == sorted(LIVE_FIGURES)
+        assert f"{count} trials ({count} complete)" in detail["note"]["body"]
+        assert "Best: α=" in detail["note"]["body"]
         _only_on_loopback(port)
     finally:
         server.terminate()

@@ -26,3 +26,12 @@ def test_linter_is_clean(command: list[str]) -> None:
         [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    """CI proves the README: the second command of its opening is .ci/run's last line."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:3]]
+    assert len(blocks) == 2 and "scaling-search run studies/quickstart.yaml" in blocks[0]
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    assert ci_lines[-1] == blocks[1]

@@ -1,0 +1,296 @@
+"""Draw the report's figures from the data of ``scaling_search.report`` (nothing is computed here).
+
+Markers mean the same in every figure: a filled circle coloured by accuracy is a trial trained for
+the full budget (it can win); an open, faded circle one stopped early (it cannot); a grey cross a
+failed trial; an open diamond one still running; a star the winning triple.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from scaling_search._report_data import (
+    EARLY,
+    FAILED,
+    FULL,
+    PAPER_TRIPLE,
+    RUNNING,
+    log2_flops_shares,
+    mean_spread,
+)
+
+if TYPE_CHECKING:
+    from scaling_search._report_data import (
+        CurvesInfo,
+        FamilyInfo,
+        TopInfo,
+        TrialPoint,
+        TrialsInfo,
+    )
+
+__all__ = ["cost_figure", "curves_figure", "family_figure", "simplex_figure", "top_table_figure"]
+
+_COLORSCALE = "Viridis"
+_GREY = "#9a9a9a"
+_WINNER = "#d62728"
+_LAYOUT: dict[str, Any] = {
+    "template": "plotly_white",
+    "margin": {"l": 60, "r": 30, "t": 60, "b": 50},
+    "legend": {"orientation": "h", "yanchor": "bottom", "y": -0.25},
+}
+
+
+def _hover(point: TrialPoint) -> str:
+    accuracy = "—" if point.accuracy is None else f"{point.accuracy:.4f}"
+    c = point.coefficients
+    return (
+        f"trial #{point.number} ({point.outcome})<br>α={c.alpha:.4g} β={c.beta:.4g} "
+        f"γ={c.gamma:.4g} seed {point.seed}<br>accuracy {accuracy} after {point.epochs} epoch(s)"
+    )
+
+
+def _marker(outcome: str, points: list[TrialPoint], lo: float, hi: float) -> dict[str, Any]:
+    if outcome == FAILED:
+        return {"symbol": "x", "color": _GREY, "size": 9}
+    if outcome == RUNNING:
+        return {"symbol": "diamond-open", "color": _GREY, "size": 10}
+    colors = [p.accuracy if p.accuracy is not None else lo for p in points]
+    marker: dict[str, Any] = {
+        "color": colors,
+        "cmin": lo,
+        "cmax": hi,
+        "colorscale": _COLORSCALE,
+        "size": 11 if outcome == FULL else 9,
+    }
+    if outcome == FULL:
+        marker["colorbar"] = {"title": {"text": "accuracy"}}
+        marker["line"] = {"width": 0.5, "color": "#333"}
+    else:
+        marker.update(symbol="circle-open", opacity=0.55)
+    return marker
+
+
+def _by_outcome(info: TrialsInfo) -> list[tuple[str, list[TrialPoint], dict[str, Any]]]:
+    scored = [p.accuracy for p in info.points if p.accuracy is not None]
+    lo, hi = (min(scored), max(scored)) if scored else (0.0, 1.0)
+    groups = []
+    for outcome in (FULL, EARLY, RUNNING, FAILED):
+        points = [p for p in info.points if p.outcome == outcome]
+        if points:
+            groups.append((outcome, points, _marker(outcome, points, lo, hi)))
+    return groups
+
+
+def simplex_figure(info: TrialsInfo) -> go.Figure:
+    """Ternary plot of each trial's shares of log2 FLOPs on depth, width and resolution."""
+    figure = go.Figure()
+    for outcome, points, marker in _by_outcome(info):
+        figure.add_trace(
+            go.Scatterternary(
+                a=[p.shares[0] for p in points],
+                b=[p.shares[1] for p in points],
+                c=[p.shares[2] for p in points],
+                mode="markers",
+                name=f"{outcome} ({len(points)})",
+                marker=marker,
+                text=[_hover(p) for p in points],
+                hoverinfo="text",
+            )
+        )
+    marks = [("paper (ImageNet) 1.2, 1.1, 1.15", PAPER_TRIPLE, "square-open", "#555")]
+    if info.winner is not None:
+        marks.append((f"winner {info.winner.label()}", info.winner, "star", _WINNER))
+    for name, coefficients, symbol, color in marks:
+        a, b, c = log2_flops_shares(coefficients)
+        figure.add_trace(
+            go.Scatterternary(
+                a=[a], b=[b], c=[c], mode="markers", name=name, hoverinfo="name",
+                marker={"symbol": symbol, "size": 18, "color": color, "line": {"width": 1.5}},
+            )
+        )  # fmt: skip
+    figure.update_layout(
+        _LAYOUT,
+        title={"text": "Where the FLOPs go: shares of log2(α·β²·γ²) per trial"},
+        ternary={
+            "aaxis": {"title": {"text": "depth log2 α"}, "min": 0},
+            "baxis": {"title": {"text": "width 2·log2 β"}, "min": 0},
+            "caxis": {"title": {"text": "resolution 2·log2 γ"}, "min": 0},
+        },
+    )
+    return figure
+
+
+def cost_figure(info: TrialsInfo) -> go.Figure:
+    """Accuracy against the measured MACs ratio to B0 (after rounding channels, repeats, pixels)."""
+    figure = go.Figure()
+    for outcome, points, marker in _by_outcome(info):
+        if outcome == FAILED:
+            continue  # no accuracy to place
+        shown = [p for p in points if p.accuracy is not None and p.flops_ratio_measured]
+        figure.add_trace(
+            go.Scatter(
+                x=[p.flops_ratio_measured for p in shown],
+                y=[p.accuracy for p in shown],
+                mode="markers",
+                name=f"{outcome} ({len(shown)})",
+                marker={**marker, "color": [p.accuracy for p in shown]},
+                text=[_hover(p) for p in shown],
+                hoverinfo="text",
+            )
+        )
+    winners = [
+        p
+        for p in info.points
+        if p.outcome == FULL and info.winner is not None and p.coefficients == info.winner
+    ]
+    if winners:
+        figure.add_trace(
+            go.Scatter(
+                x=[p.flops_ratio_measured for p in winners],
+                y=[p.accuracy for p in winners],
+                mode="markers",
+                name="winner",
+                marker={"symbol": "star", "size": 18, "color": _WINNER},
+                hoverinfo="skip",
+            )
+        )
+    figure.add_vline(
+        x=info.product,
+        line={"dash": "dash", "color": "#555"},
+        annotation_text=f"nominal α·β²·γ² = {info.product:g}",
+    )
+    figure.update_layout(
+        _LAYOUT,
+        title={"text": "Accuracy against what each triple really costs"},
+        xaxis={"title": {"text": "measured MACs / B0's MACs (after rounding)"}},
+        yaxis={"title": {"text": f"accuracy after {info.budget_epochs} epoch(s) or when stopped"}},
+    )
+    return figure
+
+
+def curves_figure(info: CurvesInfo) -> go.Figure:
+    """Accuracy per epoch for every trial; those stopped early or failed are dimmed."""
+    figure = go.Figure()
+    shown: set[str] = set()
+    for curve in info.curves:
+        full = curve.outcome == FULL
+        style = (
+            {"color": "#1f77b4", "width": 1.6}
+            if full
+            else {"color": _GREY, "width": 1, "dash": "dot" if curve.outcome == FAILED else None}
+        )
+        figure.add_trace(
+            go.Scatter(
+                x=list(curve.epochs),
+                y=list(curve.accuracy),
+                mode="lines+markers",
+                line=style,
+                marker={"size": 4},
+                opacity=0.85 if full else 0.35,
+                name=curve.outcome,
+                legendgroup=curve.outcome,
+                showlegend=curve.outcome not in shown,
+                text=curve.label,
+                hoverinfo="text+y",
+            )
+        )
+        shown.add(curve.outcome)
+    figure.update_layout(
+        _LAYOUT,
+        title={"text": f"Learning curves ({len(info.curves)} trials)"},
+        xaxis={"title": {"text": "epoch"}, "range": [0.5, max(info.budget_epochs, 1) + 0.5]},
+        yaxis={"title": {"text": "validation accuracy"}},
+    )
+    return figure
+
+
+def family_figure(info: FamilyInfo) -> go.Figure:
+    """Params and MACs against φ for both family modes beside the official B0–B7."""
+    figure = make_subplots(
+        rows=1, cols=2, subplot_titles=("parameters (millions)", "MACs / B0's MACs (log scale)")
+    )
+    series = (
+        ("formula (eq. 3)", info.formula, "lines+markers", "circle", "#1f77b4"),
+        ("flops-matched", info.flops_matched, "lines+markers", "square", "#2ca02c"),
+        ("official B0–B7", info.official, "markers", "diamond-open", "#555"),
+    )
+    for name, members, mode, symbol, color in series:
+        for col, values in (
+            (1, [m.params / 1e6 for m in members]),
+            (2, [m.macs_ratio for m in members]),
+        ):
+            figure.add_trace(
+                go.Scatter(
+                    x=[m.phi for m in members], y=values, mode=mode, name=name, legendgroup=name,
+                    showlegend=col == 1, marker={"symbol": symbol, "size": 9, "color": color},
+                    line={"color": color}, text=[m.name for m in members],
+                    hovertemplate="%{text}: φ=%{x:.3f}, %{y:.3g}<extra>" + name + "</extra>",
+                ),
+                row=1, col=col,
+            )  # fmt: skip
+    figure.update_yaxes(type="log", row=1, col=2)
+    figure.update_xaxes(title_text="φ")
+    figure.update_layout(
+        _LAYOUT,
+        title={
+            "text": f"The family of {info.coefficients.label()} ({info.num_classes} classes) "
+            "against the official B0–B7"
+        },
+    )
+    return figure
+
+
+def top_table_figure(info: TopInfo) -> go.Figure:
+    """The best candidates: mean accuracy ± sample std over seeds, seeds, epochs, cost."""
+    rows = [
+        (
+            str(rank) if c.eligible else "–",
+            f"{c.coefficients.alpha:.4g}",
+            f"{c.coefficients.beta:.4g}",
+            f"{c.coefficients.gamma:.4g}",
+            mean_spread(c),
+            str(c.n_seeds),
+            f"{c.epochs}/{info.budget_epochs}",
+            f"{c.flops_ratio_measured:.3f}",
+            f"{c.params / 1e6:.2f}",
+        )
+        for rank, c in enumerate(info.candidates, start=1)
+    ]
+    header = [
+        "rank",
+        "α",
+        "β",
+        "γ",
+        "accuracy (mean ± std)",
+        "seeds",
+        "epochs",
+        "MACs ×B0",
+        "params (M)",
+    ]
+    columns = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in header]
+    figure = go.Figure(
+        go.Table(
+            header={"values": header, "fill": {"color": "#e8eef7"}, "align": "left"},
+            cells={"values": columns, "align": "left", "height": 26},
+        )
+    )
+    figure.update_layout(
+        margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        height=120 + 28 * max(len(rows), 1),
+        title={
+            "text": f"Top candidates ({info.n_eligible} trained for the full budget; "
+            "rank – = stopped early, cannot win)"
+        },
+    )
+    return figure
+
+
+def placeholder_figure(text: str) -> go.Figure:
+    """An empty plot that says why it is empty."""
+    figure = go.Figure()
+    figure.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    figure.update_layout(_LAYOUT, xaxis={"visible": False}, yaxis={"visible": False}, height=250)
+    return figure

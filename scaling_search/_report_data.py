@@ -1,0 +1,277 @@
+"""What a study's report shows, as data: one ``_get_X_info`` function per figure.
+
+As in Optuna's visualization code, each function here reads a study (or a triple) and returns a
+NamedTuple of plain values, tested without drawing; ``scaling_search/_figures.py`` only draws, and
+``scaling_search/report.py`` puts the figures into a page and into optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, cast
+
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
+
+from scaling_search.family import OFFICIAL_FAMILY, make_family
+from scaling_search.model import architecture, count_macs, count_params
+from scaling_search.results import ResultsError, best_triple, budget_epochs, rank, trials_frame
+from scaling_search.space import Coefficients
+
+FULL, EARLY, FAILED, RUNNING = "full budget", "stopped early", "failed", "running"
+OUTCOMES = (FULL, EARLY, FAILED, RUNNING)
+PAPER_TRIPLE = Coefficients(1.2, 1.1, 1.15)  # Tan & Le (2019), §3.3, found on ImageNet
+_TOP_K = 10
+_FAMILY_PHIS = tuple(range(len(OFFICIAL_FAMILY)))  # φ = 0…7, beside B0…B7
+
+
+class TrialPoint(NamedTuple):
+    """One trained (or training, or failed) trial, placed on the constraint surface."""
+
+    number: int
+    outcome: str  # one of OUTCOMES
+    coefficients: Coefficients
+    seed: int | None
+    shares: tuple[float, float, float]  # of log2 nominal FLOPs: depth, width, resolution
+    accuracy: float | None  # the trial's last reported accuracy
+    flops_ratio_measured: float | None  # MACs after rounding / B0's MACs
+    epochs: int
+
+
+class TrialsInfo(NamedTuple):
+    """Data of the simplex and the accuracy-vs-MACs figures."""
+
+    study_name: str
+    budget_epochs: int
+    product: float  # the constraint's c in α·β²·γ² ≈ c
+    points: tuple[TrialPoint, ...]
+    winner: Coefficients | None  # best full-budget triple; None before any
+
+
+class Curve(NamedTuple):
+    number: int
+    label: str
+    outcome: str
+    epochs: tuple[int, ...]
+    accuracy: tuple[float, ...]
+
+
+class CurvesInfo(NamedTuple):
+    budget_epochs: int
+    curves: tuple[Curve, ...]
+
+
+class MemberCost(NamedTuple):
+    name: str
+    phi: float
+    params: int
+    macs_ratio: float  # MACs / MACs of B0 at the base resolution
+
+
+class FamilyInfo(NamedTuple):
+    """Params and MACs against φ: formula and flops-matched families beside the official one."""
+
+    coefficients: Coefficients
+    num_classes: int
+    formula: tuple[MemberCost, ...]
+    flops_matched: tuple[MemberCost, ...]
+    official: tuple[MemberCost, ...]  # B_k at φ = k, MACs relative to B0 at 224 px
+
+
+class Candidate(NamedTuple):
+    coefficients: Coefficients
+    mean_accuracy: float
+    std_accuracy: float  # sample standard deviation over seeds; NaN with one seed
+    n_seeds: int
+    epochs: int  # the most epochs any of its trials completed
+    eligible: bool  # trained for the full budget, so it can win
+    flops_ratio_measured: float
+    params: int
+
+
+class TopInfo(NamedTuple):
+    budget_epochs: int
+    candidates: tuple[Candidate, ...]  # full-budget triples, best mean first
+    n_eligible: int  # full-budget triples in all
+
+
+def log2_flops_shares(coefficients: Coefficients) -> tuple[float, float, float]:
+    """Shares of log2(α·β²·γ²) spent on depth, width and resolution; they sum to 1.
+
+    >>> [round(s, 3) for s in log2_flops_shares(Coefficients(2.0, 1.0, 1.0))]
+    [1.0, 0.0, 0.0]
+    """
+    parts = (
+        math.log2(coefficients.alpha),
+        2 * math.log2(coefficients.beta),
+        2 * math.log2(coefficients.gamma),
+    )
+    total = sum(parts)
+    if total <= 0:
+        return (1 / 3, 1 / 3, 1 / 3)  # B0 itself: no FLOPs spent, no direction
+    a, b, _ = (part / total for part in parts)
+    return (a, b, 1.0 - a - b)
+
+
+def _outcome(trial: FrozenTrial, budget: int) -> str | None:
+    if trial.state == TrialState.FAIL:
+        return None if "duplicate_of" in trial.user_attrs else FAILED  # a skipped copy
+    if trial.state == TrialState.RUNNING:
+        return RUNNING
+    if trial.state == TrialState.WAITING:
+        return None  # queued, nothing to show yet
+    if trial.state == TrialState.COMPLETE and trial.user_attrs.get("epochs_completed", 0) >= budget:
+        return FULL
+    return EARLY
+
+
+def _coefficients(trial: FrozenTrial) -> Coefficients | None:
+    attrs = trial.user_attrs
+    if not all(isinstance(attrs.get(key), (int, float)) for key in ("alpha", "beta", "gamma")):
+        return None
+    return Coefficients(float(attrs["alpha"]), float(attrs["beta"]), float(attrs["gamma"]))
+
+
+def _winner(study: optuna.Study) -> Coefficients | None:
+    try:
+        return best_triple(study).coefficients
+    except ResultsError:
+        return None
+
+
+def _get_trials_info(study: optuna.Study) -> TrialsInfo:
+    budget = budget_epochs(study)
+    points = []
+    for trial in study.get_trials(deepcopy=False):
+        outcome, coefficients = _outcome(trial, budget), _coefficients(trial)
+        if outcome is None or coefficients is None:
+            continue
+        last = trial.value
+        if last is None and trial.intermediate_values:
+            last = trial.intermediate_values[max(trial.intermediate_values)]
+        measured = trial.user_attrs.get("flops_ratio_measured")
+        points.append(
+            TrialPoint(
+                number=trial.number,
+                outcome=outcome,
+                coefficients=coefficients,
+                seed=trial.user_attrs.get("seed"),
+                shares=log2_flops_shares(coefficients),
+                accuracy=None if outcome == FAILED or last is None else float(last),
+                flops_ratio_measured=None if measured is None else float(measured),
+                epochs=int(trial.user_attrs.get("epochs_completed", 0)),
+            )
+        )
+    product = float(study.user_attrs["study_config"]["space"]["product"])
+    return TrialsInfo(study.study_name, budget, product, tuple(points), _winner(study))
+
+
+def _get_curves_info(study: optuna.Study) -> CurvesInfo:
+    budget = budget_epochs(study)
+    curves = []
+    for trial in study.get_trials(deepcopy=False):
+        outcome, coefficients = _outcome(trial, budget), _coefficients(trial)
+        if outcome is None or coefficients is None or not trial.intermediate_values:
+            continue
+        steps = sorted(trial.intermediate_values)
+        seed = trial.user_attrs.get("seed")
+        curves.append(
+            Curve(
+                number=trial.number,
+                label=f"#{trial.number} {coefficients.label()} seed {seed}",
+                outcome=outcome,
+                epochs=tuple(steps),
+                accuracy=tuple(float(trial.intermediate_values[step]) for step in steps),
+            )
+        )
+    return CurvesInfo(budget, tuple(curves))
+
+
+def _official_costs(base_macs: int, num_classes: int) -> tuple[MemberCost, ...]:
+    costs = []
+    for k, official in enumerate(OFFICIAL_FAMILY):
+        arch = architecture(width=official.width, depth=official.depth, num_classes=num_classes)
+        macs = count_macs(arch, resolution_px=official.resolution_px)
+        costs.append(MemberCost(official.name, float(k), count_params(arch), macs / base_macs))
+    return tuple(costs)
+
+
+def _get_family_info(
+    coefficients: Coefficients, *, base_resolution_px: int, num_classes: int
+) -> FamilyInfo:
+    def costs(mode: str, base_macs: int) -> tuple[MemberCost, ...]:
+        family = make_family(
+            coefficients,
+            mode=mode,
+            phis=_FAMILY_PHIS,
+            base_resolution_px=base_resolution_px,
+            num_classes=num_classes,
+        )
+        return tuple(
+            MemberCost(m.name, m.phi, m.params, m.macs / base_macs) for m in family.members
+        )
+
+    b0 = architecture(width=1.0, depth=1.0, num_classes=num_classes)
+    base_macs = count_macs(b0, resolution_px=base_resolution_px)
+    official_base = count_macs(b0, resolution_px=OFFICIAL_FAMILY[0].resolution_px)
+    return FamilyInfo(
+        coefficients=coefficients,
+        num_classes=num_classes,
+        formula=costs("formula", base_macs),
+        flops_matched=costs("flops-matched", base_macs),
+        official=_official_costs(official_base, num_classes),
+    )
+
+
+def _get_top_info(study: optuna.Study, k: int = _TOP_K) -> TopInfo:
+    """The best ``k`` triples: full-budget ones by mean accuracy, then those only stopped early."""
+    budget = budget_epochs(study)
+    frame = trials_frame(study)
+    last = {  # a trial stopped early has no value; its last reported accuracy stands in
+        t.number: t.intermediate_values[max(t.intermediate_values)]
+        for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        if t.intermediate_values
+    }
+    stopped = frame["number"].isin(list(last))
+    frame.loc[stopped, "accuracy"] = frame.loc[stopped, "number"].map(last)
+    key = ["alpha", "beta", "gamma"]
+    ranked = rank(frame, epochs=budget)
+    ranked["eligible"] = True
+    scored = frame[frame["state"].isin(["COMPLETE", "PRUNED"]) & frame["accuracy"].notna()]
+    early = scored[~scored.set_index(key).index.isin(ranked.set_index(key).index)]
+    if not early.empty:
+        grouped = early.groupby(key, as_index=False).agg(
+            mean_accuracy=("accuracy", "mean"),
+            std_accuracy=("accuracy", "std"),
+            n_seeds=("accuracy", "size"),
+            flops_ratio_measured=("flops_ratio_measured", "first"),
+            params=("params", "first"),
+        )
+        grouped["eligible"] = False
+        ordered = grouped.sort_values("mean_accuracy", ascending=False, kind="mergesort")
+        ranked = ordered if ranked.empty else pd.concat([ranked, ordered], ignore_index=True)
+    most = scored.groupby(key)["epochs_completed"].max().to_dict()
+    rows = cast(list[dict[str, Any]], ranked.head(k).to_dict("records"))
+    candidates = tuple(
+        Candidate(
+            coefficients=Coefficients(float(row["alpha"]), float(row["beta"]), float(row["gamma"])),
+            mean_accuracy=float(row["mean_accuracy"]),
+            std_accuracy=float(row["std_accuracy"]),
+            n_seeds=int(row["n_seeds"]),
+            epochs=int(most[(row["alpha"], row["beta"], row["gamma"])]),
+            eligible=bool(row["eligible"]),
+            flops_ratio_measured=float(row["flops_ratio_measured"]),
+            params=int(row["params"]),
+        )
+        for row in rows
+    )
+    return TopInfo(budget, candidates, int(ranked["eligible"].sum()))
+
+
+def mean_spread(candidate: Candidate) -> str:
+    """'0.8125 ± 0.0120' (sample std over seeds), or the mean alone with one seed."""
+    c = candidate
+    if c.n_seeds < 2 or math.isnan(c.std_accuracy):
+        return f"{c.mean_accuracy:.4f}"
+    return f"{c.mean_accuracy:.4f} ± {c.std_accuracy:.4f}"

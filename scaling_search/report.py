@@ -1,0 +1,220 @@
+"""A study's report: five plotly figures in one offline HTML file, and live in optuna-dashboard.
+
+:func:`write_report` puts the five parts (constraint simplex, accuracy against measured MACs,
+learning curves, the family against the official B0–B7, the top candidates) into one
+self-contained HTML file: plotly's JavaScript is embedded and nothing is fetched. The figures'
+data come from ``scaling_search._report_data`` and are drawn by ``scaling_search._figures``.
+:func:`publish_live` stores the two search figures and a note with the best triple in the study,
+where optuna-dashboard shows them; the driver keeps them current through :class:`LiveDashboard`.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from scaling_search._report_data import (
+    _get_curves_info,
+    _get_family_info,
+    _get_top_info,
+    _get_trials_info,
+    mean_spread,
+)
+from scaling_search.results import ResultsError, best_triple
+
+__all__ = ["LIVE_FIGURES", "PARTS", "LiveDashboard", "publish_live", "report_html", "write_report"]
+
+LIVE_FIGURES = ("constraint-simplex", "accuracy-vs-macs")  # graph ids in optuna-dashboard
+
+# --- in optuna-dashboard ------------------------------------------------------------------------
+
+
+def publish_live(study: optuna.Study) -> None:
+    """Store the simplex and accuracy-vs-MACs figures and a note with the best triple in ``study``.
+
+    optuna-dashboard shows them on the study's page; each call replaces the previous ones.
+    """
+    from optuna_dashboard import save_note, save_plotly_graph_object
+
+    from scaling_search import _figures as draw
+
+    info = _get_trials_info(study)
+    for graph_id, figure in zip(
+        LIVE_FIGURES, (draw.simplex_figure(info), draw.cost_figure(info)), strict=True
+    ):
+        save_plotly_graph_object(study, figure, graph_object_id=graph_id)
+    save_note(study, _note(study))
+
+
+class LiveDashboard:
+    """Keeps the figures and note of :func:`publish_live` current while a study runs.
+
+    :meth:`update` publishes at most once per interval (10 s, or 20 times what the last publish
+    took, so a big study never spends more than ~5% of the driver's time on it); ``force`` always
+    publishes. The dashboard is a view: an error here is said once and never stops the search.
+    """
+
+    def __init__(self, study: optuna.Study, say: Callable[[str], None], interval_s: float = 10.0):
+        self._study, self._say, self._interval_s = study, say, interval_s
+        self._next = 0.0
+        self._warned = False
+
+    def update(self, *, force: bool = False) -> None:
+        started = time.monotonic()
+        if not force and started < self._next:
+            return
+        try:
+            publish_live(self._study)
+        except Exception as exc:
+            if not self._warned:
+                self._say(f"optuna-dashboard figures not updated: {' '.join(str(exc).split())}")
+                self._warned = True
+        took = time.monotonic() - started
+        self._next = time.monotonic() + max(self._interval_s, 20 * took)
+
+
+def _note(study: optuna.Study) -> str:
+    lines = [f"## scaling-search: {study.study_name}", "", _summary(study)]
+    top = _get_top_info(study, k=5).candidates
+    if top:
+        lines += [
+            "",
+            "| rank | α | β | γ | accuracy | seeds | epochs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {rank if c.eligible else '–'} | {c.coefficients.alpha:g} | {c.coefficients.beta:g} "
+            f"| {c.coefficients.gamma:g} | {mean_spread(c)} | {c.n_seeds} | {c.epochs} |"
+            for rank, c in enumerate(top, start=1)
+        ]
+    lines += ["", "Full report: `scaling-search report STUDY --out report.html`."]
+    return "\n".join(lines)
+
+
+# --- the report file ----------------------------------------------------------------------------
+
+PARTS = ("simplex", "cost", "curves", "family", "top")  # element ids of the five parts: part-<name>
+_CAPTIONS = {
+    "simplex": "Each trial's split of its extra FLOPs (log2 α·β²·γ²) between depth, width and "
+    "resolution. Colour: accuracy. Open faded circles were stopped early and cannot win; grey "
+    "crosses failed; the star is the winner, the square the paper's ImageNet triple.",
+    "cost": "Accuracy against the MACs ratio each triple really has once channels, repeats and "
+    "pixels are rounded; the dashed line is the nominal constraint.",
+    "curves": "Validation accuracy per epoch. Blue: full budget; grey: stopped early (dotted: "
+    "failed).",
+    "family": "The winner scaled to φ = 0…7 by the formula (α^φ, β^φ, γ^φ) and by matching each "
+    "official model's MACs ratio, beside the official EfficientNet-B0…B7.",
+    "top": "Full-budget candidates ranked by mean accuracy over seeds (± sample standard "
+    "deviation), then the best of those stopped early.",
+}
+
+
+def _figures(study: optuna.Study, *, base_resolution_px: int, num_classes: int) -> dict[str, Any]:
+    from scaling_search import _figures as draw
+
+    trials = _get_trials_info(study)
+    if trials.winner is None:
+        family = draw.placeholder_figure("No trial has completed its full budget yet: no family.")
+    else:
+        family = draw.family_figure(
+            _get_family_info(
+                trials.winner, base_resolution_px=base_resolution_px, num_classes=num_classes
+            )
+        )
+    return {
+        "simplex": draw.simplex_figure(trials),
+        "cost": draw.cost_figure(trials),
+        "curves": draw.curves_figure(_get_curves_info(study)),
+        "family": family,
+        "top": draw.top_table_figure(_get_top_info(study)),
+    }
+
+
+def report_html(study: optuna.Study, *, base_resolution_px: int, num_classes: int) -> str:
+    """The whole report as one HTML document that needs no network (plotly.js inside)."""
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
+    figures = _figures(study, base_resolution_px=base_resolution_px, num_classes=num_classes)
+    sections = []
+    for name in PARTS:
+        div = pio.to_html(
+            figures[name],
+            include_plotlyjs=False,
+            full_html=False,
+            div_id=f"plot-{name}",
+            config={"displaylogo": False, "responsive": True},
+        )
+        sections.append(
+            f'<section id="part-{name}"><p class="caption">{html.escape(_CAPTIONS[name])}</p>'
+            f"{div}</section>"
+        )
+    return _PAGE.format(
+        title=html.escape(f"scaling-search report: {study.study_name}"),
+        summary=html.escape(_summary(study)),
+        plotlyjs=get_plotlyjs(),
+        sections="\n".join(sections),
+    )
+
+
+def write_report(
+    study: optuna.Study, path: Path, *, base_resolution_px: int, num_classes: int
+) -> Path:
+    """Write :func:`report_html` to ``path`` (atomically: a half-written report never shows)."""
+    text = report_html(study, base_resolution_px=base_resolution_px, num_classes=num_classes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def _summary(study: optuna.Study) -> str:
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    words = {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "stopped early",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "queued",
+    }
+    counts = ", ".join(
+        f"{states.count(state)} {word}" for state, word in words.items() if states.count(state)
+    )
+    try:
+        best = best_triple(study)
+    except ResultsError:
+        return f"{len(states)} trials ({counts}); no full-budget result yet."
+    spread = "" if best.n_seeds < 2 else f" ± {best.std_accuracy:.4f} over {best.n_seeds} seeds"
+    return (
+        f"{len(states)} trials ({counts}). Best: {best.coefficients.label()}, accuracy "
+        f"{best.mean_accuracy:.4f}{spread}, among {best.n_candidates} full-budget candidates. "
+        f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
+    )
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1100px; color: #222; }}
+section {{ margin: 2rem 0; border-top: 1px solid #ddd; }}
+.caption {{ color: #555; font-size: 0.92rem; }}
+</style>
+<script type="text/javascript">{plotlyjs}</script>
+</head>
+<body>
+<h1>{title}</h1>
+<p id="summary">{summary}</p>
+{sections}
+</body>
+</html>
+"""
