@@ -195,7 +195,7 @@ def _commands() -> dict[str, tuple[list[str], Callable[[Path], None]]]:
     commands["export:not-numbers"] = (["export", "--coefficients", "a,b,c"], nothing)
     commands["export:bad-mode"] = ([*paper, "--mode", "bogus"], nothing)
     commands["space:json"] = (["space", "study.yaml", "--format", "json"], write_base)
-    for name in ("status", "best"):
+    for name in ("status", "best", "report"):
         commands[f"never-run:{name}"] = ([name, "study.yaml"], write_base)
     return commands
 
@@ -374,7 +374,7 @@ def test_status_of_a_never_run_study_creates_nothing(storage_url: str, tmp_path:
 # --- status / best of a study that never ran (default SQLite file) -------------------------------
 
 
-@pytest.mark.parametrize("command", ["status", "best"])
+@pytest.mark.parametrize("command", ["status", "best", "report"])
 def test_never_run_study_is_one_line_and_creates_no_database(
     launched: _Launched, command: str
 ) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -12,6 +14,7 @@ from conftest import (
     CRAFTED_BUDGET,
     CRAFTED_SEEDS,
     CRAFTED_TRIALS,
+    cli_env,
     crafted_accuracy,
     make_crafted_study,
 )
@@ -30,6 +33,7 @@ from scaling_search._report_data import (
     _get_trials_info,
     log2_flops_shares,
 )
+from scaling_search.config import load_study
 from scaling_search.family import OFFICIAL_FAMILY, make_family
 from scaling_search.space import Coefficients
 
@@ -237,3 +241,39 @@ def test_live_dashboard_throttles_and_never_stops_the_search(tmp_path: Path) -> 
     live.update(force=True)
     live.update(force=True)
     assert len(said) == 1 and said[0].startswith("optuna-dashboard figures not updated")
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def _report_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scaling_search.cli", "report", *args],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_run_and_report_write_the_page(finished_study: Path, tmp_path: Path) -> None:
+    study = load_study(finished_study)
+    default = study.out_dir / "report.html"
+    run_output = (finished_study.parent / "run.out").read_text(encoding="utf-8")
+    assert f"report: {default}" in run_output.splitlines()  # `run` writes it at the end
+    default.unlink()
+    result = _report_cli(str(finished_study))
+    assert result.returncode == 0 and result.stdout == f"report: {default}\n", result.stderr
+    page = default.read_text(encoding="utf-8")
+    assert all(f'<section id="part-{part}">' in page for part in report.PARTS)
+    assert f"scaling-search report: {study.name}" in page
+
+
+@pytest.mark.slow
+def test_report_into_a_folder_is_one_line(finished_study: Path, tmp_path: Path) -> None:
+    result = _report_cli(str(finished_study), "--out", str(tmp_path))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "is a folder" in result.stderr
+    assert list(tmp_path.iterdir()) == []
