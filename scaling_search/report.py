@@ -61,13 +61,19 @@ class LiveDashboard:
     """
 
     def __init__(self, study: optuna.Study, say: Callable[[str], None], interval_s: float = 10.0):
-        self._study, self._say, self._interval_s = study, say, interval_s
+        self._study: optuna.Study | None = study
+        self._say, self._interval_s = say, interval_s
         self._next = 0.0
         self._warned = False
 
+    # Tune pickles its callbacks (tuner.pkl); the study inside would write the storage URL, and
+    # with it a database password, to disk. A copy publishes nothing.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_study": None}
+
     def update(self, *, force: bool = False) -> None:
         started = time.monotonic()
-        if not force and started < self._next:
+        if self._study is None or (not force and started < self._next):
             return
         try:
             publish_live(self._study)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import statistics
 import subprocess
@@ -277,3 +278,14 @@ def test_report_into_a_folder_is_one_line(finished_study: Path, tmp_path: Path) 
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "is a folder" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pickled_live_dashboard_holds_no_storage(tmp_path: Path) -> None:
+    """Tune pickles its callbacks into tuner.pkl: no storage URL (password) may go with them."""
+    study = make_crafted_study(f"sqlite:///{tmp_path / 'Sup3rSecretName.db'}")
+    live = report.LiveDashboard(study, print)
+    blob = pickle.dumps(live)
+    assert b"Sup3rSecretName" not in blob
+    copy = pickle.loads(blob)
+    copy.update(force=True)  # a copy publishes nothing
+    assert _dashboard_view(study)[0] == {}
