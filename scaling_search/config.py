@@ -154,6 +154,9 @@ class TrainConfig(_Strict):
     bn_momentum: float = Field(default=0.1, gt=0.0, le=1.0)  # PyTorch convention; short trials
     bn_recalibration_images: int = Field(default=512, ge=0)  # exact BN statistics before each eval
     augment: bool = True  # random crop with padding + horizontal flip
+    # torch.compile the training step's model. Off by default: on CPU its compile time is not
+    # won back within a short trial (bench/trial_speed.py --compile measures both).
+    compile: bool = False
 
 
 class ResourcesConfig(_Strict):

@@ -73,7 +73,10 @@ class LedgerError(ValueError):
 
 def _identity(study: StudyConfig) -> dict[str, Any]:
     """The settings that define what a trial's number means; a resumed study must keep them."""
-    return json.loads(study.model_dump_json(include={"data", "space", "train"}))
+    # train.compile changes how fast a trial runs, not what it computes.
+    return json.loads(
+        study.model_dump_json(include={"data", "space", "train"}, exclude={"train": {"compile"}})
+    )
 
 
 def open_study(study: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:

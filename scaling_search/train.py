@@ -33,9 +33,11 @@ class EpochMetrics:
     test_loss: float
     train_loss: float
     train_accuracy: float
-    epoch_seconds: float
-    images_per_second: float
+    epoch_seconds: float  # training, BN recalibration and evaluation
+    images_per_second: float  # training images / the training part of epoch_seconds
     started_at: float  # unix time the trial's training began (first epoch, this attempt)
+    train_seconds: float = math.nan  # the training steps of this epoch alone
+    first_step_at: float = math.nan  # unix time the first optimiser step of this attempt ended
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -163,6 +165,11 @@ def _recalibrate_batchnorm(
     model.train()
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -195,6 +202,8 @@ def fit(
             module.momentum = config.bn_momentum
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # The compiled module trains; checkpoints, BN recalibration and evaluation use `model`.
+    step_model = torch.compile(model) if config.compile else model
 
     steps_per_epoch = max(1, len(data.train_labels) // config.batch_size)
     optimizer = _optimizer(model, config, fused=device.type == "cuda")
@@ -216,6 +225,7 @@ def fit(
     train_images = data.train_images.to(device)
     train_labels = data.train_labels.to(device)
 
+    first_step_at = math.nan
     for epoch in range(first_epoch, config.epochs):
         tick = time.perf_counter()
         model.train()
@@ -234,7 +244,7 @@ def fit(
             )
             labels = train_labels[index]
             with _autocast(device):
-                logits = model(inputs)
+                logits = step_model(inputs)
                 loss = F.cross_entropy(
                     logits.float(), labels, label_smoothing=config.label_smoothing
                 )
@@ -245,8 +255,12 @@ def fit(
             # Accumulated on the device: no host synchronisation per step.
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == labels).sum()
+            if math.isnan(first_step_at):
+                _synchronize(device)  # once per attempt, for the start-up measurement
+                first_step_at = time.time()
         seen = steps_per_epoch * config.batch_size
-        train_loss = loss_sum.item() / steps_per_epoch
+        train_loss = loss_sum.item() / steps_per_epoch  # waits for the epoch's last step
+        train_seconds = time.perf_counter() - tick
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}")
         if config.bn_recalibration_images:
@@ -266,8 +280,10 @@ def fit(
             train_loss=train_loss,
             train_accuracy=correct.item() / seen,
             epoch_seconds=seconds,
-            images_per_second=seen / seconds,
+            images_per_second=seen / train_seconds,
             started_at=started_at,
+            train_seconds=train_seconds,
+            first_step_at=first_step_at,
         )
         history.append(metrics)
         if report is not None:

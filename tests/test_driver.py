@@ -79,6 +79,11 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
         )
         assert sorted(trial.intermediate_values) == list(range(1, study.train.epochs + 1))
         assert 0.0 <= trial.value <= 1.0
+    # Two workers ran the trials; each fetched the dataset once and kept it for its next trials.
+    fetched = [t.number for t in trials if not t.user_attrs["data_reused"]]
+    assert 1 <= len(fetched) <= study.search.max_concurrent_trials, fetched
+    # The first optimiser step of each trial came after its training began.
+    assert all(t.user_attrs["first_step_at"] >= t.user_attrs["train_started_at"] for t in trials)
     # The training intervals measured inside the workers overlap for at least one pair.
     spans = [(t.user_attrs["train_started_at"], t.user_attrs["train_reported_at"]) for t in trials]
     overlapping = [

@@ -35,3 +35,17 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     assert len(blocks) == 2 and "scaling-search run studies/quickstart.yaml" in blocks[0]
     ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
     assert ci_lines[-1] == blocks[1]
+
+
+def test_only_the_driver_package_imports_ray() -> None:
+    """Ray's API moves often: scaling_search/driver/ is the one place that imports it."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "scaling_search").rglob("*.py")
+        if "driver" not in path.relative_to(ROOT / "scaling_search").parts
+        and any(
+            line.startswith(("import ray", "from ray"))
+            for line in (text.strip() for text in path.read_text(encoding="utf-8").splitlines())
+        )
+    ]
+    assert offenders == []

@@ -1,0 +1,92 @@
+"""One line per finished trial on the driver's console, and the live dashboard kept current."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from scaling_search.driver._search import StudySearch
+from scaling_search.driver._trainable import FAIL_KEY, METRIC
+from scaling_search.report import LiveDashboard
+
+Progress = Callable[[str], None]
+
+
+class ProgressCallback(tune.Callback):
+    """One line per finished trial (counts, the best full-budget result so far); hands the
+    reason of each errored trial to the searcher."""
+
+    def __init__(
+        self, budget_epochs: int, progress: Progress, searcher: StudySearch, live: LiveDashboard
+    ) -> None:
+        self._budget, self._say = budget_epochs, progress
+        self._searcher, self._live = searcher, live
+        self._done = self._failed = 0
+        self._best: tuple[float, str] | None = None
+        self._last: dict[str, dict[str, Any]] = {}
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self._last[trial.trial_id] = result
+        self._live.update()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        result = self._last.get(trial.trial_id, {})
+        point = _label(trial.config)
+        if FAIL_KEY in result:
+            self._failed += 1
+            self._line(trials, trial, f"{point} FAILED: {result[FAIL_KEY]}")
+            self._live.update()
+            return
+        self._done += 1
+        if result.get("epoch") == self._budget and (
+            self._best is None or result[METRIC] > self._best[0]
+        ):
+            self._best = (result[METRIC], point)
+        self._line(
+            trials,
+            trial,
+            f"{point} accuracy {result.get(METRIC, float('nan')):.4f} "
+            f"after {result.get('epoch', 0)} epoch(s)",
+        )
+        self._live.update()
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._say(f"{_label(trial.config)} retrying from its last checkpoint: {_reason(trial)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._failed += 1
+        reason = _reason(trial)
+        self._searcher.fail(trial.trial_id, reason)
+        self._line(trials, trial, f"{_label(trial.config)} FAILED: {reason}")
+        self._live.update()
+
+    def _line(self, trials: list, finished_trial: Any, event: str) -> None:
+        finished = self._done + self._failed
+        # Tune still lists the trial that just ended as RUNNING when it calls back.
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not finished_trial)
+        best = f"best so far {self._best[1]} accuracy {self._best[0]:.4f}" if self._best else ""
+        self._say(
+            f"[{finished} done, {running} running, {self._failed} failed] {event}"
+            + (f" | {best}" if best else "")
+        )
+
+
+def _reason(trial: Any) -> str:
+    """The last line of a Tune trial's error: the exception, without Ray's traceback."""
+    # Tune writes the error next to the trial first (local_path) and syncs it to storage later.
+    local = Path(trial.error_file) if trial.error_file else None
+    text = local.read_text(errors="replace") if local and local.is_file() else trial.get_error()
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def _label(config: dict[str, Any]) -> str:
+    return (
+        f"α={config.get('alpha', 0):.3f} β={config.get('beta', 0):.3f} "
+        f"γ={config.get('gamma', 0):.3f} seed={config.get('seed', 0)}"
+    )

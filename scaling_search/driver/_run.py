@@ -1,0 +1,174 @@
+"""run_study: plan with the ledger, start or join Ray, and run the Tuner."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import optuna
+import ray
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from scaling_search import ledger
+from scaling_search.config import StudyConfig
+from scaling_search.data import ImageData
+from scaling_search.driver._progress import Progress, ProgressCallback
+from scaling_search.driver._search import StudySearch
+from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
+from scaling_search.ledger import Heartbeat
+from scaling_search.report import LiveDashboard
+from scaling_search.space import DefineByRun
+from scaling_search.train import fit
+
+__all__ = ["RunSummary", "run_study"]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one invocation of :func:`run_study` did."""
+
+    launched: int
+    completed: int
+    pruned: int
+    failed: int
+    wall_seconds: float
+
+
+def _scheduler(study: StudyConfig) -> TrialScheduler:
+    if study.search.scheduler == "asha":
+        return ASHAScheduler(
+            metric=METRIC,
+            mode="max",
+            time_attr="epoch",
+            max_t=study.train.epochs,
+            grace_period=1,
+            reduction_factor=2,
+        )
+    return FIFOScheduler()
+
+
+def _init_ray(study: StudyConfig, address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: our progress lines only
+    # Tune warns whenever per-epoch checkpoints make it snapshot often; that is expected here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    ray.init(
+        address=address,
+        num_cpus=study.resources.num_cpus if address is None else None,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        configure_logging=True,
+    )
+
+
+def _state_counts(ot_study: optuna.Study) -> Counter[TrialState]:
+    return Counter(t.state for t in ot_study.get_trials(deepcopy=False))
+
+
+def _resources(study: StudyConfig) -> dict[str, float]:
+    """One trial's Ray resource request: CPUs, (fractions of) GPUs, and custom resources."""
+    wanted = {"cpu": study.resources.cpus_per_trial, "gpu": study.resources.gpus_per_trial}
+    return {**wanted, **study.resources.custom}
+
+
+def run_study(
+    study: StudyConfig,
+    *,
+    data: ImageData,
+    storage: optuna.storages.RDBStorage,
+    progress: Progress = print,
+    address: str | None = None,
+    fit_fn: Fit = fit,
+) -> RunSummary:
+    """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
+
+    ``address`` joins a running Ray cluster ("auto" or HOST:PORT); without it a local Ray starts.
+    ``fit_fn`` trains one trial (default :func:`scaling_search.train.fit`, same signature).
+    """
+    started = time.perf_counter()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ot_study = ledger.open_study(study, storage)
+    ledger.recover_stale(ot_study, progress)
+    to_launch = ledger.plan_trials(study, ot_study)
+    if to_launch == 0:
+        progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
+        return RunSummary(0, 0, 0, 0, time.perf_counter() - started)
+    before = _state_counts(ot_study)
+    progress(
+        f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
+        f"up to {study.search.max_concurrent_trials} at a time"
+    )
+    _init_ray(study, address)
+    define = DefineByRun(
+        study.space,
+        sampler=study.search.sampler,
+        seeds=ledger.seeds(study),
+        base_resolution_px=study.train.base_resolution_px,
+        num_classes=data.num_classes,
+    )
+    with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
+        searcher = StudySearch(
+            space=define,
+            metric=METRIC,
+            mode="max",
+            sampler=ledger.sampler(study),
+            study_name=study.name,
+            storage=storage,
+            budget_epochs=study.train.epochs,
+            queued_only=study.search.sampler == "grid",
+            heartbeat=heartbeat,
+        )
+        live = LiveDashboard(ot_study, progress)
+        _tuner(study, data, fit_fn, searcher, to_launch, progress, live).fit()
+        searcher.close()
+        live.update(force=True)  # the figures and note of the finished run
+    after = _state_counts(ot_study)
+    return RunSummary(
+        launched=to_launch,
+        completed=after[TrialState.COMPLETE] - before[TrialState.COMPLETE],
+        pruned=after[TrialState.PRUNED] - before[TrialState.PRUNED],
+        failed=after[TrialState.FAIL] - before[TrialState.FAIL],
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def _tuner(
+    study: StudyConfig,
+    data: ImageData,
+    fit_fn: Fit,
+    searcher: StudySearch,
+    to_launch: int,
+    progress: Progress,
+    live: LiveDashboard,
+) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, study=study, shared=SharedData(data), fit_fn=fit_fn),
+        _resources(study),
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=_scheduler(study),
+            num_samples=to_launch,
+            max_concurrent_trials=study.search.max_concurrent_trials,
+            reuse_actors=True,  # a worker process (torch imported, data fetched) runs many trials
+        ),
+        run_config=tune.RunConfig(
+            # A new experiment each run: the Optuna study, not Tune's state, says what is done.
+            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=str((study.out_dir / "ray").resolve()),
+            verbose=0,
+            callbacks=[ProgressCallback(study.train.epochs, progress, searcher, live)],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=study.search.trial_retries),
+        ),
+    )

@@ -1,0 +1,112 @@
+"""What runs in a Ray worker: the trainable that hands ``ray.tune.report`` to ``fit``, and the
+dataset shared with it through the object store."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import ray
+import torch
+from ray import tune
+
+from scaling_search import ledger
+from scaling_search.config import StudyConfig
+from scaling_search.data import ImageData
+from scaling_search.space import Coefficients
+from scaling_search.train import EpochMetrics, failure_reason, pick_device
+
+METRIC = "accuracy"
+FAIL_KEY = ledger.FAIL_REASON_ATTR  # a result with it ends its trial as FAIL (e.g. diverged)
+Fit = Callable[..., Any]
+
+
+class SharedData:
+    """The dataset in Ray's object store, fetched once per worker process and kept on its device.
+
+    Tune hands each trial its parameters anew (``ray.get`` per trial, a full copy of the images),
+    so the trainable is given this small handle instead: the first trial in a worker fetches the
+    data and moves it to the device; the trials that the reused worker runs next take it from
+    memory. One dataset is kept per process.
+    """
+
+    _cache: ClassVar[dict[tuple[str, str], ImageData]] = {}  # per worker process
+
+    def __init__(self, data: ImageData) -> None:
+        self._ref = ray.put(data)
+
+    def get(self, device: torch.device) -> tuple[ImageData, bool]:
+        """The data on ``device``, and whether this process had it already."""
+        key = (self._ref.hex(), str(device))
+        if key in self._cache:
+            return self._cache[key], True
+        self._cache.clear()
+        data: ImageData = ray.get(self._ref)
+        on_device = ImageData(
+            name=data.name,
+            train_images=data.train_images.to(device),
+            train_labels=data.train_labels.to(device),
+            test_images=data.test_images.to(device),
+            test_labels=data.test_labels.to(device),
+            num_classes=data.num_classes,
+        )
+        self._cache[key] = on_device
+        return on_device, False
+
+
+def train_trial(
+    config: dict[str, Any], *, study: StudyConfig, shared: SharedData, fit_fn: Fit
+) -> None:
+    """The Ray Tune function trainable: typed point in, per-epoch reports and checkpoints out.
+
+    Errors that would repeat on a retry (the loss diverged, out of memory) end the trial with a
+    ``fail_reason`` result; any other error propagates, and Tune restarts the trial from its
+    last checkpoint up to ``search.trial_retries`` times.
+    """
+    coefficients = Coefficients(config["alpha"], config["beta"], config["gamma"])
+    torch.set_num_threads(max(1, int(study.resources.cpus_per_trial)))
+    device = pick_device()
+    data, data_reused = shared.get(device)
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / "state.pt", weights_only=False)
+    placement = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "resumed_from_epoch": int(resume["epoch"]) if resume else 0,
+        "data_reused": data_reused,
+    }
+    epochs_done = placement["resumed_from_epoch"]
+
+    def report(metrics: EpochMetrics, state: Any) -> None:
+        nonlocal epochs_done
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / "state.pt")
+            tune.report(
+                {**metrics.to_dict(), **placement, "reported_at": time.time()},
+                checkpoint=tune.Checkpoint.from_directory(folder),
+            )
+        epochs_done = metrics.epoch
+
+    try:
+        fit_fn(
+            study.train,
+            data,
+            coefficients,
+            seed=int(config["seed"]),
+            report=report,
+            resume=resume,
+            device=device,
+        )
+    except Exception as exc:
+        reason = failure_reason(exc)
+        if reason is None:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the actor is reused for the next trial
+        tune.report({FAIL_KEY: reason, "epoch": epochs_done, METRIC: float("nan"), **placement})
