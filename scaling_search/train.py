@@ -206,7 +206,7 @@ def fit(
     step_model = torch.compile(model) if config.compile else model
 
     steps_per_epoch = max(1, len(data.train_labels) // config.batch_size)
-    optimizer = _optimizer(model, config, fused=device.type == "cuda")
+    optimizer = _optimizer(model, config, fused=True)  # fused kernels on CPU and CUDA alike
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         _lr_lambda(steps_per_epoch * config.epochs, round(config.warmup_epochs * steps_per_epoch)),

@@ -6,6 +6,21 @@ ledger's job (:mod:`scaling_search.ledger`): running a study again continues it,
 already trained are never trained again, and several drivers can share one study.
 """
 
-from scaling_search.driver._run import RunSummary, run_study
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scaling_search.driver._run import RunSummary, run_study
 
 __all__ = ["RunSummary", "run_study"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazily: a Ray worker imports driver._trainable, and must not pay for the driver's side
+    # (Optuna's searcher, pandas, plotly) before its first training step.
+    if name in __all__:
+        from scaling_search.driver import _run
+
+        return getattr(_run, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
