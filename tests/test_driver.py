@@ -200,8 +200,9 @@ def test_changed_training_settings_refuse_to_continue(tiny_study: Path):
     changed = load_study(tiny_study, ["train.epochs=3", "data.train_size=64"])
     with pytest.raises(LedgerError, match=r"data\.train_size, train\.epochs"):
         open_study(changed, storage)
-    # The search settings may change between runs.
+    # The search settings may change between runs, and so may train.compile (speed, not maths).
     open_study(load_study(tiny_study, ["search.max_concurrent_trials=1"]), storage)
+    open_study(load_study(tiny_study, ["train.compile=true"]), storage)
 
 
 def _kill_leftovers(ray_tmp: str) -> None:
