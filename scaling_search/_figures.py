@@ -1,7 +1,7 @@
 """Draw the report's figures from the data of ``scaling_search.report`` (nothing is computed here).
 
 Markers mean the same in every figure: a filled circle coloured by accuracy is a trial trained for
-the full budget (it can win); an open, faded circle one stopped early (it cannot); a grey cross a
+the full budget (it can win); an open grey circle one stopped early (it cannot); a grey cross a
 failed trial; an open diamond one still running; a star the winning triple.
 """
 
@@ -57,24 +57,21 @@ def _marker(outcome: str, points: list[TrialPoint], lo: float, hi: float) -> dic
         return {"symbol": "x", "color": _GREY, "size": 9}
     if outcome == RUNNING:
         return {"symbol": "diamond-open", "color": _GREY, "size": 10}
-    colors = [p.accuracy if p.accuracy is not None else lo for p in points]
-    marker: dict[str, Any] = {
-        "color": colors,
+    if outcome == EARLY:  # dimmed: its accuracy is of a lower fidelity (in the hover text)
+        return {"symbol": "circle-open", "color": "#7f7f7f", "size": 10, "line": {"width": 2}}
+    return {
+        "color": [p.accuracy if p.accuracy is not None else lo for p in points],
         "cmin": lo,
         "cmax": hi,
         "colorscale": _COLORSCALE,
-        "size": 11 if outcome == FULL else 9,
+        "size": 11,
+        "colorbar": {"title": {"text": "accuracy"}},
+        "line": {"width": 0.5, "color": "#333"},
     }
-    if outcome == FULL:
-        marker["colorbar"] = {"title": {"text": "accuracy"}}
-        marker["line"] = {"width": 0.5, "color": "#333"}
-    else:
-        marker.update(symbol="circle-open", opacity=0.55)
-    return marker
 
 
 def _by_outcome(info: TrialsInfo) -> list[tuple[str, list[TrialPoint], dict[str, Any]]]:
-    scored = [p.accuracy for p in info.points if p.accuracy is not None]
+    scored = [p.accuracy for p in info.points if p.outcome == FULL and p.accuracy is not None]
     lo, hi = (min(scored), max(scored)) if scored else (0.0, 1.0)
     groups = []
     for outcome in (FULL, EARLY, RUNNING, FAILED):
@@ -136,7 +133,9 @@ def cost_figure(info: TrialsInfo) -> go.Figure:
                 y=[p.accuracy for p in shown],
                 mode="markers",
                 name=f"{outcome} ({len(shown)})",
-                marker={**marker, "color": [p.accuracy for p in shown]},
+                marker={**marker, "color": [p.accuracy for p in shown]}
+                if outcome == FULL
+                else marker,
                 text=[_hover(p) for p in shown],
                 hoverinfo="text",
             )

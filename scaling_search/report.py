@@ -108,7 +108,7 @@ def _note(study: optuna.Study) -> str:
 PARTS = ("simplex", "cost", "curves", "family", "top")  # element ids of the five parts: part-<name>
 _CAPTIONS = {
     "simplex": "Each trial's split of its extra FLOPs (log2 α·β²·γ²) between depth, width and "
-    "resolution. Colour: accuracy. Open faded circles were stopped early and cannot win; grey "
+    "resolution. Colour: accuracy. Open grey circles were stopped early and cannot win; grey "
     "crosses failed; the star is the winner, the square the paper's ImageNet triple.",
     "cost": "Accuracy against the MACs ratio each triple really has once channels, repeats and "
     "pixels are rounded; the dashed line is the nominal constraint.",

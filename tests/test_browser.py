@@ -8,6 +8,7 @@ page land in dashboards/screenshots/ (or $SCALING_SEARCH_SCREENSHOTS) for CI to 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -93,18 +94,14 @@ def _console_errors(driver: Any) -> list[str]:
 
 
 def _screenshot(driver: Any, name: str) -> Path:
-    """The whole page, not only the window (plots re-lay themselves out when it grows)."""
-    height = 0
-    for _ in range(5):
-        now = driver.execute_script("return document.documentElement.scrollHeight")
-        if now == height:
-            break
-        height = now
-        driver.set_window_size(1280, min(max(height, 800), 12000))
-        time.sleep(1)
+    """The whole page, not only the window, through the DevTools protocol."""
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+    )
     path = SCREENSHOTS / name
-    driver.save_screenshot(str(path))
-    driver.set_window_size(1280, 1400)
+    path.write_bytes(base64.b64decode(shot["data"]))
     assert path.stat().st_size > 20_000  # a real picture, not a blank page
     return path
 
