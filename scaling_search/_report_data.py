@@ -16,7 +16,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.family import OFFICIAL_FAMILY, make_family
 from scaling_search.model import architecture, count_macs, count_params
-from scaling_search.results import ResultsError, best_triple, budget_epochs, rank, trials_frame
+from scaling_search.results import (
+    ResultsError,
+    best_triple,
+    budget_epochs,
+    by_triple,
+    rank,
+    trials_frame,
+)
 from scaling_search.space import Coefficients
 
 FULL, EARLY, FAILED, RUNNING = "full budget", "stopped early", "failed", "running"
@@ -241,13 +248,7 @@ def _get_top_info(study: optuna.Study, k: int = _TOP_K) -> TopInfo:
     scored = frame[frame["state"].isin(["COMPLETE", "PRUNED"]) & frame["accuracy"].notna()]
     early = scored[~scored.set_index(key).index.isin(ranked.set_index(key).index)]
     if not early.empty:
-        grouped = early.groupby(key, as_index=False).agg(
-            mean_accuracy=("accuracy", "mean"),
-            std_accuracy=("accuracy", "std"),
-            n_seeds=("accuracy", "size"),
-            flops_ratio_measured=("flops_ratio_measured", "first"),
-            params=("params", "first"),
-        )
+        grouped = by_triple(early)
         grouped["eligible"] = False
         ordered = grouped.sort_values("mean_accuracy", ascending=False, kind="mergesort")
         ranked = ordered if ranked.empty else pd.concat([ranked, ordered], ignore_index=True)

@@ -17,7 +17,15 @@ from optuna.trial import TrialState
 
 from scaling_search.space import Coefficients
 
-__all__ = ["BestTriple", "ResultsError", "best_triple", "budget_epochs", "rank", "trials_frame"]
+__all__ = [
+    "BestTriple",
+    "ResultsError",
+    "best_triple",
+    "budget_epochs",
+    "by_triple",
+    "rank",
+    "trials_frame",
+]
 
 _ATTRS = (
     "alpha",
@@ -95,6 +103,20 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+def by_triple(frame: pd.DataFrame) -> pd.DataFrame:
+    """Trials grouped by (α, β, γ): mean accuracy, its sample std over seeds (NaN with one seed),
+    the number of seeds, and the triple's cost columns."""
+    return frame.groupby(_KEY, as_index=False).agg(
+        mean_accuracy=("accuracy", "mean"),
+        std_accuracy=("accuracy", "std"),
+        n_seeds=("accuracy", "size"),
+        flops_ratio_nominal=("flops_ratio_nominal", "first"),
+        flops_ratio_measured=("flops_ratio_measured", "first"),
+        params=("params", "first"),
+        resolution_px=("resolution_px", "first"),
+    )
+
+
 def rank(frame: pd.DataFrame, *, epochs: int) -> pd.DataFrame:
     """Full-budget COMPLETE trials grouped by triple, best mean accuracy first.
 
@@ -107,16 +129,7 @@ def rank(frame: pd.DataFrame, *, epochs: int) -> pd.DataFrame:
     ]
     if full.empty:
         return pd.DataFrame(columns=[*_KEY, "mean_accuracy", "std_accuracy", "n_seeds"])
-    grouped = full.groupby(_KEY, as_index=False).agg(
-        mean_accuracy=("accuracy", "mean"),
-        std_accuracy=("accuracy", "std"),
-        n_seeds=("accuracy", "size"),
-        flops_ratio_nominal=("flops_ratio_nominal", "first"),
-        flops_ratio_measured=("flops_ratio_measured", "first"),
-        params=("params", "first"),
-        resolution_px=("resolution_px", "first"),
-    )
-    ordered = grouped.sort_values(
+    ordered = by_triple(full).sort_values(
         ["mean_accuracy", "flops_ratio_measured"], ascending=[False, True], kind="mergesort"
     )
     return ordered.reset_index(drop=True)
