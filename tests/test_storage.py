@@ -6,6 +6,7 @@ PostgreSQL database (see conftest.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,13 +132,18 @@ def test_mask_url_hides_a_password_in_the_query() -> None:
 # --- check_url -----------------------------------------------------------------------------------
 
 
-def _check_error(url: str) -> str:
+def _refusal(call: Callable[[str], object], url: str) -> str:
+    """The one-line StorageError that ``call(url)`` raises; it never shows the password."""
     with pytest.raises(StorageError) as info:
-        check_url(url)
+        call(url)
     message = str(info.value)
     assert "\n" not in message
     assert SECRET not in message
     return message
+
+
+def _check_error(url: str) -> str:
+    return _refusal(check_url, url)
 
 
 @pytest.mark.parametrize(
@@ -278,11 +284,7 @@ def _with_password(url: str) -> str:
 
 
 def _schema_error(url: str) -> str:
-    with pytest.raises(StorageError) as info:
-        open_storage(url)
-    message = str(info.value)
-    assert "\n" not in message
-    assert SECRET not in message
+    message = _refusal(open_storage, url)
     assert mask_url(url) in message
     return message
 
