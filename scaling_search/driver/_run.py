@@ -52,6 +52,19 @@ def _scheduler(study: StudyConfig) -> TrialScheduler:
     return FIFOScheduler()
 
 
+# Start-up settings of a local Ray (bench/startup.py measures them):
+_LOCAL_RAY_CONFIG = {
+    # Tune starts each trial's actor with a runtime environment (env_vars), so Ray's prestarted
+    # plain workers are never used; they would only take CPU from the start-up.
+    "prestart_worker_first_driver": False,
+    # The raylet connects to its object store's socket as the store thread opens it, and on a
+    # busy machine often first finds none: it then waits out a whole retry interval (1000 ms by
+    # default). Retry every 50 ms instead, with the same 10 s of patience in all.
+    "raylet_client_connect_timeout_milliseconds": 50,
+    "raylet_client_num_connect_attempts": 200,
+}
+
+
 def _init_ray(study: StudyConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
@@ -59,9 +72,11 @@ def _init_ray(study: StudyConfig, address: str | None) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: our progress lines only
     # Tune warns whenever per-epoch checkpoints make it snapshot often; that is expected here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    local = address is None
     ray.init(
         address=address,
-        num_cpus=study.resources.num_cpus if address is None else None,
+        num_cpus=study.resources.num_cpus if local else None,
+        _system_config=_LOCAL_RAY_CONFIG if local else None,
         include_dashboard=False,
         logging_level=logging.WARNING,
         log_to_driver=False,
