@@ -157,23 +157,25 @@ def _emit(data: Any, fmt: str, table: Sequence[str]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from scaling_search.data import load_data
-    from scaling_search.space import SimplexCoordinates, grid_candidates
-    from scaling_search.storage import mask_url, open_storage, resolve_url
+    from scaling_search._startup import collector_paused
 
-    study = load_study(args.study, args.overrides)
-    if study.search.sampler == "grid":
-        grid_candidates(study.space)
-    else:
-        SimplexCoordinates(study.space)
-    data = load_data(study.data)
-    url = resolve_url(study)
-    storage = open_storage(url)  # everything above is checked before anything is written
+    with collector_paused():  # the set-up imports torch, Optuna and Ray Tune
+        from scaling_search.data import load_data
+        from scaling_search.space import SimplexCoordinates, grid_candidates
+        from scaling_search.storage import mask_url, open_storage, resolve_url
 
-    from scaling_search import driver
+        study = load_study(args.study, args.overrides)
+        if study.search.sampler == "grid":
+            grid_candidates(study.space)
+        else:
+            SimplexCoordinates(study.space)
+        data = load_data(study.data)
+        url = resolve_url(study)
+        storage = open_storage(url)  # everything above is checked before anything is written
+        from scaling_search.driver import run_study
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
-    summary = driver.run_study(study, data=data, storage=storage, address=args.address)
+    summary = run_study(study, data=data, storage=storage, address=args.address)
     print(
         f"this run: {summary.launched} launched, {summary.completed} completed, "
         f"{summary.pruned} stopped early, {summary.failed} failed "

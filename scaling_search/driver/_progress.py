@@ -9,7 +9,8 @@ from typing import Any
 from ray import tune
 
 from scaling_search.driver._search import StudySearch
-from scaling_search.driver._trainable import FAIL_KEY, METRIC
+from scaling_search.driver._trainable import METRIC
+from scaling_search.ledger import FAIL_REASON_ATTR
 from scaling_search.report import LiveDashboard
 
 Progress = Callable[[str], None]
@@ -37,9 +38,9 @@ class ProgressCallback(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = self._last.get(trial.trial_id, {})
         point = _label(trial.config)
-        if FAIL_KEY in result:
+        if FAIL_REASON_ATTR in result:
             self._failed += 1
-            self._line(trials, trial, f"{point} FAILED: {result[FAIL_KEY]}")
+            self._line(trials, trial, f"{point} FAILED: {result[FAIL_REASON_ATTR]}")
             self._live.update()
             return
         self._done += 1

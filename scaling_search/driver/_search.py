@@ -15,8 +15,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from scaling_search import ledger
-from scaling_search.driver._trainable import FAIL_KEY, METRIC
-from scaling_search.ledger import Heartbeat
+from scaling_search.driver._trainable import METRIC
+from scaling_search.ledger import FAIL_REASON_ATTR, Heartbeat
 
 
 class StudySearch(OptunaSearch):
@@ -51,7 +51,7 @@ class StudySearch(OptunaSearch):
         return super().suggest(trial_id)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if FAIL_KEY in result:
+        if FAIL_REASON_ATTR in result:
             return  # handled when the trial completes, right after
         with contextlib.suppress(UpdateFinishedTrialError):  # see _record
             super().on_trial_result(trial_id, result)
@@ -88,8 +88,8 @@ class StudySearch(OptunaSearch):
             self._errored.add(trial_id)
             return
         self._heartbeat.release(self._ot_trials[trial_id]._trial_id)
-        if result and FAIL_KEY in result:
-            self._fail(trial_id, str(result[FAIL_KEY]))
+        if result and FAIL_REASON_ATTR in result:
+            self._fail(trial_id, str(result[FAIL_REASON_ATTR]))
             return
         if result and "epoch" in result:
             # When a scheduler stops a trial, its last result arrives here only (Tune does not

@@ -9,18 +9,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import ray
-import torch
-from ray import tune
+from scaling_search._startup import collector_paused
 
-from scaling_search import ledger
-from scaling_search.config import StudyConfig
-from scaling_search.data import ImageData
-from scaling_search.space import Coefficients
-from scaling_search.train import EpochMetrics, failure_reason, pick_device
+with collector_paused():  # a worker imports torch and the trainer here, before its first trial
+    import ray
+    import torch
+    from ray import tune
+
+    from scaling_search.config import StudyConfig
+    from scaling_search.data import ImageData
+    from scaling_search.space import Coefficients
+    from scaling_search.train import EpochMetrics, failure_reason, pick_device
 
 METRIC = "accuracy"
-FAIL_KEY = ledger.FAIL_REASON_ATTR  # a result with it ends its trial as FAIL (e.g. diverged)
 Fit = Callable[..., Any]
 
 
@@ -109,4 +110,10 @@ def train_trial(
             raise
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the actor is reused for the next trial
-        tune.report({FAIL_KEY: reason, "epoch": epochs_done, METRIC: float("nan"), **placement})
+        # Imported here: the ledger brings Optuna, which a worker needs only on this path.
+        from scaling_search.ledger import FAIL_REASON_ATTR
+
+        # A result with this key ends its trial as FAIL (the searcher reads it).
+        tune.report(
+            {FAIL_REASON_ATTR: reason, "epoch": epochs_done, METRIC: float("nan"), **placement}
+        )
