@@ -7,7 +7,10 @@ On CUDA it trains under bf16 autocast; on every device it uses channels_last.
 
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -104,6 +107,30 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig, fused: bool) -> torc
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, fused=fused or None)
+
+
+def _optimizer_and_schedule(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    steps_per_epoch: int,
+    resume: Mapping[str, Any] | None,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The fused optimiser and its warm-up + cosine schedule, restored from ``resume``."""
+    optimizer = _optimizer(model, config, fused=True)  # fused kernels on CPU and CUDA alike
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        _lr_lambda(steps_per_epoch * config.epochs, round(config.warmup_epochs * steps_per_epoch)),
+    )
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+    return optimizer, schedule
+
+
+def _import_in_background(module: str) -> None:
+    """Import ``module`` on a daemon thread, unless it is imported already."""
+    if module not in sys.modules:
+        threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
 
 
 def _evaluate(
@@ -206,21 +233,19 @@ def fit(
     step_model = torch.compile(model) if config.compile else model
 
     steps_per_epoch = max(1, len(data.train_labels) // config.batch_size)
-    optimizer = _optimizer(model, config, fused=True)  # fused kernels on CPU and CUDA alike
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        _lr_lambda(steps_per_epoch * config.epochs, round(config.warmup_epochs * steps_per_epoch)),
-    )
     generator = torch.Generator(device="cpu").manual_seed(seed)
     history: list[EpochMetrics] = []
     first_epoch = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
         first_epoch = int(resume["epoch"])
+    # The optimiser is built after the first backward pass: torch imports torch._dynamo for
+    # the first optimiser of a process (~0.8 s of a CPU core), and that import runs on a second
+    # thread during the pass, which autograd's engine runs without holding the GIL.
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     started_at = time.time()
     train_images = data.train_images.to(device)
     train_labels = data.train_labels.to(device)
@@ -248,8 +273,14 @@ def fit(
                 loss = F.cross_entropy(
                     logits.float(), labels, label_smoothing=config.label_smoothing
                 )
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
+            if optimizer is None:
+                _import_in_background("torch._dynamo")
             loss.backward()
+            if optimizer is None or schedule is None:
+                optimizer, schedule = _optimizer_and_schedule(
+                    model, config, steps_per_epoch, resume
+                )
             optimizer.step()
             schedule.step()
             # Accumulated on the device: no host synchronisation per step.
@@ -287,6 +318,7 @@ def fit(
         )
         history.append(metrics)
         if report is not None:
+            assert optimizer is not None and schedule is not None  # an epoch has ≥ 1 step
             report(metrics, _state(model, optimizer, schedule, generator, epoch + 1))
 
     return FitResult(
