@@ -49,3 +49,18 @@ def test_only_the_driver_package_imports_ray() -> None:
         )
     ]
     assert offenders == []
+
+
+def test_a_worker_imports_neither_optuna_nor_the_drivers_side() -> None:
+    """What a Ray worker imports before its first trial is start-up time (bench/startup.py):
+    the trainable module must not bring Optuna, the report or the searcher with it."""
+    probe = (
+        "import sys, ray, ray.tune; import scaling_search.driver._trainable; "
+        "print(sorted(m for m in ('optuna', 'plotly', 'scaling_search.ledger', "
+        "'scaling_search.report', 'scaling_search.driver._search') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
