@@ -16,8 +16,8 @@ achieved training FLOP/s (3 × forward MACs × 2 per image) against a matrix mul
 the same run (fp32 on CPU, bf16 on CUDA): the utilisation; the time from process start to the
 project's first optimiser step; the peak memory of each loop. ``--profile`` adds torch.profiler's
 table of where the project's step spends its time; ``--accuracy N`` trains both loops for N
-epochs with the same recipe and seed and prints both test accuracies. Last line:
-``ratio: X.XX utilisation: Y.YY``.
+epochs with the same recipe and seed, for each of ``--seeds`` seeds, and prints both test
+accuracies and their paired difference. Last line: ``ratio: X.XX utilisation: Y.YY``.
 
     .venv/bin/python bench/trial_speed.py                   # CPU, ~3 minutes on 2 cores
     .venv/bin/python bench/trial_speed.py --device cuda --steps 100 --batch 256
@@ -221,6 +221,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="profile one project epoch")
     parser.add_argument("--accuracy", type=int, default=0, metavar="EPOCHS")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds of --accuracy (paired)")
     parser.add_argument(
         "--compile", action="store_true", help="also measure train.compile: its cost and gain"
     )
@@ -315,18 +316,30 @@ def _compile_cost(config: TrainConfig, data: ImageData, device: torch.device) ->
 
 
 def _accuracy(args: argparse.Namespace, device: torch.device) -> None:
-    """Equal recipe, seed and epochs: the test accuracy of both loops."""
+    """Equal recipe, seed and epochs: the test accuracy of both loops, paired over seeds."""
     data = make_synthetic(num_classes=10, train_size=2048, test_size=1024, image_px=32, seed=1)
     config = TrainConfig(
         base_resolution_px=args.resolution, epochs=args.accuracy, batch_size=args.batch
     )
-    for seed in (0, 1):
-        ours = fit(config, data, Coefficients(1.0, 1.0, 1.0), seed=seed, device=device).accuracy
+    ours, theirs = [], []
+    for seed in range(args.seeds):
+        ours.append(
+            fit(config, data, Coefficients(1.0, 1.0, 1.0), seed=seed, device=device).accuracy
+        )
         _, model = _reference_fit(config, data, args.resolution, seed=seed, device=device)
-        theirs = _reference_accuracy(model, data, args.resolution, config)
+        theirs.append(_reference_accuracy(model, data, args.resolution, config))
         print(
-            f"accuracy after {args.accuracy} epochs, seed {seed}: project {ours:.4f} "
-            f"reference {theirs:.4f}"
+            f"accuracy after {args.accuracy} epochs, seed {seed}: project {ours[-1]:.4f} "
+            f"reference {theirs[-1]:.4f}"
+        )
+    if args.seeds > 1:
+        differences = [a - b for a, b in zip(ours, theirs, strict=True)]
+        spread = statistics.stdev(differences) / math.sqrt(len(differences))
+        print(
+            f"over {args.seeds} seeds: project {statistics.mean(ours):.4f} ± "
+            f"{statistics.stdev(ours):.4f}, reference {statistics.mean(theirs):.4f} ± "
+            f"{statistics.stdev(theirs):.4f} (mean ± sample std); paired difference "
+            f"{statistics.mean(differences):+.4f} ± {spread:.4f} (mean ± standard error)"
         )
 
 
