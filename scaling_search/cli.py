@@ -165,6 +165,10 @@ def _run(args: argparse.Namespace) -> int:
         from scaling_search.storage import mask_url, open_storage, resolve_url
 
         study = load_study(args.study, args.overrides)
+        if study.objective is not None:
+            from scaling_search.objective import load_objective
+
+            load_objective(study.objective)  # importable here, before anything is launched
         if study.search.sampler == "grid":
             grid_candidates(study.space)
         else:

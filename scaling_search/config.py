@@ -35,6 +35,7 @@ __all__ = [
 SAMPLERS = ("grid", "tpe", "random", "qmc")
 SCHEDULERS = ("fifo", "asha")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+_OBJECTIVE_PATTERN = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"  # package.module:function
 # A real study holds under 200 values, 3 levels deep; these limits only stop YAML built to hurt.
 _MAX_VALUES = 100_000  # values (keys, items, scalars) once YAML aliases are expanded
 _MAX_DEPTH = 32  # levels of nested mappings and lists
@@ -196,6 +197,15 @@ class StudyConfig(_Strict):
     search: SearchConfig = SearchConfig()
     train: TrainConfig = TrainConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    # Trains one trial instead of the built-in trainer (see scaling_search.objective).
+    objective: str | None = None
+
+    @field_validator("objective")
+    @classmethod
+    def _module_and_function(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(_OBJECTIVE_PATTERN, value):
+            raise ValueError(f"must name a function as 'package.module:function', got {value!r}")
+        return value
 
     @field_validator("storage")
     @classmethod

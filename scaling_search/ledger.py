@@ -74,9 +74,12 @@ class LedgerError(ValueError):
 def _identity(study: StudyConfig) -> dict[str, Any]:
     """The settings that define what a trial's number means; a resumed study must keep them."""
     # train.compile changes how fast a trial runs, not what it computes.
-    return json.loads(
+    identity = json.loads(
         study.model_dump_json(include={"data", "space", "train"}, exclude={"train": {"compile"}})
     )
+    if study.objective is not None:  # absent for the built-in trainer, as before the hook
+        identity["objective"] = {"function": study.objective}
+    return identity
 
 
 def open_study(study: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:

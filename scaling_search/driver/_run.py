@@ -21,6 +21,7 @@ from scaling_search.driver._progress import Progress, ProgressCallback
 from scaling_search.driver._search import StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
 from scaling_search.ledger import Heartbeat
+from scaling_search.objective import ObjectiveFit
 from scaling_search.report import LiveDashboard
 from scaling_search.space import DefineByRun
 from scaling_search.train import fit
@@ -101,12 +102,13 @@ def run_study(
     storage: optuna.storages.RDBStorage,
     progress: Progress = print,
     address: str | None = None,
-    fit_fn: Fit = fit,
+    fit_fn: Fit | None = None,
 ) -> RunSummary:
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
 
     ``address`` joins a running Ray cluster ("auto" or HOST:PORT); without it a local Ray starts.
-    ``fit_fn`` trains one trial (default :func:`scaling_search.train.fit`, same signature).
+    ``fit_fn`` trains one trial (same signature as :func:`scaling_search.train.fit`); by default
+    the study's ``objective`` if it names one, else the built-in trainer.
     """
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -142,6 +144,8 @@ def run_study(
             heartbeat=heartbeat,
         )
         live = LiveDashboard(ot_study, progress)
+        if fit_fn is None:
+            fit_fn = ObjectiveFit(study.objective) if study.objective else fit
         _tuner(study, data, fit_fn, searcher, to_launch, progress, live).fit()
         searcher.close()
         live.update(force=True)  # the figures and note of the finished run

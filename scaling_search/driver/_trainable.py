@@ -18,6 +18,7 @@ with collector_paused():  # a worker imports torch and the trainer here, before 
 
     from scaling_search.config import StudyConfig
     from scaling_search.data import ImageData
+    from scaling_search.objective import ObjectiveError
     from scaling_search.space import Coefficients
     from scaling_search.train import EpochMetrics, failure_reason, pick_device
 
@@ -105,7 +106,8 @@ def train_trial(
             device=device,
         )
     except Exception as exc:
-        reason = failure_reason(exc)
+        # An objective that broke its contract would break it again on a retry.
+        reason = str(exc) if isinstance(exc, ObjectiveError) else failure_reason(exc)
         if reason is None:
             raise
         if torch.cuda.is_available():
