@@ -201,10 +201,11 @@ def _print_best(ot_study: optuna.Study) -> Any:
 
     best = best_triple(ot_study)
     spread = "" if best.n_seeds < 2 else f" ± {best.std_accuracy:.4f} (std over {best.n_seeds})"
+    tied = "" if best.tied is None else f"; {len(best.tied)} tied with it (t-test, 5%)"
     print(
         f"best: α={best.coefficients.alpha:g} β={best.coefficients.beta:g} "
         f"γ={best.coefficients.gamma:g}  accuracy {best.mean_accuracy:.4f}{spread}  "
-        f"among {best.n_candidates} full-budget candidate(s)"
+        f"among {best.n_candidates} full-budget candidate(s){tied}"
     )
     return best
 
@@ -305,9 +306,29 @@ def _best(args: argparse.Namespace) -> int:
             f"FLOPs ratio nominal {best['flops_ratio_nominal']:.4f}  measured "
             f"{best['flops_ratio_measured']:.4f}  params {best['params']:,}  "
             f"resolution {best['resolution_px']} px",
+            *_tied_lines(best),
         ],
     )
     return 0
+
+
+def _tied_lines(best: dict[str, Any]) -> list[str]:
+    """The tied set of ``best`` (BestTriple.to_dict()) as table lines."""
+    if best["tied"] is None:
+        return [
+            "tied: not tested (no candidate has 2 or more seeds to estimate the seed noise; "
+            "set search.repeats)"
+        ]
+    head = (
+        f"seed noise: std {best['noise_std']:.4f} pooled over repeated candidates "
+        f"(df {best['noise_df']}); tied with the winner (two-sided t-test, p >= 0.05): "
+        f"{len(best['tied'])}"
+    )
+    return [head] + [
+        f"  alpha {t['alpha']:g}  beta {t['beta']:g}  gamma {t['gamma']:g}  accuracy "
+        f"{t['mean_accuracy']:.4f}  seeds {t['n_seeds']}  p {t['p_value']:.3f}"
+        for t in best["tied"]
+    ]
 
 
 # --- space, model, dashboard -------------------------------------------------------------

@@ -3,6 +3,12 @@
 Only trials that COMPLETED the full epoch budget can win: a trial stopped early by a scheduler has
 a lower-fidelity accuracy. When a candidate was trained with several seeds it is ranked by its mean
 accuracy and reported with the sample standard deviation and the number of seeds.
+
+The winner comes with the candidates statistically tied with it: those whose mean accuracy a
+two-sided t-test at the 5% level cannot tell from the winner's. Seed noise is taken as one
+variance for all candidates, pooled over those trained with two or more seeds (degrees of
+freedom Σ(nᵢ − 1)), so a candidate run once is still tested against it; with no repeated
+candidate there is no estimate of the noise, and no tied set.
 """
 
 from __future__ import annotations
@@ -14,16 +20,21 @@ from typing import Any
 import optuna
 import pandas as pd
 from optuna.trial import TrialState
+from scipy import stats
 
 from scaling_search.space import Coefficients
 
 __all__ = [
+    "TIE_LEVEL",
     "BestTriple",
     "ResultsError",
+    "Tied",
     "best_triple",
     "budget_epochs",
     "by_triple",
+    "pooled_noise",
     "rank",
+    "tied_with_best",
     "trials_frame",
 ]
 
@@ -41,10 +52,31 @@ _ATTRS = (
     "fail_reason",
 )
 _KEY = ["alpha", "beta", "gamma"]
+TIE_LEVEL = 0.05  # two-sided; a candidate with p ≥ this is tied with the winner
 
 
 class ResultsError(ValueError):
     """No result can be given yet (e.g. no trial finished its full budget)."""
+
+
+@dataclass(frozen=True)
+class Tied:
+    """A candidate that the t-test cannot tell from the winner."""
+
+    coefficients: Coefficients
+    mean_accuracy: float
+    n_seeds: int
+    p_value: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alpha": self.coefficients.alpha,
+            "beta": self.coefficients.beta,
+            "gamma": self.coefficients.gamma,
+            "mean_accuracy": round(self.mean_accuracy, 6),
+            "n_seeds": self.n_seeds,
+            "p_value": round(self.p_value, 6),
+        }
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,9 @@ class BestTriple:
     params: int
     resolution_px: int
     n_candidates: int  # full-budget candidates it was chosen among
+    noise_std: float = math.nan  # pooled seed standard deviation; NaN: no repeated candidate
+    noise_df: int = 0  # its degrees of freedom
+    tied: tuple[Tied, ...] | None = None  # None: no noise estimate, so no test
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +109,9 @@ class BestTriple:
             "params": self.params,
             "resolution_px": self.resolution_px,
             "n_candidates": self.n_candidates,
+            "noise_std": None if math.isnan(self.noise_std) else round(self.noise_std, 6),
+            "noise_df": self.noise_df,
+            "tied": None if self.tied is None else [t.to_dict() for t in self.tied],
         }
 
 
@@ -135,6 +173,39 @@ def rank(frame: pd.DataFrame, *, epochs: int) -> pd.DataFrame:
     return ordered.reset_index(drop=True)
 
 
+def pooled_noise(ranked: pd.DataFrame) -> tuple[float, int]:
+    """Seed standard deviation pooled over candidates with ≥ 2 seeds, and its degrees of freedom
+    Σ(nᵢ − 1); (NaN, 0) when no candidate was trained twice."""
+    repeated = ranked[ranked["n_seeds"] >= 2]
+    df = int((repeated["n_seeds"] - 1).sum())
+    if df == 0:
+        return math.nan, 0
+    variance = float(((repeated["n_seeds"] - 1) * repeated["std_accuracy"] ** 2).sum()) / df
+    return math.sqrt(variance), df
+
+
+def tied_with_best(ranked: pd.DataFrame) -> tuple[Tied, ...] | None:
+    """The candidates after the first of ``ranked`` (see :func:`rank`) that a two-sided t-test
+    at :data:`TIE_LEVEL`, with the pooled seed noise, cannot tell from it; None without noise."""
+    noise, df = pooled_noise(ranked)
+    if df == 0:
+        return None
+    best, *others = ranked.to_dict("records")
+    tied = []
+    for row in others:
+        scale = noise * math.sqrt(1 / best["n_seeds"] + 1 / row["n_seeds"])
+        gap = float(best["mean_accuracy"] - row["mean_accuracy"])
+        p = 1.0 if gap == 0 else (0.0 if scale == 0 else 2 * stats.t.sf(abs(gap) / scale, df))
+        if p >= TIE_LEVEL:
+            coefficients = Coefficients(
+                float(row["alpha"]), float(row["beta"]), float(row["gamma"])
+            )
+            tied.append(
+                Tied(coefficients, float(row["mean_accuracy"]), int(row["n_seeds"]), float(p))
+            )
+    return tuple(tied)
+
+
 def best_triple(study: optuna.Study) -> BestTriple:
     """The best full-budget triple of ``study``.
 
@@ -149,6 +220,7 @@ def best_triple(study: optuna.Study) -> BestTriple:
             f"{epochs} epoch(s) yet"
         )
     top = ranked.iloc[0]
+    noise, noise_df = pooled_noise(ranked)
     return BestTriple(
         coefficients=Coefficients(float(top.alpha), float(top.beta), float(top.gamma)),
         mean_accuracy=float(top.mean_accuracy),
@@ -159,4 +231,7 @@ def best_triple(study: optuna.Study) -> BestTriple:
         params=int(top.params),
         resolution_px=int(top.resolution_px),
         n_candidates=len(ranked),
+        noise_std=noise,
+        noise_df=noise_df,
+        tied=tied_with_best(ranked),
     )

@@ -219,3 +219,52 @@ def test_trials_frame_has_one_row_per_trial_with_the_attributes(storage_url: str
     assert frame.iloc[2]["accuracy"] is None or math.isnan(frame.iloc[2]["accuracy"])
     for column in ("params", "flops_ratio_measured", "duration_s"):
         assert column in frame.columns
+
+
+# --- the set tied with the winner ----------------------------------------------------------------
+
+
+def test_with_two_repeated_candidates_the_tie_test_is_students_t_test(storage_url: str) -> None:
+    from scipy import stats
+
+    study = _study(storage_url)
+    a_runs, b_runs = [0.70, 0.64, 0.73, 0.69], [0.66, 0.62, 0.70]
+    for seed, acc in enumerate(a_runs):
+        _add(study, A, acc, seed=seed)
+    for seed, acc in enumerate(b_runs):
+        _add(study, B, acc, seed=seed)
+    best = best_triple(study)
+    # Pooling the seed variance of the two is Student's two-sample t-test (equal variances).
+    expected = stats.ttest_ind(a_runs, b_runs, equal_var=True).pvalue
+    assert expected > 0.05  # so B is tied with A
+    assert best.tied is not None and len(best.tied) == 1
+    assert best.tied[0].coefficients.as_tuple() == B
+    assert best.tied[0].p_value == pytest.approx(expected, rel=1e-9)
+    assert best.noise_df == len(a_runs) + len(b_runs) - 2
+    pooled = ((3 * statistics.variance(a_runs)) + 2 * statistics.variance(b_runs)) / 5
+    assert best.noise_std == pytest.approx(math.sqrt(pooled), rel=1e-9)
+
+
+def test_a_clearly_worse_candidate_is_not_tied_and_one_run_is_tested_on_the_pooled_noise(
+    storage_url: str,
+) -> None:
+    study = _study(storage_url)
+    for seed, acc in enumerate([0.700, 0.702, 0.698]):
+        _add(study, A, acc, seed=seed)  # seed noise ≈ 0.002
+    _add(study, B, 0.699)  # one run, within the noise of A
+    _add(study, C, 0.600)  # one run, fifty noise widths below
+    best = best_triple(study)
+    assert best.coefficients.as_tuple() == A
+    assert best.tied is not None
+    assert [t.coefficients.as_tuple() for t in best.tied] == [B]
+    assert best.tied[0].n_seeds == 1 and best.tied[0].p_value > 0.5
+    assert best.to_dict()["tied"][0]["alpha"] == B[0]
+
+
+def test_without_a_repeated_candidate_there_is_no_tie_test(storage_url: str) -> None:
+    study = _study(storage_url)
+    _add(study, A, 0.70)
+    _add(study, B, 0.69)
+    best = best_triple(study)
+    assert best.tied is None and math.isnan(best.noise_std) and best.noise_df == 0
+    assert best.to_dict()["tied"] is None and best.to_dict()["noise_std"] is None
