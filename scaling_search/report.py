@@ -11,6 +11,7 @@ where optuna-dashboard shows them; the driver keeps them current through :class:
 from __future__ import annotations
 
 import html
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,8 +57,10 @@ class LiveDashboard:
     """Keeps the figures and note of :func:`publish_live` current while a study runs.
 
     :meth:`update` publishes at most once per interval (10 s, or 20 times what the last publish
-    took, so a big study never spends more than ~5% of the driver's time on it); ``force`` always
-    publishes. The dashboard is a view: an error here is said once and never stops the search.
+    took) on a background thread, so that Ray Tune's event loop, which calls it, never waits for
+    the figures while a worker waits for its next trial; ``force`` waits for a publish in flight
+    and publishes at once. The dashboard is a view: an error here is said once and never stops
+    the search.
     """
 
     def __init__(self, study: optuna.Study, say: Callable[[str], None], interval_s: float = 10.0):
@@ -65,18 +68,35 @@ class LiveDashboard:
         self._say, self._interval_s = say, interval_s
         self._next = 0.0
         self._warned = False
+        self._thread: threading.Thread | None = None
 
     # Tune pickles its callbacks (tuner.pkl); the study inside would write the storage URL, and
     # with it a database password, to disk. A copy publishes nothing.
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_study": None}
+        return {**self.__dict__, "_study": None, "_thread": None}
 
     def update(self, *, force: bool = False) -> None:
-        started = time.monotonic()
-        if self._study is None or (not force and started < self._next):
+        if self._study is None:
             return
+        if force:
+            self.wait()
+            self._publish(self._study)
+            return
+        busy = self._thread is not None and self._thread.is_alive()
+        if busy or time.monotonic() < self._next:
+            return
+        self._thread = threading.Thread(target=self._publish, args=(self._study,), daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Return once no publish is in flight."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def _publish(self, study: optuna.Study) -> None:
+        started = time.monotonic()
         try:
-            publish_live(self._study)
+            publish_live(study)
         except Exception as exc:
             if not self._warned:
                 self._say(f"optuna-dashboard figures not updated: {' '.join(str(exc).split())}")

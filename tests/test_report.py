@@ -230,10 +230,12 @@ def test_live_dashboard_throttles_and_never_stops_the_search(tmp_path: Path) -> 
     study = make_crafted_study(f"sqlite:///{tmp_path / 'c.db'}")
     said: list[str] = []
     live = report.LiveDashboard(study, said.append, interval_s=3600)
-    live.update()
+    live.update()  # published on a background thread
+    live.wait()
     _, first = _dashboard_view(study)
     study.tell(study.ask(), 0.5)
     live.update()  # within the interval: skipped
+    live.wait()
     assert _dashboard_view(study)[1] == first
     live.update(force=True)
     assert "(9 complete," in _dashboard_view(study)[1] and "(8 complete," in first
