@@ -161,10 +161,12 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 pool_recycle=1800,
                 connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
             )
+        sqlite = parsed.drivername.startswith("sqlite")
+        new_file = sqlite and not Path(parsed.database or "").expanduser().is_file()
         with _schema_lock(parsed):
             storage = _create(parsed, engine_kwargs)
-        if parsed.drivername.startswith("sqlite"):
-            _lock_sqlite_transactions(storage.engine)
+        if sqlite:
+            _lock_sqlite_transactions(storage.engine, write_ahead_log=new_file)
         return storage
     except (SQLAlchemyError, OSError, ImportError) as exc:
         raise StorageError(
@@ -230,19 +232,31 @@ def _create(parsed: URL, engine_kwargs: dict[str, object]) -> optuna.storages.RD
     raise AssertionError("unreachable")
 
 
-def _lock_sqlite_transactions(engine: Engine) -> None:
+def _lock_sqlite_transactions(engine: Engine, *, write_ahead_log: bool) -> None:
     """Make each SQLite transaction take the database's write lock as it begins.
 
     pysqlite begins a transaction only at its first write, so Optuna's read-then-update of a
     queued trial (WAITING → RUNNING; PostgreSQL locks the row with FOR UPDATE) could run in two
     drivers at once and hand one trial to both. SQLAlchemy's recipe for pysqlite: switch off the
     driver's own BEGIN and emit BEGIN IMMEDIATE instead.
+
+    With ``write_ahead_log`` (a file this call created) the database is switched to SQLite's
+    write-ahead log: readers (the dashboard) no longer block the driver, and a commit costs
+    about a third of a rollback-journal commit here (a driver commits some 30 times per trial).
+    A database in that mode syncs at checkpoints only (synchronous=NORMAL): a crashed process
+    loses nothing committed; a power cut can lose the last commits, never the file. A file made
+    otherwise keeps its journal mode, so reading a study never changes its file.
     """
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
     def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
+        if write_ahead_log:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        (mode,) = dbapi_connection.execute("PRAGMA journal_mode").fetchone()
+        if mode == "wal":
+            dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
     @event.listens_for(engine, "begin")
     def _begin_immediate(connection: Any) -> None:

@@ -222,6 +222,34 @@ def test_open_storage_creates_the_sqlite_folder(tmp_path: Path) -> None:
     assert path.is_file()
 
 
+def _journal_mode(path: Path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(path) as connection:
+        return str(connection.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+def test_a_new_sqlite_file_uses_the_write_ahead_log_and_an_old_one_keeps_its_journal(
+    tmp_path: Path,
+) -> None:
+    made = tmp_path / "new.db"
+    storage = open_storage(f"sqlite:///{made}")
+    optuna.create_study(storage=storage, study_name="s").set_user_attr("k", 1)
+    assert _journal_mode(made) == "wal"
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    storage.engine.dispose()
+
+    old = tmp_path / "old.db"
+    optuna.storages.RDBStorage(f"sqlite:///{old}").engine.dispose()  # rollback journal
+    storage = open_storage(f"sqlite:///{old}")
+    optuna.create_study(storage=storage, study_name="s").set_user_attr("k", 1)
+    assert _journal_mode(old) == "delete"
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL, as before
+    storage.engine.dispose()
+
+
 def test_open_storage_refuses_a_bad_url_before_creating_anything(tmp_path: Path) -> None:
     with pytest.raises(StorageError):
         open_storage(f"mysql://u:{SECRET}@h/db")
