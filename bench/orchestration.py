@@ -59,6 +59,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument(
+        "--tuned-baseline",
+        action="store_true",
+        help="also run the baseline with reuse_actors and max_concurrent_trials = CPUs",
+    )
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="ss-orch-"))
@@ -78,6 +83,7 @@ def main() -> None:
     from scaling_search.config import parse_study
     from scaling_search.data import load_data
     from scaling_search.driver import run_study
+    from scaling_search.storage import open_storage
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -98,23 +104,34 @@ def main() -> None:
     )
 
     def project() -> None:
-        storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+        storage = open_storage(f"sqlite:///{folder / 'optuna.db'}")  # as `scaling-search run`
         run_study(study, data=load_data(study.data), storage=storage, progress=lambda line: None)
 
-    def baseline() -> None:
-        space = {name: tune.uniform(1.0, 1.5) for name in ("alpha", "beta", "gamma")}
-        tune.Tuner(
-            tune.with_resources(tune_spin, {"cpu": 1}),
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                search_alg=OptunaSearch(metric="accuracy", mode="max"),
-                num_samples=args.trials,
-            ),
-            run_config=tune.RunConfig(storage_path=str(folder / "tune"), verbose=0),
-        ).fit()
+    def baseline(**settings: int | bool) -> Callable[[], None]:
+        def search() -> None:
+            space = {name: tune.uniform(1.0, 1.5) for name in ("alpha", "beta", "gamma")}
+            tune.Tuner(
+                tune.with_resources(tune_spin, {"cpu": 1}),
+                param_space=space,
+                tune_config=tune.TuneConfig(
+                    search_alg=OptunaSearch(metric="accuracy", mode="max"),
+                    num_samples=args.trials,
+                    **settings,  # type: ignore[arg-type]
+                ),
+                run_config=tune.RunConfig(storage_path=str(folder / "tune"), verbose=0),
+            ).fit()
+
+        return search
 
     ours = _measure("project", project, log, args.cpus)
-    theirs = _measure("baseline", baseline, log, args.cpus)
+    theirs = _measure("baseline", baseline(), log, args.cpus)
+    if args.tuned_baseline:
+        _measure(
+            "tuned",
+            baseline(reuse_actors=True, max_concurrent_trials=args.cpus),
+            log,
+            args.cpus,
+        )
     print(f"busy: {ours:.2f} baseline: {theirs:.2f}")
 
 
