@@ -21,6 +21,7 @@ __all__ = [
     "SCHEDULERS",
     "Bounds",
     "DataConfig",
+    "RacingConfig",
     "ResourcesConfig",
     "SearchConfig",
     "SpaceConfig",
@@ -118,6 +119,14 @@ class SpaceConfig(_Strict):
     tolerance: float = Field(default=0.1, ge=0.0, allow_inf_nan=False)  # grid only
 
 
+class RacingConfig(_Strict):
+    """The final stage: the ``top_k`` best triples of the search, each trained at the full
+    budget with ``repeats`` new seeds, so that the winner is a mean over seeds."""
+
+    top_k: PositiveInt = 3
+    repeats: int = Field(default=3, ge=2, le=100)
+
+
 class SearchConfig(_Strict):
     """How points are chosen and how many trials run at once."""
 
@@ -129,6 +138,7 @@ class SearchConfig(_Strict):
     seed: int = 0  # sampler seed
     # Times Ray restarts a trial that raised (or whose node died) from its last checkpoint.
     trial_retries: int = Field(default=2, ge=0, le=100)
+    racing: RacingConfig | None = None  # no racing stage unless given
 
     @model_validator(mode="after")
     def _sampler_rules(self) -> SearchConfig:

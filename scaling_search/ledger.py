@@ -52,12 +52,15 @@ __all__ = [
     "open_study",
     "plan_trials",
     "point_of",
+    "point_of_params",
     "recover_stale",
     "sampler",
     "seeds",
 ]
 
 DRIVER_ATTR = "driver"
+STAGE_ATTR = "stage"  # "racing" on the trials of the racing stage (scaling_search.racing)
+RACING_STAGE = "racing"
 FAIL_REASON_ATTR = "fail_reason"
 DUPLICATE_ATTR = "duplicate_of"
 _CONFIG_ATTR = "study_config"
@@ -259,6 +262,11 @@ def point_of(trial: FrozenTrial) -> Point | None:
     return _key(params)
 
 
+def point_of_params(params: dict[str, Any]) -> Point | None:
+    """The (α, β, γ, seed) of a trial's parameters, rounded as :func:`point_of` rounds them."""
+    return _key(params)
+
+
 def _key(params: dict[str, Any]) -> Point | None:
     if not {"alpha", "beta", "gamma", "seed"} <= params.keys():
         return None
@@ -288,7 +296,8 @@ def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
     """
     if study.search.sampler != "grid":
         done = ot_study.get_trials(deepcopy=False, states=_DONE)
-        return max(0, (study.search.n_trials or 0) - len(done))
+        searched = [t for t in done if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE]
+        return max(0, (study.search.n_trials or 0) - len(searched))
     taken = {point_of(t) for t in ot_study.get_trials(deepcopy=False, states=_HELD)}
     for coefficients in grid_candidates(study.space):
         for seed in seeds(study):
@@ -300,7 +309,8 @@ def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
             }
             if _key(params) not in taken:
                 ot_study.enqueue_trial(params, skip_if_exists=False)
-    return len(ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return sum(1 for t in waiting if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE)
 
 
 def _earlier_holder(ot_study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:

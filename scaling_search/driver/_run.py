@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from scaling_search import ledger
+from scaling_search import ledger, racing
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
 from scaling_search.driver._progress import Progress, ProgressCallback
@@ -115,48 +115,80 @@ def run_study(
     ot_study = ledger.open_study(study, storage)
     ledger.recover_stale(ot_study, progress)
     to_launch = ledger.plan_trials(study, ot_study)
-    if to_launch == 0:
+    to_race = racing.plan_racing(study, ot_study) if to_launch == 0 else 0
+    if to_launch == 0 and to_race == 0:
         progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
         return RunSummary(0, 0, 0, 0, time.perf_counter() - started)
     before = _state_counts(ot_study)
-    progress(
-        f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
-        f"up to {study.search.max_concurrent_trials} at a time"
-    )
     _init_ray(study, address)
-    define = DefineByRun(
-        study.space,
-        sampler=study.search.sampler,
-        seeds=ledger.seeds(study),
-        base_resolution_px=study.train.base_resolution_px,
-        num_classes=data.num_classes,
-    )
+    if fit_fn is None:
+        fit_fn = ObjectiveFit(study.objective) if study.objective else fit
+    live = LiveDashboard(ot_study, progress)
     with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
+        stage = _Stage(study, data, storage, heartbeat, fit_fn, progress, live)
+        if to_launch:
+            progress(
+                f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
+                f"up to {study.search.max_concurrent_trials} at a time"
+            )
+            stage.run(to_launch, racing_stage=False)
+            to_race = racing.plan_racing(study, ot_study)
+        if to_race and study.search.racing is not None:
+            progress(
+                f"racing: the top {study.search.racing.top_k} triple(s) of the search, "
+                f"{study.search.racing.repeats} new seed(s) each at the full budget: "
+                f"{to_race} trial(s)"
+            )
+            stage.run(to_race, racing_stage=True)
+        live.update(force=True)  # the figures and note of the finished run
+    after = _state_counts(ot_study)
+    return RunSummary(
+        launched=to_launch + to_race,
+        completed=after[TrialState.COMPLETE] - before[TrialState.COMPLETE],
+        pruned=after[TrialState.PRUNED] - before[TrialState.PRUNED],
+        failed=after[TrialState.FAIL] - before[TrialState.FAIL],
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Runs one stage of a study (the search, or racing) as one Tuner on the shared storage."""
+
+    study: StudyConfig
+    data: ImageData
+    storage: optuna.storages.RDBStorage
+    heartbeat: Heartbeat
+    fit_fn: Fit
+    progress: Progress
+    live: LiveDashboard
+
+    def run(self, count: int, *, racing_stage: bool) -> None:
+        study = self.study
+        define = DefineByRun(
+            study.space,
+            # Racing trials are queued points, as the grid's are.
+            sampler="grid" if racing_stage else study.search.sampler,
+            seeds=racing.all_seeds(study),  # one seed distribution for every trial of the study
+            base_resolution_px=study.train.base_resolution_px,
+            num_classes=self.data.num_classes,
+        )
         searcher = StudySearch(
             space=define,
             metric=METRIC,
             mode="max",
             sampler=ledger.sampler(study),
             study_name=study.name,
-            storage=storage,
+            storage=self.storage,
             budget_epochs=study.train.epochs,
-            queued_only=study.search.sampler == "grid",
-            heartbeat=heartbeat,
+            queued_only=racing_stage or study.search.sampler == "grid",
+            heartbeat=self.heartbeat,
         )
-        live = LiveDashboard(ot_study, progress)
-        if fit_fn is None:
-            fit_fn = ObjectiveFit(study.objective) if study.objective else fit
-        _tuner(study, data, fit_fn, searcher, to_launch, progress, live).fit()
+        scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
+        _tuner(
+            study, self.data, self.fit_fn, searcher, count, self.progress, self.live, scheduler
+        ).fit()
         searcher.close()
-        live.update(force=True)  # the figures and note of the finished run
-    after = _state_counts(ot_study)
-    return RunSummary(
-        launched=to_launch,
-        completed=after[TrialState.COMPLETE] - before[TrialState.COMPLETE],
-        pruned=after[TrialState.PRUNED] - before[TrialState.PRUNED],
-        failed=after[TrialState.FAIL] - before[TrialState.FAIL],
-        wall_seconds=time.perf_counter() - started,
-    )
 
 
 def _tuner(
@@ -167,6 +199,7 @@ def _tuner(
     to_launch: int,
     progress: Progress,
     live: LiveDashboard,
+    scheduler: TrialScheduler,
 ) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, study=study, shared=SharedData(data), fit_fn=fit_fn),
@@ -176,7 +209,7 @@ def _tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=_scheduler(study),
+            scheduler=scheduler,
             num_samples=to_launch,
             max_concurrent_trials=study.search.max_concurrent_trials,
             reuse_actors=True,  # a worker process (torch imported, data fetched) runs many trials
