@@ -1,11 +1,11 @@
-"""``scaling-search dashboard`` and ``scaling-search report``: seeing a study."""
+"""``scaling-search dashboard``, ``report`` and the tied set of ``best``: seeing a study."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scaling_search.config import StudyConfig, StudyError
 
@@ -63,3 +63,22 @@ def write_report_for(
         base_resolution_px=study.train.base_resolution_px,
         num_classes=num_classes or study_classes(study),
     )
+
+
+def tied_lines(best: dict[str, Any]) -> list[str]:
+    """The tied set of ``best`` (BestTriple.to_dict()) as table lines."""
+    if best["tied"] is None:
+        return [
+            "tied: not tested (no candidate has 2 or more seeds to estimate the seed noise; "
+            "set search.repeats)"
+        ]
+    head = (
+        f"seed noise: std {best['noise_std']:.4f} pooled over repeated candidates "
+        f"(df {best['noise_df']}); tied with the winner (two-sided t-test, p >= 0.05): "
+        f"{len(best['tied'])}"
+    )
+    return [head] + [
+        f"  alpha {t['alpha']:g}  beta {t['beta']:g}  gamma {t['gamma']:g}  accuracy "
+        f"{t['mean_accuracy']:.4f}  seeds {t['n_seeds']}  p {t['p_value']:.3f}"
+        for t in best["tied"]
+    ]

@@ -291,6 +291,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
+    from scaling_search._cli_view import tied_lines
     from scaling_search.results import best_triple
 
     _, ot_study = _existing_study(args)
@@ -306,29 +307,10 @@ def _best(args: argparse.Namespace) -> int:
             f"FLOPs ratio nominal {best['flops_ratio_nominal']:.4f}  measured "
             f"{best['flops_ratio_measured']:.4f}  params {best['params']:,}  "
             f"resolution {best['resolution_px']} px",
-            *_tied_lines(best),
+            *tied_lines(best),
         ],
     )
     return 0
-
-
-def _tied_lines(best: dict[str, Any]) -> list[str]:
-    """The tied set of ``best`` (BestTriple.to_dict()) as table lines."""
-    if best["tied"] is None:
-        return [
-            "tied: not tested (no candidate has 2 or more seeds to estimate the seed noise; "
-            "set search.repeats)"
-        ]
-    head = (
-        f"seed noise: std {best['noise_std']:.4f} pooled over repeated candidates "
-        f"(df {best['noise_df']}); tied with the winner (two-sided t-test, p >= 0.05): "
-        f"{len(best['tied'])}"
-    )
-    return [head] + [
-        f"  alpha {t['alpha']:g}  beta {t['beta']:g}  gamma {t['gamma']:g}  accuracy "
-        f"{t['mean_accuracy']:.4f}  seeds {t['n_seeds']}  p {t['p_value']:.3f}"
-        for t in best["tied"]
-    ]
 
 
 # --- space, model, dashboard -------------------------------------------------------------

@@ -37,7 +37,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.config import StudyConfig
-from scaling_search.space import grid_candidates
+from scaling_search.space import Coefficients, grid_candidates
 from scaling_search.storage import HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "plan_trials",
     "point_of",
     "point_of_params",
+    "point_params",
     "recover_stale",
     "sampler",
     "seeds",
@@ -262,6 +263,16 @@ def point_of(trial: FrozenTrial) -> Point | None:
     return _key(params)
 
 
+def point_params(coefficients: Coefficients, seed: int) -> dict[str, Any]:
+    """The parameters of a queued trial that trains ``coefficients`` with ``seed``."""
+    return {
+        "alpha": coefficients.alpha,
+        "beta": coefficients.beta,
+        "gamma": coefficients.gamma,
+        "seed": seed,
+    }
+
+
 def point_of_params(params: dict[str, Any]) -> Point | None:
     """The (α, β, γ, seed) of a trial's parameters, rounded as :func:`point_of` rounds them."""
     return _key(params)
@@ -301,12 +312,7 @@ def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
     taken = {point_of(t) for t in ot_study.get_trials(deepcopy=False, states=_HELD)}
     for coefficients in grid_candidates(study.space):
         for seed in seeds(study):
-            params = {
-                "alpha": coefficients.alpha,
-                "beta": coefficients.beta,
-                "gamma": coefficients.gamma,
-                "seed": seed,
-            }
+            params = point_params(coefficients, seed)
             if _key(params) not in taken:
                 ot_study.enqueue_trial(params, skip_if_exists=False)
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))

@@ -75,12 +75,7 @@ def plan_racing(study: StudyConfig, ot_study: optuna.Study) -> int:
     held = {ledger.point_of(t) for t in trials if t.state in _HELD}
     for coefficients in search_ranking(trials, racing.top_k):
         for seed in racing_seeds(study):
-            params = {
-                "alpha": coefficients.alpha,
-                "beta": coefficients.beta,
-                "gamma": coefficients.gamma,
-                "seed": seed,
-            }
+            params = ledger.point_params(coefficients, seed)
             if ledger.point_of_params(params) not in held:
                 ot_study.enqueue_trial(params, user_attrs={STAGE_ATTR: RACING})
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
