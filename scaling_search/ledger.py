@@ -258,8 +258,11 @@ def seeds(study: StudyConfig) -> list[int]:
 
 
 def point_of(trial: FrozenTrial) -> Point | None:
-    """The (α, β, γ, seed) a trial trains: its params, or while queued its fixed params."""
-    params = trial.params if "seed" in trial.params else trial.system_attrs.get("fixed_params", {})
+    """The (α, β, γ, seed) a trial trains: its params, or while queued its fixed params; the
+    seed of a racing trial is its user attribute."""
+    params = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
+    if "seed" not in params and trial.user_attrs.get(STAGE_ATTR) == RACING_STAGE:
+        params = {**params, "seed": trial.user_attrs.get("seed")}
     return _key(params)
 
 

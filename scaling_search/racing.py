@@ -6,14 +6,15 @@ with ``repeats`` seeds that the search did not use (``search.seed + search.repea
 winner is the best *mean* over seeds, with a spread and a set of candidates tied with it
 (:mod:`scaling_search.results`). A full-budget run from the search counts as one more seed.
 
-Racing trials are queued (``Study.enqueue_trial``) with their triple, seed and the user attribute
-``stage: racing``; a rerun queues again only what no trial holds, as the grid does.
+Racing trials are queued (``Study.enqueue_trial``) with their triple as parameters and the user
+attributes ``stage: racing`` and ``seed``; a rerun queues again only what no trial holds, as the
+grid does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -22,7 +23,7 @@ from scaling_search import ledger
 from scaling_search.config import StudyConfig
 from scaling_search.space import Coefficients
 
-__all__ = ["all_seeds", "plan_racing", "racing_seeds", "search_ranking", "search_trials"]
+__all__ = ["plan_racing", "racing_seeds", "search_ranking", "search_trials"]
 
 STAGE_ATTR, RACING = ledger.STAGE_ATTR, ledger.RACING_STAGE
 _HELD = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
@@ -77,11 +78,8 @@ def plan_racing(study: StudyConfig, ot_study: optuna.Study) -> int:
         for seed in racing_seeds(study):
             params = ledger.point_params(coefficients, seed)
             if ledger.point_of_params(params) not in held:
-                ot_study.enqueue_trial(params, user_attrs={STAGE_ATTR: RACING})
+                # The seed rides as a user attribute: see DefineByRun(seed_attr=True).
+                seed = params.pop("seed")
+                ot_study.enqueue_trial(params, user_attrs={STAGE_ATTR: RACING, "seed": seed})
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     return sum(1 for t in waiting if t.user_attrs.get(STAGE_ATTR) == RACING)
-
-
-def all_seeds(study: StudyConfig) -> Sequence[int]:
-    """Every seed a trial of ``study`` may train with: the search's, then the racing stage's."""
-    return [*ledger.seeds(study), *racing_seeds(study)]

@@ -218,10 +218,14 @@ class DefineByRun:
         seeds: Sequence[int],
         base_resolution_px: int,
         num_classes: int,
+        seed_attr: bool = False,
     ) -> None:
         if not seeds:
             raise ValueError("seeds must name at least one seed")
         self.space, self.seeds = space, list(seeds)
+        # Queued points whose seed is the user attribute "seed", not a parameter (racing: new
+        # seeds as a parameter would change its distribution, which Optuna refuses).
+        self.seed_attr = seed_attr
         self.base_resolution_px, self.num_classes = base_resolution_px, num_classes
         self.coordinates = None if sampler == "grid" else SimplexCoordinates(space)
 
@@ -257,6 +261,8 @@ class DefineByRun:
             off = abs(coefficients.flops_product - space.product) > space.tolerance + 1e-9
             if off or not in_bounds:
                 raise SpaceError(f"grid trial got a point outside the space: {coefficients}")
+            if self.seed_attr:
+                return coefficients, int(trial.user_attrs["seed"])
             return coefficients, int(trial.suggest_categorical("seed", self.seeds))
         u = trial.suggest_float("depth_coordinate", 0.0, 1.0)
         v = trial.suggest_float("width_coordinate", 0.0, 1.0)

@@ -85,7 +85,6 @@ def test_racing_queues_new_seeds_for_the_top_k_once(tmp_path: Path) -> None:
         {"name": "r", "search": {"repeats": 2, "seed": 10, "racing": {"top_k": 2, "repeats": 3}}}
     )
     assert racing.racing_seeds(config) == [12, 13, 14]  # after the search's seeds 10 and 11
-    assert list(racing.all_seeds(config)) == [10, 11, 12, 13, 14]
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     study = _study(storage)
     for triple, accuracy in ((A, 0.6), (B, 0.7), (C, 0.5)):
@@ -177,6 +176,13 @@ def test_a_study_with_racing_trains_the_top_triples_again_at_the_full_budget(
             check=False,
         )
 
+    # The search alone first; then the same study with racing added (its new seeds must not
+    # clash with the seeds the search recorded).
+    search_only = STUDY.replace(", racing: {{top_k: 2, repeats: 2}}", "")
+    study_file.write_text(search_only.format(out=tmp_path / "runs"), encoding="utf-8")
+    alone = run()
+    assert alone.returncode == 0 and "racing: " not in alone.stdout, alone.stderr[-3000:]
+    study_file.write_text(STUDY.format(out=tmp_path / "runs"), encoding="utf-8")
     first = run()
     assert first.returncode == 0, first.stderr[-3000:]
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"

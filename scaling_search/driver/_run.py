@@ -167,11 +167,12 @@ class _Stage:
         study = self.study
         define = DefineByRun(
             study.space,
-            # Racing trials are queued points, as the grid's are.
+            # Racing trials are queued points, as the grid's are, with their seed as an attribute.
             sampler="grid" if racing_stage else study.search.sampler,
-            seeds=racing.all_seeds(study),  # one seed distribution for every trial of the study
+            seeds=racing.racing_seeds(study) if racing_stage else ledger.seeds(study),
             base_resolution_px=study.train.base_resolution_px,
             num_classes=self.data.num_classes,
+            seed_attr=racing_stage,
         )
         searcher = StudySearch(
             space=define,
