@@ -187,7 +187,10 @@ def pooled_noise(ranked: pd.DataFrame) -> tuple[float, int]:
 def tied_with_best(ranked: pd.DataFrame) -> tuple[Tied, ...] | None:
     """The candidates after the first of ``ranked`` (see :func:`rank`) that a two-sided t-test
     at :data:`TIE_LEVEL`, with the pooled seed noise, cannot tell from it; None without noise."""
-    noise, df = pooled_noise(ranked)
+    return _tied(ranked, *pooled_noise(ranked))
+
+
+def _tied(ranked: pd.DataFrame, noise: float, df: int) -> tuple[Tied, ...] | None:
     if df == 0:
         return None
     best, *others = ranked.to_dict("records")
@@ -233,5 +236,5 @@ def best_triple(study: optuna.Study) -> BestTriple:
         n_candidates=len(ranked),
         noise_std=noise,
         noise_df=noise_df,
-        tied=tied_with_best(ranked),
+        tied=_tied(ranked, noise, noise_df),
     )

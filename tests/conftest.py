@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +114,24 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def run_study_cli(
+    study: Path, ray_tmp: str, *, pythonpath: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``scaling-search run STUDY`` in a subprocess with a private RAY_TMPDIR; ``pythonpath``
+    makes a user's module (an objective) importable by the CLI and its Ray workers."""
+    env = {**cli_env(), "RAY_TMPDIR": ray_tmp}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    return subprocess.run(
+        [sys.executable, "-m", "scaling_search.cli", "run", str(study)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
 # --- studies for the report and the browser tests ------------------------------------------------
 
 # Trials of every outcome the report draws, on the paper's constraint (α·β²·γ² ≈ 2):
@@ -195,8 +215,6 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny study run to the end once per test session by the real CLI (Ray, training);
     returns its study file. Its SQLite storage and outputs live beside it."""
     import shutil
-    import subprocess
-    import sys
     import tempfile
 
     folder = tmp_path_factory.mktemp("finished")
@@ -204,14 +222,7 @@ def finished_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text(TINY_STUDY.format(name="finished", out=folder / "runs"), encoding="utf-8")
     ray_tmp = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "scaling_search.cli", "run", str(path)],
-            env={**cli_env(), "RAY_TMPDIR": ray_tmp},
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        result = run_study_cli(path, ray_tmp)
     finally:
         subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False, capture_output=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import cli_env
+from conftest import run_study_cli
 
 from scaling_search.config import TrainConfig
 from scaling_search.data import make_synthetic
@@ -172,16 +172,7 @@ def _run(
     study.write_text(
         STUDY.format(name="hook", out=folder / "runs", objective=objective), encoding="utf-8"
     )
-    env = {**cli_env(), "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(folder)}
-    result = subprocess.run(
-        [sys.executable, "-m", "scaling_search.cli", "run", str(study)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    return result, folder / "runs" / "optuna.db"
+    return run_study_cli(study, ray_tmp, pythonpath=folder), folder / "runs" / "optuna.db"
 
 
 def test_a_study_with_an_objective_runs_it_for_every_trial(surfaces: Path, ray_tmp: str) -> None:

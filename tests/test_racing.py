@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env
+from conftest import run_study_cli
 from optuna.trial import TrialState, create_trial
 
 from scaling_search import ledger, racing
@@ -164,17 +163,9 @@ def test_a_study_with_racing_trains_the_top_triples_again_at_the_full_budget(
     (tmp_path / "surface.py").write_text(SURFACE, encoding="utf-8")
     study_file = tmp_path / "study.yaml"
     study_file.write_text(STUDY.format(out=tmp_path / "runs"), encoding="utf-8")
-    env = {**cli_env(), "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(tmp_path)}
 
     def run() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "scaling_search.cli", "run", str(study_file)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
+        return run_study_cli(study_file, ray_tmp, pythonpath=tmp_path)
 
     # The search alone first; then the same study with racing added (its new seeds must not
     # clash with the seeds the search recorded).
