@@ -16,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from scaling_search.config import load_study
@@ -90,6 +91,12 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
         (a, b) for a, b in itertools.combinations(spans, 2) if a[0] < b[1] and b[0] < a[1]
     ]
     assert overlapping, f"no two trials trained at the same time: {spans}"
+    # Each trial keeps its newest checkpoint only: the last epoch's.
+    checkpoints = sorted((study.out_dir / "ray").glob("*/*/checkpoint_*"))
+    assert len({c.parent for c in checkpoints}) == len(checkpoints) == len(candidates)
+    for checkpoint in checkpoints:
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        assert state["epoch"] == study.train.epochs
 
     _optuna_cli_lists_the_attributes(study, ot_study)
     _dashboard_serves_the_trials(tiny_study, study.name, len(candidates))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 import ray
@@ -71,8 +73,6 @@ def _init_ray(study: StudyConfig, address: str | None) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: our progress lines only
-    # Tune warns whenever per-epoch checkpoints make it snapshot often; that is expected here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     local = address is None
     ray.init(
         address=address,
@@ -184,12 +184,21 @@ class _Stage:
             budget_epochs=study.train.epochs,
             queued_only=racing_stage or study.search.sampler == "grid",
             heartbeat=self.heartbeat,
+            limit=count,
+            # TPE one trial at a time must sample after the last result; every other search
+            # already samples (or takes queued points) with trials in flight.
+            prepare_ahead=racing_stage
+            or study.search.sampler != "tpe"
+            or study.search.max_concurrent_trials > 1,
         )
         scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
-        _tuner(
+        tuner = _tuner(
             study, self.data, self.fit_fn, searcher, count, self.progress, self.live, scheduler
-        ).fit()
-        searcher.close()
+        )
+        try:
+            tuner.fit()
+        finally:  # also on Ctrl-C: what finished is recorded, what was claimed ahead given back
+            searcher.close()
 
 
 def _tuner(
@@ -220,8 +229,39 @@ def _tuner(
             name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=str((study.out_dir / "ray").resolve()),
             verbose=0,
-            callbacks=[ProgressCallback(study.train.epochs, progress, searcher, live)],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[
+                ProgressCallback(study.train.epochs, progress, searcher, live),
+                _KeepNewestCheckpoint(),
+            ],
             failure_config=tune.FailureConfig(max_failures=study.search.trial_retries),
         ),
     )
+
+
+class _KeepNewestCheckpoint(tune.Callback):
+    """Keep each trial's newest checkpoint only (a retry resumes from it), removing the one
+    before as soon as a new one is saved.
+
+    Tune's ``CheckpointConfig(num_to_keep=1)`` would do the removing too, but it also snapshots
+    the whole experiment state after every checkpoint, on the event loop (~17 ms per epoch
+    here, bench/orchestration.py), for ``Tuner.restore``; this project resumes from the Optuna
+    study instead.
+    """
+
+    def __init__(self) -> None:
+        self._newest: dict[str, tune.Checkpoint] = {}
+
+    def on_checkpoint(
+        self, iteration: int, trials: list, trial: Any, checkpoint: tune.Checkpoint, **info: Any
+    ) -> None:
+        previous = self._newest.get(trial.trial_id)
+        self._newest[trial.trial_id] = checkpoint
+        if previous is None or previous.path == checkpoint.path or previous.filesystem is None:
+            return
+        with contextlib.suppress(FileNotFoundError):  # removed already: nothing to keep
+            previous.filesystem.delete_dir(previous.path)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._newest.pop(trial.trial_id, None)
+
+    on_trial_error = on_trial_complete

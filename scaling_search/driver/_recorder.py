@@ -1,0 +1,97 @@
+"""The searcher's storage work, off Ray Tune's event loop.
+
+Tune calls the searcher from its event loop, between one trial's end and the next trial's start.
+Recording a trial in Optuna there (its epochs, timing and placement, its final state, the next
+trial's claim, sample and derived values) costs tens of milliseconds of SQL per trial, during
+which a worker sits idle. The :class:`Recorder` runs that work on one background thread, in the
+order it was handed over, once the event loop has been quiet for a moment (so the two do not
+contend for the GIL while the loop starts the next trial).
+
+``bench/orchestration.py`` measures the gain.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+QUIET_S = 0.03  # how long Tune's event loop must have been idle before recording starts
+
+
+class Recorder:
+    """One background thread that runs submitted calls in order, each once the caller has been
+    quiet for :data:`QUIET_S` (or at once while someone waits on a result)."""
+
+    def __init__(self, quiet_s: float = QUIET_S) -> None:
+        self._quiet_s = quiet_s
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._last_call = time.monotonic()
+        self._waiting = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="scaling-search-recorder")
+        self._thread.daemon = True  # a driver killed mid-run must still exit
+        self._thread.start()
+
+    def busy(self) -> None:
+        """The caller is working now: hold queued calls back until it has been quiet again."""
+        self._last_call = time.monotonic()
+
+    def submit(self, call: Callable[[], T]) -> Future[T]:
+        """Queue ``call`` after everything queued before it."""
+        future: Future[T] = Future()
+        self._queue.put((future, call))
+        return future
+
+    def result(self, future: Future[T]) -> T:
+        """Wait for ``future`` (and all queued before it), running them without delay."""
+        self._waiting.set()
+        try:
+            return future.result()
+        except BaseException as exc:
+            if exc is self._error:
+                self._error = None  # raised here: not again at flush
+            raise
+        finally:
+            self._waiting.clear()
+
+    def flush(self) -> None:
+        """Wait until everything queued so far has run; raise the first error any call raised
+        that nobody waited for."""
+        self.result(self.submit(lambda: None))
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Run what is queued, then stop the thread."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, call = item
+            self._wait_for_quiet()
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # raised to whoever waits for it, else at flush
+                if self._error is None:
+                    self._error = exc
+                future.set_exception(exc)
+
+    def _wait_for_quiet(self) -> None:
+        while not self._waiting.is_set():
+            left = self._last_call + self._quiet_s - time.monotonic()
+            if left <= 0:
+                return
+            self._waiting.wait(left)

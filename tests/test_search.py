@@ -1,0 +1,183 @@
+"""The searcher as Tune drives it, without a Ray session: claims, trials prepared ahead, what it
+records on each Optuna trial, and the background recorder that does the writing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from scaling_search import ledger
+from scaling_search.config import load_study
+from scaling_search.driver._recorder import Recorder
+from scaling_search.driver._search import StudySearch
+from scaling_search.space import DefineByRun
+from scaling_search.storage import open_storage
+
+# --- the recorder ---------------------------------------------------------------------------------
+
+
+def test_recorder_runs_calls_in_the_order_given_on_its_own_thread():
+    recorder = Recorder(quiet_s=0.0)
+    seen: list[tuple[int, str]] = []
+    futures = [
+        recorder.submit(lambda k=k: seen.append((k, threading.current_thread().name)))
+        for k in range(50)
+    ]
+    recorder.result(futures[-1])
+    recorder.close()
+    assert [k for k, _ in seen] == list(range(50))
+    assert {name for _, name in seen} == {"scaling-search-recorder"}
+
+
+def test_recorder_holds_calls_back_while_the_caller_is_busy_but_not_when_waited_for():
+    recorder = Recorder(quiet_s=30.0)
+    ran = threading.Event()
+    future = recorder.submit(ran.set)
+    recorder.busy()
+    assert not ran.wait(0.3)  # the event loop was busy just now: recording waits for quiet
+    started = time.monotonic()
+    recorder.result(future)  # someone needs it: it runs at once
+    assert ran.is_set() and time.monotonic() - started < 10.0
+    recorder.close()
+
+
+def test_recorder_raises_an_unwaited_error_at_flush_and_a_waited_one_only_once():
+    recorder = Recorder(quiet_s=0.0)
+    recorder.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        recorder.flush()
+    recorder.flush()  # reported once
+
+    def broken() -> None:
+        raise KeyError("seen by the waiter")
+
+    with pytest.raises(KeyError):
+        recorder.result(recorder.submit(broken))
+    recorder.close()  # already raised to the waiter: not again
+
+
+# --- the searcher ---------------------------------------------------------------------------------
+
+STUDY = """\
+name: searcher
+output_dir: {out}
+data: {{kind: synthetic, num_classes: 4, train_size: 32, test_size: 16, image_px: 16}}
+space: {{alpha: [1.15, 1.25], beta: [1.05, 1.15], gamma: [1.1, 1.15], tolerance: 0.1}}
+search: {{sampler: {sampler}, n_trials: 6, max_concurrent_trials: 2}}
+train: {{base_resolution_px: 16, epochs: 2}}
+"""
+
+
+def _searcher(tmp_path: Path, sampler: str, limit: int) -> tuple[StudySearch, optuna.Study]:
+    path = tmp_path / "study.yaml"
+    path.write_text(STUDY.format(out=tmp_path / "runs", sampler=sampler), encoding="utf-8")
+    study = load_study(path)
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    ot_study = ledger.open_study(study, storage)
+    ledger.plan_trials(study, ot_study)
+    searcher = StudySearch(
+        space=DefineByRun(
+            study.space,
+            sampler=sampler,
+            seeds=ledger.seeds(study),
+            base_resolution_px=study.train.base_resolution_px,
+            num_classes=4,
+        ),
+        metric="accuracy",
+        mode="max",
+        sampler=ledger.sampler(study),
+        study_name=study.name,
+        storage=storage,
+        budget_epochs=study.train.epochs,
+        queued_only=sampler == "grid",
+        heartbeat=ledger.Heartbeat(storage, 60.0),
+        limit=limit,
+        prepare_ahead=True,
+    )
+    return searcher, ot_study
+
+
+STARTED = time.time()  # one attempt of each trial
+
+
+def _result(epoch: int, accuracy: float) -> dict[str, Any]:
+    return {
+        "epoch": epoch,
+        "accuracy": accuracy,
+        "started_at": STARTED,
+        "reported_at": STARTED + epoch,
+        "images_per_second": 123.45,
+        "node_id": "node",
+        "node_ip": "127.0.0.1",
+        "data_reused": epoch > 1,
+        "resumed_from_epoch": 0,
+    }
+
+
+def _states(ot_study: optuna.Study) -> list[TrialState]:
+    return [t.state for t in ot_study.get_trials(deepcopy=False)]
+
+
+def test_the_searcher_claims_the_next_trial_ahead_but_never_beyond_its_limit(tmp_path: Path):
+    searcher, ot_study = _searcher(tmp_path, "grid", limit=2)
+    queued = _states(ot_study).count(TrialState.WAITING)
+    assert queued > 2
+    first = searcher.suggest("t1")
+    assert first is not None and set(first) == {"alpha", "beta", "gamma", "seed"}
+    searcher._recorder.flush()
+    # The second trial is claimed and sampled while the first runs.
+    assert _states(ot_study).count(TrialState.RUNNING) == 2
+    second = searcher.suggest("t2")
+    assert second is not None and second != first
+    searcher._recorder.flush()
+    # The limit (the trials this Tuner asks for) is reached: nothing more is claimed.
+    assert _states(ot_study).count(TrialState.RUNNING) == 2
+    assert _states(ot_study).count(TrialState.WAITING) == queued - 2
+    for trial_id in ("t1", "t2"):
+        searcher.on_trial_result(trial_id, _result(1, 0.5))
+        searcher.on_trial_complete(trial_id, _result(2, 0.7))
+    searcher.close()
+    assert _states(ot_study).count(TrialState.COMPLETE) == 2
+    assert TrialState.FAIL not in _states(ot_study)
+
+
+def test_a_trial_prepared_ahead_that_is_never_asked_for_is_given_back(tmp_path: Path):
+    searcher, ot_study = _searcher(tmp_path, "grid", limit=3)
+    point = searcher.suggest("t1")
+    searcher.on_trial_complete("t1", _result(2, 0.7))
+    searcher.close()  # Tune stopped before asking for the second trial
+    failed = ot_study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert len(failed) == 1
+    reason = failed[0].user_attrs[ledger.FAIL_REASON_ATTR]
+    assert reason == "prepared ahead, but the run ended first"
+    assert ledger.point_of(failed[0]) != ledger.point_of_params(point or {})
+    assert not ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def test_the_searcher_records_each_epoch_once_and_prunes_an_early_stop(tmp_path: Path):
+    searcher, ot_study = _searcher(tmp_path, "tpe", limit=2)
+    searcher.suggest("full")
+    searcher.suggest("stopped")
+    searcher.on_trial_result("full", _result(1, 0.5))
+    searcher.on_trial_result("full", _result(2, 0.7))
+    searcher.on_trial_complete("full", _result(2, 0.7))
+    # Tune passes a scheduler's stop to on_trial_complete only, with the result it stopped on.
+    searcher.on_trial_complete("stopped", _result(1, 0.9))
+    searcher.close()
+    by_state = {t.state: t for t in ot_study.get_trials(deepcopy=False)}
+    full, stopped = by_state[TrialState.COMPLETE], by_state[TrialState.PRUNED]
+    assert full.value == pytest.approx(0.7)
+    assert full.intermediate_values == {1: 0.5, 2: 0.7}
+    assert full.user_attrs["epochs_completed"] == 2
+    assert full.user_attrs["data_reused"] is False  # the first epoch's, written once
+    assert full.user_attrs["images_per_second"] == pytest.approx(123.5)
+    assert stopped.intermediate_values == {1: 0.9}
+    assert ot_study.best_trial.number == full.number  # 0.9 after one epoch does not win
+    assert stopped.user_attrs["epochs_completed"] == 1
+    assert not ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
