@@ -4,11 +4,17 @@ Only trials that COMPLETED the full epoch budget can win: a trial stopped early 
 a lower-fidelity accuracy. When a candidate was trained with several seeds it is ranked by its mean
 accuracy and reported with the sample standard deviation and the number of seeds.
 
+When the study ran a racing stage (:mod:`scaling_search.racing`), the race decides: the winner is
+the raced triple with the best mean, and the triples the search left out of the race rank after
+the raced ones (their single runs were the search's best guesses, biased upward by being picked
+as the best of many).
+
 The winner comes with the candidates statistically tied with it: those whose mean accuracy a
 two-sided t-test at the 5% level cannot tell from the winner's. Seed noise is taken as one
 variance for all candidates, pooled over those trained with two or more seeds (degrees of
 freedom Σ(nᵢ − 1)), so a candidate run once is still tested against it; with no repeated
-candidate there is no estimate of the noise, and no tied set.
+candidate there is no estimate of the noise, and no tied set. After a race, only raced triples
+are tested.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import pandas as pd
 from optuna.trial import TrialState
 from scipy import stats
 
+from scaling_search.ledger import RACING_STAGE, STAGE_ATTR
 from scaling_search.space import Coefficients
 
 __all__ = [
@@ -50,6 +57,7 @@ _ATTRS = (
     "macs",
     "resolution_px",
     "fail_reason",
+    STAGE_ATTR,
 )
 _KEY = ["alpha", "beta", "gamma"]
 TIE_LEVEL = 0.05  # two-sided; a candidate with p ≥ this is tied with the winner
@@ -136,6 +144,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
         }
         row.update({key: trial.user_attrs.get(key) for key in _ATTRS})
+        for key in _KEY:  # as the ledger keys points: a racing trial's triple was rounded so
+            if row[key] is not None:
+                row[key] = round(float(row[key]), 6)
         rows.append(row)
     columns = ["number", "state", "accuracy", "duration_s", *_ATTRS]
     return pd.DataFrame(rows, columns=columns)
@@ -156,7 +167,8 @@ def by_triple(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def rank(frame: pd.DataFrame, *, epochs: int) -> pd.DataFrame:
-    """Full-budget COMPLETE trials grouped by triple, best mean accuracy first.
+    """Full-budget COMPLETE trials grouped by triple, best mean accuracy first; after a racing
+    stage, the raced triples first (column ``raced``).
 
     Ties in mean accuracy go to the cheaper candidate (lower measured FLOPs ratio).
     """
@@ -166,9 +178,14 @@ def rank(frame: pd.DataFrame, *, epochs: int) -> pd.DataFrame:
         & frame["accuracy"].notna()
     ]
     if full.empty:
-        return pd.DataFrame(columns=[*_KEY, "mean_accuracy", "std_accuracy", "n_seeds"])
-    ordered = by_triple(full).sort_values(
-        ["mean_accuracy", "flops_ratio_measured"], ascending=[False, True], kind="mergesort"
+        return pd.DataFrame(columns=[*_KEY, "mean_accuracy", "std_accuracy", "n_seeds", "raced"])
+    raced = full.loc[full[STAGE_ATTR] == RACING_STAGE, _KEY].drop_duplicates()
+    grouped = by_triple(full).merge(raced.assign(raced=True), on=_KEY, how="left")
+    grouped["raced"] = grouped["raced"].astype("boolean").fillna(False).astype(bool)
+    ordered = grouped.sort_values(
+        ["raced", "mean_accuracy", "flops_ratio_measured"],
+        ascending=[False, False, True],
+        kind="mergesort",
     )
     return ordered.reset_index(drop=True)
 
@@ -196,6 +213,8 @@ def _tied(ranked: pd.DataFrame, noise: float, df: int) -> tuple[Tied, ...] | Non
     best, *others = ranked.to_dict("records")
     tied = []
     for row in others:
+        if row["raced"] != best["raced"]:
+            continue  # after a race, only the raced triples could win
         scale = noise * math.sqrt(1 / best["n_seeds"] + 1 / row["n_seeds"])
         gap = float(best["mean_accuracy"] - row["mean_accuracy"])
         p = 1.0 if gap == 0 else (0.0 if scale == 0 else 2 * stats.t.sf(abs(gap) / scale, df))
