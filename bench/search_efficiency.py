@@ -8,7 +8,10 @@ surface through the real driver (Ray Tune, Optuna storage in SQLite, the objecti
 - grid: every grid candidate at the full budget (the paper's step 1);
 - grid+asha: the same grid under ASHA (stopped trials never win);
 - tpe+asha: TPE on the constraint surface, a third of the grid's trials, under ASHA;
+- tpe+asha+racing: tpe+asha, then its top 2 triples raced with 2 new seeds each;
 - grid+asha+racing: grid+asha, then the top 3 triples raced with 3 new seeds each.
+
+After a race the winner is the raced triple with the best mean (scaling_search.results).
 
 Compute: trial-epochs trained / (grid candidates × budget), the exhaustive grid's cost. Found:
 the chosen triple's true accuracy is within one seed-noise standard deviation (0.01) of the best
@@ -16,7 +19,7 @@ grid candidate's: tied with it, since one run of each could not tell them apart.
 ``best strategy: NAME compute: X% found: Y%`` (the cheapest strategy finding ≥ 90%, else the
 one finding most).
 
-    .venv/bin/python bench/search_efficiency.py --seeds 20   # ~30 minutes on 2 CPUs
+    .venv/bin/python bench/search_efficiency.py --seeds 20   # ~1 hour on 2 CPUs
     .venv/bin/python bench/search_efficiency.py --seeds 3    # a quick look
 """
 
@@ -41,7 +44,13 @@ SPACE = {
 STRATEGIES: dict[str, dict[str, Any]] = {
     "grid": {"sampler": "grid"},
     "grid+asha": {"sampler": "grid", "scheduler": "asha"},
-    "tpe+asha": {"sampler": "tpe", "scheduler": "asha"},  # n_trials: a third of the grid
+    "tpe+asha": {"sampler": "tpe", "scheduler": "asha", "n_trials": 1 / 3},  # of the grid's
+    "tpe+asha+racing": {
+        "sampler": "tpe",
+        "scheduler": "asha",
+        "n_trials": 1 / 3,
+        "racing": {"top_k": 2, "repeats": 2},
+    },
     "grid+asha+racing": {
         "sampler": "grid",
         "scheduler": "asha",
@@ -87,8 +96,8 @@ def main() -> None:
             best_true = max(true_accuracy(surface, *c.as_tuple()) for c in grid)
             for seed in range(args.seeds):
                 search = {**STRATEGIES[name], "seed": seed, "max_concurrent_trials": 2}
-                if search["sampler"] == "tpe":
-                    search["n_trials"] = len(grid) // 3
+                if "n_trials" in search:  # a share of the grid's candidates
+                    search["n_trials"] = round(len(grid) * search["n_trials"])
                 study = parse_study(
                     {
                         "name": f"{name.replace('+', '_')}-{surface}-{seed}",
