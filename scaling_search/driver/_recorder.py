@@ -62,13 +62,16 @@ class Recorder:
         finally:
             self._waiting.clear()
 
-    def flush(self) -> None:
-        """Wait until everything queued so far has run; raise the first error any call raised
-        that nobody waited for."""
-        self.result(self.submit(lambda: None))
+    def check(self) -> None:
+        """Raise the first error that a call raised and nobody waited for (once)."""
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+    def flush(self) -> None:
+        """Wait until everything queued so far has run, then :meth:`check`."""
+        self.result(self.submit(lambda: None))
+        self.check()
 
     def close(self) -> None:
         """Run what is queued, then stop the thread."""

@@ -57,13 +57,13 @@ class StudySearch(OptunaSearch):
         self._served = 0
         self._ahead: Future[Prepared] | None = None
         self._recorder = Recorder()
-        self._epochs: dict[str, int] = {}
-        self._written: dict[str, int] = {}  # epochs whose attributes went to the recorder
+        self._epochs: dict[str, int] = {}  # the last epoch recorded (handed to the recorder)
         self._attempts: dict[str, tuple[Any, Any]] = {}  # (started_at, node) last written
         self._errored: set[str] = set()
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         self._recorder.busy()
+        self._recorder.check()  # a storage that stopped taking writes stops the launches
         if trial_id in self._ot_trials:
             return super().suggest(trial_id)
         ahead, self._ahead = self._ahead, None
@@ -91,15 +91,14 @@ class StudySearch(OptunaSearch):
         self._recorder.busy()
         if FAIL_REASON_ATTR in result or trial_id in self._completed_trials:
             return  # a failure is handled when the trial completes, right after
-        self._epochs[trial_id] = int(result["epoch"])
         self._record(trial_id, result)
 
     def _record(self, trial_id: str, result: dict[str, Any]) -> None:
         """Queue the epoch's value and the trial's attributes (once per epoch)."""
         epoch = int(result["epoch"])
-        if self._written.get(trial_id, 0) >= epoch:
+        if self._epochs.get(trial_id, 0) >= epoch:
             return
-        self._written[trial_id] = epoch
+        self._epochs[trial_id] = epoch
         # Where and since when the trial runs changes only when Tune restarts it.
         attempt = (result["started_at"], result["node_id"])
         new_attempt = self._attempts.get(trial_id) != attempt
@@ -125,7 +124,6 @@ class StudySearch(OptunaSearch):
         if result and "epoch" in result:
             # When a scheduler stops a trial, its last result arrives here only (Tune does not
             # pass it to on_trial_result), so record it now.
-            self._epochs[trial_id] = max(self._epochs.get(trial_id, 0), int(result["epoch"]))
             self._record(trial_id, result)
         ot_trial, epochs = self._ot_trials[trial_id], self._epochs.get(trial_id, 0)
         # A result short of the budget was stopped early by the scheduler: a lower-fidelity
