@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import threading
 import warnings
@@ -307,17 +308,22 @@ def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
 
     Grid: every (candidate, seed) not held by a trial (finished, running or queued) is queued
     once; the answer is the queue's length. Other samplers: n_trials minus the trials finished.
+
+    The grid is queued in a random order, seeded by ``search.seed``: asynchronous successive
+    halving (ASHA) compares each trial with those that reached a rung before it, so a grid in
+    sorted order, where accuracy often rises along the order, would have every trial promoted.
     """
     if study.search.sampler != "grid":
         done = ot_study.get_trials(deepcopy=False, states=_DONE)
         searched = [t for t in done if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE]
         return max(0, (study.search.n_trials or 0) - len(searched))
     taken = {point_of(t) for t in ot_study.get_trials(deepcopy=False, states=_HELD)}
-    for coefficients in grid_candidates(study.space):
-        for seed in seeds(study):
-            params = point_params(coefficients, seed)
-            if _key(params) not in taken:
-                ot_study.enqueue_trial(params, skip_if_exists=False)
+    points = [(c, seed) for c in grid_candidates(study.space) for seed in seeds(study)]
+    random.Random(study.search.seed).shuffle(points)
+    for coefficients, seed in points:
+        params = point_params(coefficients, seed)
+        if _key(params) not in taken:
+            ot_study.enqueue_trial(params, skip_if_exists=False)
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     return sum(1 for t in waiting if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE)
 

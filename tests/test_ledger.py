@@ -164,6 +164,23 @@ def test_plan_queues_one_trial_per_candidate_and_seed(grid: Ledger) -> None:
     assert len(_trials(grid.ot_study)) == len(expected)
 
 
+def test_the_grid_is_queued_in_an_order_seeded_by_the_search_seed(tiny_study: Path) -> None:
+    """Sorted, accuracy often rises along the grid, and asynchronous successive halving would
+    promote every trial; shuffled, each rung sees a fair sample first."""
+
+    def queue_order(seed: int) -> list[Point]:
+        study = load_study(tiny_study, ["search.repeats=2", f"search.seed={seed}"])
+        ot_study = open_study(study, optuna.storages.InMemoryStorage())
+        plan_trials(study, ot_study)
+        return [_point(t) for t in _trials(ot_study)]
+
+    first = queue_order(0)
+    assert sorted(first) == _grid_points(load_study(tiny_study, ["search.repeats=2"]))
+    assert first != sorted(first)
+    assert queue_order(0) == first  # the same seed, the same order
+    assert [p[:3] for p in queue_order(1)] != [p[:3] for p in first]  # another seed: another order
+
+
 def test_plan_skips_running_and_finished_points_but_queues_failed_ones(grid: Ledger) -> None:
     plan_trials(grid.study, grid.ot_study)
     running, complete, pruned, failed = (_claim(grid) for _ in range(4))
