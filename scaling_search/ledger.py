@@ -297,7 +297,9 @@ def sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
     """The study's Optuna sampler. The grid's points all come from the queue (never sampled)."""
     seed = study.search.seed
     if study.search.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        # Trials in flight (and the one the driver samples ahead) count as bad guesses until
+        # they end, so TPE does not sample next to them again: Optuna's way for parallel runs.
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
     if study.search.sampler == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     return optuna.samplers.RandomSampler(seed=seed)

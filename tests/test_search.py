@@ -47,6 +47,20 @@ def test_recorder_holds_calls_back_while_the_caller_is_busy_but_not_when_waited_
     recorder.close()
 
 
+def test_recorder_runs_a_call_wanted_soon_and_those_before_it_without_waiting_for_quiet():
+    recorder = Recorder(quiet_s=30.0)
+    recorder.busy()
+    before, soon = threading.Event(), threading.Event()
+    recorder.submit(before.set)
+    recorder.submit(soon.set, soon=True)
+    assert soon.wait(10.0) and before.is_set()
+    later = threading.Event()
+    recorder.submit(later.set)
+    assert not later.wait(0.3)  # back to waiting for quiet
+    recorder.close()
+    assert later.is_set()
+
+
 def test_recorder_raises_an_unwaited_error_at_flush_and_a_waited_one_only_once():
     recorder = Recorder(quiet_s=0.0)
     recorder.submit(lambda: 1 / 0)
@@ -98,7 +112,7 @@ def _searcher(tmp_path: Path, sampler: str, limit: int) -> tuple[StudySearch, op
         queued_only=sampler == "grid",
         heartbeat=ledger.Heartbeat(storage, 60.0),
         limit=limit,
-        prepare_ahead=True,
+        adaptive=sampler == "tpe",
     )
     return searcher, ot_study
 
@@ -181,3 +195,25 @@ def test_the_searcher_records_each_epoch_once_and_prunes_an_early_stop(tmp_path:
     assert ot_study.best_trial.number == full.number  # 0.9 after one epoch does not win
     assert stopped.user_attrs["epochs_completed"] == 1
     assert not ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
+def test_an_adaptive_search_samples_the_next_trial_after_the_last_result(tmp_path: Path):
+    """TPE learns from results: its next trial is claimed and sampled once a trial's end is
+    recorded, not while all trials run."""
+    searcher, ot_study = _searcher(tmp_path, "tpe", limit=3)
+    searcher.suggest("a")
+    searcher.suggest("b")
+    searcher._recorder.flush()
+    assert len(ot_study.get_trials(deepcopy=False)) == 2
+    searcher.on_trial_complete("a", _result(2, 0.7))
+    searcher._recorder.flush()
+    first, _, ahead = ot_study.get_trials(deepcopy=False)
+    assert first.state == TrialState.COMPLETE and ahead.state == TrialState.RUNNING
+    assert first.datetime_complete is not None and ahead.datetime_start is not None
+    assert ahead.datetime_start >= first.datetime_complete
+    searcher.suggest("c")
+    assert searcher._ot_trials["c"].number == ahead.number  # the trial sampled ahead
+    for trial_id in ("b", "c"):
+        searcher.on_trial_complete(trial_id, _result(2, 0.6))
+    searcher.close()
+    assert len(ot_study.get_trials(deepcopy=False)) == 3  # the limit: nothing more claimed

@@ -26,15 +26,17 @@ QUIET_S = 0.03  # how long Tune's event loop must have been idle before recordin
 
 class Recorder:
     """One background thread that runs submitted calls in order, each once the caller has been
-    quiet for :data:`QUIET_S` (or at once while someone waits on a result)."""
+    quiet for :data:`QUIET_S`; at once while a call is wanted soon or waited for."""
 
     def __init__(self, quiet_s: float = QUIET_S) -> None:
         self._quiet_s = quiet_s
-        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = (
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any], bool] | None] = (
             queue.SimpleQueue()
         )
         self._last_call = time.monotonic()
-        self._waiting = threading.Event()
+        self._lock = threading.Lock()
+        self._hurried = 0  # queued calls wanted soon, or waited for
+        self._hurry = threading.Event()  # set while _hurried > 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="scaling-search-recorder")
         self._thread.daemon = True  # a driver killed mid-run must still exit
@@ -44,15 +46,18 @@ class Recorder:
         """The caller is working now: hold queued calls back until it has been quiet again."""
         self._last_call = time.monotonic()
 
-    def submit(self, call: Callable[[], T]) -> Future[T]:
-        """Queue ``call`` after everything queued before it."""
+    def submit(self, call: Callable[[], T], *, soon: bool = False) -> Future[T]:
+        """Queue ``call`` after everything queued before it; ``soon``: run it (and those before
+        it) without waiting for quiet."""
         future: Future[T] = Future()
-        self._queue.put((future, call))
+        if soon:
+            self._hurried_by(+1)
+        self._queue.put((future, call, soon))
         return future
 
     def result(self, future: Future[T]) -> T:
         """Wait for ``future`` (and all queued before it), running them without delay."""
-        self._waiting.set()
+        self._hurried_by(+1)
         try:
             return future.result()
         except BaseException as exc:
@@ -60,7 +65,7 @@ class Recorder:
                 self._error = None  # raised here: not again at flush
             raise
         finally:
-            self._waiting.clear()
+            self._hurried_by(-1)
 
     def check(self) -> None:
         """Raise the first error that a call raised and nobody waited for (once)."""
@@ -81,9 +86,17 @@ class Recorder:
             self._queue.put(None)
             self._thread.join()
 
+    def _hurried_by(self, change: int) -> None:
+        with self._lock:
+            self._hurried += change
+            if self._hurried:
+                self._hurry.set()
+            else:
+                self._hurry.clear()
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            future, call = item
+            future, call, soon = item
             self._wait_for_quiet()
             try:
                 future.set_result(call())
@@ -91,10 +104,13 @@ class Recorder:
                 if self._error is None:
                     self._error = exc
                 future.set_exception(exc)
+            finally:
+                if soon:
+                    self._hurried_by(-1)
 
     def _wait_for_quiet(self) -> None:
-        while not self._waiting.is_set():
+        while not self._hurry.is_set():
             left = self._last_call + self._quiet_s - time.monotonic()
             if left <= 0:
                 return
-            self._waiting.wait(left)
+            self._hurry.wait(left)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import pickle
+from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
@@ -32,10 +33,10 @@ class StudySearch(OptunaSearch):
     scheduler (PRUNED) and failures (FAIL with ``fail_reason``).
 
     Tune's event loop only hands results over: the storage work runs on a :class:`Recorder`
-    thread, in order. While the trials run, the next one is claimed and sampled ahead
-    (``prepare_ahead``), so a freed worker gets its next trial at once. Ahead is never more than
-    the ``limit`` trials this Tuner will ask for. A sequential adaptive search (TPE with one trial
-    at a time) does not prepare ahead: its next sample must see the result just in.
+    thread, in order. The next trial is claimed and sampled ahead, so a freed worker gets it at
+    once: right after a trial is handed out, or, with ``adaptive`` (a sampler that learns from
+    results, one trial at a time), right after each trial's end is recorded, so that the sample
+    sees it. Never more than the ``limit`` trials this Tuner will ask for are claimed.
     """
 
     def __init__(
@@ -45,7 +46,7 @@ class StudySearch(OptunaSearch):
         queued_only: bool,
         heartbeat: Heartbeat,
         limit: int,
-        prepare_ahead: bool,
+        adaptive: bool,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -53,9 +54,9 @@ class StudySearch(OptunaSearch):
         self._queued_only = queued_only
         self._heartbeat = heartbeat
         self._holder = ledger.driver_id()
-        self._limit, self._prepare_ahead = limit, prepare_ahead
+        self._limit, self._adaptive = limit, adaptive
         self._served = 0
-        self._ahead: Future[Prepared] | None = None
+        self._ahead: deque[Future[Prepared]] = deque()  # claimed and sampled, oldest first
         self._recorder = Recorder()
         self._epochs: dict[str, int] = {}  # the last epoch recorded (handed to the recorder)
         self._attempts: dict[str, tuple[Any, Any]] = {}  # (started_at, node) last written
@@ -66,17 +67,22 @@ class StudySearch(OptunaSearch):
         self._recorder.check()  # a storage that stopped taking writes stops the launches
         if trial_id in self._ot_trials:
             return super().suggest(trial_id)
-        ahead, self._ahead = self._ahead, None
-        prepared = self._recorder.result(ahead or self._recorder.submit(self._prepare))
+        if not self._ahead:
+            self._prepare_next()
+        prepared = self._recorder.result(self._ahead.popleft())
         if prepared is None:
             # The queue is empty (other drivers took the rest). Tune's sentinel is a string,
             # which Searcher.suggest's annotation leaves out.
             return Searcher.FINISHED  # type: ignore[return-value]
         self._ot_trials[trial_id], params = prepared
         self._served += 1
-        if self._prepare_ahead and self._served < self._limit:
-            self._ahead = self._recorder.submit(self._prepare)
+        if not self._adaptive:
+            self._prepare_next()
         return params
+
+    def _prepare_next(self, *, soon: bool = False) -> None:
+        if self._served + len(self._ahead) < self._limit:
+            self._ahead.append(self._recorder.submit(self._prepare, soon=soon))
 
     def _prepare(self) -> Prepared:
         """Claim the next trial and run the define-by-run function on it (recorder thread)."""
@@ -130,6 +136,8 @@ class StudySearch(OptunaSearch):
         # score that must never win.
         value = result.get(METRIC) if result and epochs >= self._budget_epochs else None
         self._recorder.submit(lambda: self._tell(ot_trial, value))
+        if self._adaptive:
+            self._prepare_next(soon=True)  # Tune asks for the next trial in a moment
 
     def _tell(self, ot_trial: optuna.Trial, value: float | None) -> None:
         assert self._ot_study is not None
@@ -182,9 +190,8 @@ class StudySearch(OptunaSearch):
         prepared ahead that Tune never asked for, and wait until everything is recorded."""
         for trial_id in list(self._errored):
             self.fail(trial_id, "the trial raised an error (no message reached the driver)")
-        if self._ahead is not None:
-            ahead, self._ahead = self._ahead, None
-            self._recorder.submit(lambda: _give_back(ahead, self._heartbeat))
+        ahead, self._ahead = list(self._ahead), deque()
+        self._recorder.submit(lambda: _give_back(ahead, self._heartbeat))
         self._recorder.close()
 
 
@@ -209,10 +216,11 @@ def _write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt:
             ot_trial.set_user_attr("resumed_from_epoch", int(result["resumed_from_epoch"]))
 
 
-def _give_back(ahead: Future[Prepared], heartbeat: Heartbeat) -> None:
-    """End a trial claimed ahead that no Ray trial took; planning queues its point again."""
-    prepared = ahead.result()
-    if prepared is not None:
+def _give_back(ahead: list[Future[Prepared]], heartbeat: Heartbeat) -> None:
+    """End the trials claimed ahead that no Ray trial took; planning queues their points again."""
+    for prepared in (future.result() for future in ahead):
+        if prepared is None:
+            continue
         ot_trial, _ = prepared
         heartbeat.release(ot_trial._trial_id)
         storage = ot_trial.study._storage
