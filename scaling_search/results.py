@@ -144,7 +144,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
         }
         row.update({key: trial.user_attrs.get(key) for key in _ATTRS})
-        for key in _KEY:  # as the ledger keys points: a racing trial's triple was rounded so
+        for key in _KEY:  # 6 decimals, as the ledger keys points (racing queues rounded ones)
             if row[key] is not None:
                 row[key] = round(float(row[key]), 6)
         rows.append(row)
@@ -179,9 +179,9 @@ def rank(frame: pd.DataFrame, *, epochs: int) -> pd.DataFrame:
     ]
     if full.empty:
         return pd.DataFrame(columns=[*_KEY, "mean_accuracy", "std_accuracy", "n_seeds", "raced"])
-    raced = full.loc[full[STAGE_ATTR] == RACING_STAGE, _KEY].drop_duplicates()
-    grouped = by_triple(full).merge(raced.assign(raced=True), on=_KEY, how="left")
-    grouped["raced"] = grouped["raced"].astype("boolean").fillna(False).astype(bool)
+    grouped = by_triple(full)
+    raced = full.loc[full[STAGE_ATTR] == RACING_STAGE].set_index(_KEY).index
+    grouped["raced"] = grouped.set_index(_KEY).index.isin(raced)
     ordered = grouped.sort_values(
         ["raced", "mean_accuracy", "flops_ratio_measured"],
         ascending=[False, False, True],

@@ -156,14 +156,13 @@ class StudySearch(OptunaSearch):
             self._fail(trial_id, reason)
 
     def _fail(self, trial_id: str, reason: str) -> None:
+        ot_trial = self._ot_trials[trial_id]
+        self._recorder.submit(lambda: self._end_as_failed(ot_trial, reason))
+
+    def _end_as_failed(self, ot_trial: optuna.Trial, reason: str) -> None:
         assert self._ot_study is not None
-        storage, ot_trial = self._ot_study._storage, self._ot_trials[trial_id]
-
-        def record() -> None:
-            self._heartbeat.release(ot_trial._trial_id)
-            ledger.fail_trial(storage, ot_trial._trial_id, reason)
-
-        self._recorder.submit(record)
+        self._heartbeat.release(ot_trial._trial_id)
+        ledger.fail_trial(self._ot_study._storage, ot_trial._trial_id, reason)
 
     # Tune pickles the searcher into tuner.pkl and its experiment snapshots, for Tuner.restore.
     # The Optuna study, not Tune, is what this project resumes from; and the storage inside
@@ -191,8 +190,15 @@ class StudySearch(OptunaSearch):
         for trial_id in list(self._errored):
             self.fail(trial_id, "the trial raised an error (no message reached the driver)")
         ahead, self._ahead = list(self._ahead), deque()
-        self._recorder.submit(lambda: _give_back(ahead, self._heartbeat))
+        self._recorder.submit(lambda: self._give_back(ahead))
         self._recorder.close()
+
+    def _give_back(self, ahead: list[Future[Prepared]]) -> None:
+        """End the trials claimed ahead that no Ray trial took; planning queues their points
+        again."""
+        for prepared in (future.result() for future in ahead):
+            if prepared is not None:
+                self._end_as_failed(prepared[0], "prepared ahead, but the run ended first")
 
 
 def _write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt: bool) -> None:
@@ -214,14 +220,3 @@ def _write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt:
             ot_trial.set_user_attr("first_step_at", float(result["first_step_at"]))
         if int(result["resumed_from_epoch"]):
             ot_trial.set_user_attr("resumed_from_epoch", int(result["resumed_from_epoch"]))
-
-
-def _give_back(ahead: list[Future[Prepared]], heartbeat: Heartbeat) -> None:
-    """End the trials claimed ahead that no Ray trial took; planning queues their points again."""
-    for prepared in (future.result() for future in ahead):
-        if prepared is None:
-            continue
-        ot_trial, _ = prepared
-        heartbeat.release(ot_trial._trial_id)
-        storage = ot_trial.study._storage
-        ledger.fail_trial(storage, ot_trial._trial_id, "prepared ahead, but the run ended first")
