@@ -1,21 +1,26 @@
 """How little of the exhaustive grid finds its winner? Search strategies on noisy surfaces.
 
-Three response surfaces over (α, β, γ) with a known optimum (bench/workloads.py: interior, on
-the border of the space, nearly flat), seed noise 0.01 on every trial, a budget of ``--epochs``
-epochs whose early epochs score lower but rank alike. Each strategy runs ``--seeds`` times per
-surface through the real driver (Ray Tune, Optuna storage in SQLite, the objective hook):
+Three response surfaces over the *networks* that triples build (bench/workloads.py: a function of
+each network's realised depth, width and resolution after rounding, with its optimum inside the
+space, on its border, or nearly flat), seed noise 0.01 drawn per network and seed (two triples of
+one network score alike, as real training does), a budget of ``--epochs`` epochs whose early
+epochs score lower but rank alike. Each strategy runs ``--seeds`` times per surface through the
+real driver (Ray Tune, Optuna storage in SQLite, the objective hook with its network key, so each
+network is trained once per seed and the triples that share it get its result):
 
-- grid: every grid candidate at the full budget (the paper's step 1);
+- grid: every distinct network of the grid at the full budget (the paper's step 1);
 - grid+asha: the same grid under ASHA (stopped trials never win);
-- tpe+asha: TPE on the constraint surface, a third of the grid's trials, under ASHA;
-- tpe+asha+racing: tpe+asha, then its top 2 triples raced with 2 new seeds each;
-- grid+asha+racing: grid+asha, then the top 3 triples raced with 3 new seeds each.
+- tpe+asha: TPE on the constraint surface, trainings for a third of the grid's networks, under
+  ASHA (a sampled triple whose network was trained costs nothing);
+- tpe+asha+racing: tpe+asha, then its top 2 networks raced with 2 new seeds each;
+- grid+asha+racing: grid+asha, then the top 3 networks raced with 3 new seeds each.
 
-After a race the winner is the raced triple with the best mean (scaling_search.results).
+After a race the winner is the raced network with the best mean (scaling_search.results).
 
-Compute: trial-epochs trained / (grid candidates × budget), the exhaustive grid's cost. Found:
-the chosen triple's true accuracy is within one seed-noise standard deviation (0.01) of the best
-grid candidate's: tied with it, since one run of each could not tell them apart. Last line:
+Compute: trial-epochs trained (trainings actually run; shared results cost nothing) / (the grid's
+distinct networks × budget), the exhaustive grid's cost. Found: the chosen network's true
+accuracy is within one seed-noise standard deviation (0.01) of the best grid network's: tied with
+it, since one run of each could not tell them apart. Last line:
 ``best strategy: NAME compute: X% found: Y%`` (the cheapest strategy finding ≥ 90%, else the
 one finding most).
 
@@ -74,20 +79,32 @@ def main() -> None:
 
     import optuna
     import ray
-    from workloads import true_accuracy
+    from workloads import BASE_PX, true_accuracy
 
     from scaling_search.config import parse_study
     from scaling_search.data import load_data
     from scaling_search.driver import run_study
+    from scaling_search.ledger import grid_classes, is_shared
     from scaling_search.results import best_triple
-    from scaling_search.space import grid_candidates
     from scaling_search.storage import open_storage
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    grid = grid_candidates(parse_study({"name": "g", "space": SPACE}).space)
+    config = {
+        "name": "g",
+        "objective": "workloads:interior",
+        "network_key": "workloads:network",
+        "space": SPACE,
+        "train": {"base_resolution_px": BASE_PX},
+    }
+    classes = grid_classes(parse_study(config), num_classes=10)
+    grid = [members[0] for members in classes.values()]  # one triple per network
     full_cost = len(grid) * args.epochs
-    print(f"{len(grid)} grid candidates × {args.epochs} epochs = {full_cost} trial-epochs")
+    candidates = sum(len(members) for members in classes.values())
+    print(
+        f"{candidates} grid candidates build {len(grid)} networks; {len(grid)} × {args.epochs} "
+        f"epochs = {full_cost} trial-epochs"
+    )
 
     summary: dict[str, tuple[float, float]] = {}
     for name in args.strategies:
@@ -96,17 +113,18 @@ def main() -> None:
             best_true = max(true_accuracy(surface, *c.as_tuple()) for c in grid)
             for seed in range(args.seeds):
                 search = {**STRATEGIES[name], "seed": seed, "max_concurrent_trials": 2}
-                if "n_trials" in search:  # a share of the grid's candidates
+                if "n_trials" in search:  # trainings: a share of the grid's networks
                     search["n_trials"] = round(len(grid) * search["n_trials"])
                 study = parse_study(
                     {
                         "name": f"{name.replace('+', '_')}-{surface}-{seed}",
                         "output_dir": str(folder / f"{name.replace('+', '_')}-{surface}-{seed}"),
                         "objective": f"workloads:{surface}",
+                        "network_key": "workloads:network",
                         "data": {"train_size": 64, "test_size": 16},
                         "space": SPACE,
                         "search": search,
-                        "train": {"epochs": args.epochs},
+                        "train": {"epochs": args.epochs, "base_resolution_px": BASE_PX},
                         "resources": {"cpus_per_trial": 1},
                     }
                 )
@@ -116,7 +134,9 @@ def main() -> None:
                 )
                 ot_study = optuna.load_study(study_name=study.name, storage=storage)
                 trained = sum(
-                    int(t.user_attrs.get("epochs_completed", 0)) for t in ot_study.get_trials()
+                    int(t.user_attrs.get("epochs_completed", 0))
+                    for t in ot_study.get_trials()
+                    if not is_shared(t)
                 )
                 chosen = best_triple(ot_study).coefficients
                 costs.append(trained / full_cost)

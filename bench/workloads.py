@@ -52,30 +52,71 @@ def tune_spin(config: dict[str, float]) -> None:
     tune.report({"accuracy": score})
 
 
-# --- noisy response surfaces with a known optimum (bench/search_efficiency.py) -------------------
+# --- noisy response surfaces over built networks (bench/search_efficiency.py) ---------------------
+#
+# A real study scores networks, not triples: two triples that build the same φ = 1 network train
+# to the same numbers with the same seed. So each surface is a function of the network a triple
+# builds (its realised depth, width and resolution after rounding repeats, channels and pixels),
+# plus seed noise drawn from the network and the seed.
 
 NOISE = 0.01  # seed-to-seed standard deviation of a trial's accuracy
-SURFACES = {  # name: (optimum α, β, γ; curvature)
-    "interior": ((1.2, 1.1, 1.15), 4.0),
-    "border": ((1.4, 1.05, 1.15), 4.0),  # α at the top of the space
-    "flat": ((1.2, 1.1, 1.15), 0.4),  # ten times flatter: many near-ties
+BASE_PX = 32  # the benchmark's base resolution (train.base_resolution_px)
+SURFACES = {  # name: (the triple whose network is the optimum; curvature)
+    "interior": ((1.2, 1.1, 1.15), 2.0),
+    "border": ((1.4, 1.05, 1.15), 2.0),  # α at the top of the space
+    "flat": ((1.2, 1.1, 1.15), 0.2),  # ten times flatter: many near-ties
 }
 
 
-def true_accuracy(surface: str, alpha: float, beta: float, gamma: float) -> float:
-    """The noise-free accuracy of a triple at the full budget."""
+def realised(alpha: float, beta: float, resolution_px: int) -> tuple[float, float, float]:
+    """The network's depth (blocks / B0's 16), width (head channels / 1280) and resolution
+    (px / BASE_PX) once rounded, as the built-in trainer builds it at φ = 1."""
+    from scaling_search.model import architecture
+
+    arch = architecture(width=round(beta, 6), depth=round(alpha, 6), num_classes=10)
+    return arch.num_blocks / 16, arch.head_channels / 1280, resolution_px / BASE_PX
+
+
+def network(point: Mapping[str, Any]) -> list[object]:
+    """The network key function (study ``network_key``): what the surfaces depend on."""
+    from scaling_search.model import architecture
+
+    arch = architecture(width=round(point["beta"], 6), depth=round(point["alpha"], 6))
+    repeats = [stage.repeats for stage in arch.stages]
+    channels = [stage.out_channels for stage in arch.stages]
+    return [point["resolution_px"], arch.stem_channels, *repeats, *channels, arch.head_channels]
+
+
+def true_accuracy_of(surface: str, depth: float, width: float, resolution: float) -> float:
+    """The noise-free full-budget accuracy of a network with these realised multipliers."""
     (a, b, g), curvature = SURFACES[surface]
-    return 0.8 - curvature * ((alpha - a) ** 2 + (beta - b) ** 2 + (gamma - g) ** 2)
+    best = realised(a, b, _px(g))
+    return 0.8 - curvature * sum(
+        (math.log(x) - math.log(x0)) ** 2
+        for x, x0 in zip((depth, width, resolution), best, strict=True)
+    )
+
+
+def true_accuracy(surface: str, alpha: float, beta: float, gamma: float) -> float:
+    """The noise-free full-budget accuracy of the network a triple builds."""
+    return true_accuracy_of(surface, *realised(alpha, beta, _px(gamma)))
+
+
+def _px(gamma: float) -> int:
+    from scaling_search.model import scale_resolution
+
+    return scale_resolution(BASE_PX, gamma)
 
 
 def _noisy_run(surface: str, point: Mapping[str, Any]) -> dict[str, float]:
-    """Epoch e of a budget E scores true − 0.3·(1 − e/E) plus noise, seeded by the trial."""
-    a, b, g, seed = point["alpha"], point["beta"], point["gamma"], point["seed"]
-    budget = point["epochs"]
-    final = true_accuracy(surface, a, b, g)
+    """Epoch e of a budget E scores true − 0.3·(1 − e/E) plus noise seeded by the network and the
+    seed, so that triples of one network score alike."""
+    multipliers = realised(point["alpha"], point["beta"], point["resolution_px"])
+    final = true_accuracy_of(surface, *multipliers)
+    budget, key = point["epochs"], " ".join(map(str, network(point)))
     accuracy = final
     for epoch in range(1, budget + 1):
-        rng = random.Random(f"{a:.6f} {b:.6f} {g:.6f} {seed} {epoch}")
+        rng = random.Random(f"{key} {point['seed']} {epoch}")
         accuracy = final - 0.3 * (1 - epoch / budget) + rng.gauss(0.0, NOISE)
         point["report"](epoch=epoch, accuracy=accuracy)
     return {"accuracy": accuracy}

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from scaling_search.config import StudyConfig, StudyError
 
 if TYPE_CHECKING:
-    from scaling_search.family import Family, FamilyMember
+    from scaling_search.family import Family, FamilyMember, Recipe
 
-__all__ = ["export", "study_classes"]
+__all__ = ["export", "study_classes", "study_recipe"]
 
 
 def export(args: argparse.Namespace) -> int:
@@ -29,6 +29,7 @@ def export(args: argparse.Namespace) -> int:
         raise StudyError("export needs either a study file or --coefficients A,B,G (not both)")
     _check_onnx_args(args)
     base_px, classes = args.base_resolution or 224, args.num_classes or 1000
+    recipe = None
     if args.coefficients is not None:
         coefficients = Coefficients(*_floats(args.coefficients, "--coefficients", count=3))
     else:
@@ -36,9 +37,10 @@ def export(args: argparse.Namespace) -> int:
         from scaling_search.results import best_triple
 
         study, ot_study = _existing_study(args)
-        coefficients = best_triple(ot_study).coefficients
+        coefficients = best_triple(ot_study).coefficients  # the winning class's representative
         base_px = args.base_resolution or study.train.base_resolution_px
         classes = args.num_classes or study_classes(study)
+        recipe = study_recipe(study)
     phis = _floats(args.phi, "--phi") if args.phi else None
     budget = _budget(args)
     if budget is not None:
@@ -55,7 +57,12 @@ def export(args: argparse.Namespace) -> int:
             )
         ]
     family = make_family(
-        coefficients, mode=args.mode, phis=phis, base_resolution_px=base_px, num_classes=classes
+        coefficients,
+        mode=args.mode,
+        phis=phis,
+        base_resolution_px=base_px,
+        num_classes=classes,
+        recipe=recipe,
     )
     # The ONNX member is chosen before anything is printed, so that a wrong --member is one line.
     chosen = _chosen_member(family, args.member) if args.format == "onnx" else None
@@ -178,3 +185,15 @@ def study_classes(study: StudyConfig) -> int:
     if study.data.kind == "synthetic":
         return study.data.num_classes
     return load_data(study.data).num_classes
+
+
+def study_recipe(study: StudyConfig) -> Recipe:
+    """The training settings a study's triple was chosen with, for its family's members."""
+    from scaling_search.family import Recipe
+
+    train = study.train
+    return Recipe(
+        dropout=train.dropout,
+        stochastic_depth=train.stochastic_depth,
+        bn_momentum=train.bn_momentum,
+    )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from scaling_search.config import StudyConfig, StudyError
+from scaling_search.config import StudyConfig, StudyError, load_study
 
 if TYPE_CHECKING:
     import optuna
+
 
 REPORT_FILENAME = "report.html"
 
@@ -65,20 +66,60 @@ def write_report_for(
     )
 
 
-def tied_lines(best: dict[str, Any]) -> list[str]:
-    """The tied set of ``best`` (BestTriple.to_dict()) as table lines."""
-    if best["tied"] is None:
-        return [
-            "tied: not tested (no candidate has 2 or more seeds to estimate the seed noise; "
-            "set search.repeats)"
-        ]
-    head = (
-        f"seed noise: std {best['noise_std']:.4f} pooled over repeated candidates "
-        f"(df {best['noise_df']}); tied with the winner (two-sided t-test, p >= 0.05): "
-        f"{len(best['tied'])}"
-    )
-    return [head] + [
-        f"  alpha {t['alpha']:g}  beta {t['beta']:g}  gamma {t['gamma']:g}  accuracy "
-        f"{t['mean_accuracy']:.4f}  seeds {t['n_seeds']}  p {t['p_value']:.3f}"
-        for t in best["tied"]
+def space(args: argparse.Namespace) -> int:
+    """`scaling-search space`: the grid's candidates by the network each builds."""
+    from scaling_search.cli import _emit
+    from scaling_search.space import describe, representative, study_network_key
+
+    study = load_study(args.study, args.overrides)
+    if study.search.sampler != "grid":
+        raise StudyError(
+            f"space lists grid candidates; sampler {study.search.sampler!r} samples "
+            "the continuous surface α·β²·γ² = product instead"
+        )
+    from scaling_search._cli_export import study_classes
+    from scaling_search.ledger import grid_classes
+
+    classes_count = study_classes(study)
+    base_px = study.train.base_resolution_px
+    key = study_network_key(study, classes_count)
+    classes = grid_classes(study, num_classes=classes_count, network_key=key)
+    networks = []
+    rows = []
+    for number, (network, members) in enumerate(classes.items(), start=1):
+        chosen = representative(members, study.space.product)
+        networks.append(
+            {"network": number, "network_key": network, "representative": list(chosen.as_tuple()),
+             "members": [list(m.as_tuple()) for m in members]}
+        )  # fmt: skip
+        for member in members:
+            candidate = describe(member, base_resolution_px=base_px, num_classes=classes_count)
+            rows.append((number, member == chosen, candidate, network))
+    table = [
+        f"{'alpha':>6} {'beta':>6} {'gamma':>6} {'nominal':>8} {'measured':>9} "
+        f"{'params':>11} {'px':>5} {'network':>8}"
     ]
+    table += [
+        f"{c.coefficients.alpha:6.3f} {c.coefficients.beta:6.3f} {c.coefficients.gamma:6.3f} "
+        f"{c.flops_ratio_nominal:8.4f} {c.flops_ratio_measured:9.4f} {c.params:11,d} "
+        f"{c.resolution_px:5d} {number:>7d}{'*' if chosen else ' '}"
+        for number, chosen, c, _ in rows
+    ]
+    cost = "measured MACs ratio" if study.space.cost == "measured" else "α·β²·γ²"
+    table.append(
+        f"{len(rows)} candidates, {len(classes)} distinct networks (cost: {cost} within "
+        f"{study.space.tolerance:g} of {study.space.product:g}; * the triple trained for each "
+        "network, the others share its result)"
+    )
+    candidates = [{**c.to_dict(), "network_key": network, "network": number}
+                  for number, _, c, network in rows]  # fmt: skip
+    data = {
+        "study": study.name,
+        "cost": study.space.cost,
+        "n_candidates": len(rows),
+        "n_networks": len(classes),
+        "candidates": candidates,
+        "networks": networks,
+    }
+    _emit(data, args.format, table)
+    return 0

@@ -1,8 +1,10 @@
 """Draw the report's figures from the data of ``scaling_search.report`` (nothing is computed here).
 
 Markers mean the same in every figure: a filled circle coloured by accuracy is a trial trained for
-the full budget (it can win); an open grey circle one stopped early (it cannot); a grey cross a
-failed trial; an open diamond one still running; a star the winning triple.
+the full budget (it can win); a filled diamond a triple that builds a network already trained and
+shares its result; an open grey circle one stopped early (it cannot win); a grey cross a failed
+trial; an open grey diamond one still running; a star the winning triple, open stars the other
+triples of its class.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from scaling_search._report_data import (
     FULL,
     PAPER_TRIPLE,
     RUNNING,
+    SHARED,
+    class_cell,
     log2_flops_shares,
     mean_spread,
+    test_cell,
 )
 
 if TYPE_CHECKING:
@@ -46,13 +51,30 @@ _LAYOUT: dict[str, Any] = {
 def _hover(point: TrialPoint) -> str:
     accuracy = "—" if point.accuracy is None else f"{point.accuracy:.4f}"
     c = point.coefficients
-    return (
-        f"trial #{point.number} ({point.outcome})<br>α={c.alpha:.4g} β={c.beta:.4g} "
-        f"γ={c.gamma:.4g} seed {point.seed}<br>accuracy {accuracy} after {point.epochs} epoch(s)"
+    text = (
+        f"trial #{point.number} ({point.outcome})<br>{c.label()} seed {point.seed}<br>"
+        f"validation accuracy {accuracy} after {point.epochs} epoch(s)"
     )
+    if point.shared_from is not None:
+        text += f"<br>builds the network trial #{point.shared_from} trained: its result"
+    elif point.sharers:
+        text += f"<br>{point.sharers} other triple(s) build this network and share the result"
+    return text
+
+
+def _accuracy_marker(points: list[TrialPoint], lo: float, hi: float) -> dict[str, Any]:
+    return {
+        "color": [p.accuracy if p.accuracy is not None else lo for p in points],
+        "cmin": lo,
+        "cmax": hi,
+        "colorscale": _COLORSCALE,
+        "line": {"width": 0.5, "color": "#333"},
+    }
 
 
 def _marker(outcome: str, points: list[TrialPoint], lo: float, hi: float) -> dict[str, Any]:
+    if outcome == SHARED:
+        return {**_accuracy_marker(points, lo, hi), "symbol": "diamond", "size": 9}
     if outcome == FAILED:
         return {"symbol": "x", "color": _GREY, "size": 9}
     if outcome == RUNNING:
@@ -60,13 +82,9 @@ def _marker(outcome: str, points: list[TrialPoint], lo: float, hi: float) -> dic
     if outcome == EARLY:  # dimmed: its accuracy is of a lower fidelity (in the hover text)
         return {"symbol": "circle-open", "color": "#7f7f7f", "size": 10, "line": {"width": 2}}
     return {
-        "color": [p.accuracy if p.accuracy is not None else lo for p in points],
-        "cmin": lo,
-        "cmax": hi,
-        "colorscale": _COLORSCALE,
+        **_accuracy_marker(points, lo, hi),
         "size": 11,
-        "colorbar": {"title": {"text": "accuracy"}},
-        "line": {"width": 0.5, "color": "#333"},
+        "colorbar": {"title": {"text": "validation accuracy"}},
     }
 
 
@@ -74,7 +92,7 @@ def _by_outcome(info: TrialsInfo) -> list[tuple[str, list[TrialPoint], dict[str,
     scored = [p.accuracy for p in info.points if p.outcome == FULL and p.accuracy is not None]
     lo, hi = (min(scored), max(scored)) if scored else (0.0, 1.0)
     groups = []
-    for outcome in (FULL, EARLY, RUNNING, FAILED):
+    for outcome in (FULL, SHARED, EARLY, RUNNING, FAILED):
         points = [p for p in info.points if p.outcome == outcome]
         if points:
             groups.append((outcome, points, _marker(outcome, points, lo, hi)))
@@ -97,14 +115,20 @@ def simplex_figure(info: TrialsInfo) -> go.Figure:
                 hoverinfo="text",
             )
         )
-    marks = [("paper (ImageNet) 1.2, 1.1, 1.15", PAPER_TRIPLE, "square-open", "#555")]
+    marks = [("paper (ImageNet) 1.2, 1.1, 1.15", [PAPER_TRIPLE], "square-open", "#555")]
     if info.winner is not None:
-        marks.append((f"winner {info.winner.label()}", info.winner, "star", _WINNER))
-    for name, coefficients, symbol, color in marks:
-        a, b, c = log2_flops_shares(coefficients)
+        others = [m for m in info.winner_class if m != info.winner]
+        marks.append((f"winner {info.winner.label()}", [info.winner], "star", _WINNER))
+        if others:
+            marks.append((f"its class (+{len(others)}, same φ = 1 network)", others,
+                          "star-open", _WINNER))  # fmt: skip
+    for name, triples, symbol, color in marks:
+        shares = [log2_flops_shares(triple) for triple in triples]
         figure.add_trace(
             go.Scatterternary(
-                a=[a], b=[b], c=[c], mode="markers", name=name, hoverinfo="name",
+                a=[s[0] for s in shares], b=[s[1] for s in shares], c=[s[2] for s in shares],
+                mode="markers", name=name, hoverinfo="name+text",
+                text=[triple.label() for triple in triples],
                 marker={"symbol": symbol, "size": 18, "color": color, "line": {"width": 1.5}},
             )
         )  # fmt: skip
@@ -124,8 +148,8 @@ def cost_figure(info: TrialsInfo) -> go.Figure:
     """Accuracy against the measured MACs ratio to B0 (after rounding channels, repeats, pixels)."""
     figure = go.Figure()
     for outcome, points, marker in _by_outcome(info):
-        if outcome == FAILED:
-            continue  # no accuracy to place
+        if outcome in (FAILED, SHARED):
+            continue  # no accuracy to place; a copy sits on the trial that trained
         shown = [p for p in points if p.accuracy is not None and p.flops_ratio_measured]
         figure.add_trace(
             go.Scatter(
@@ -140,11 +164,7 @@ def cost_figure(info: TrialsInfo) -> go.Figure:
                 hoverinfo="text",
             )
         )
-    winners = [
-        p
-        for p in info.points
-        if p.outcome == FULL and info.winner is not None and p.coefficients == info.winner
-    ]
+    winners = [p for p in info.points if p.outcome == FULL and p.coefficients in info.winner_class]
     if winners:
         figure.add_trace(
             go.Scatter(
@@ -163,9 +183,13 @@ def cost_figure(info: TrialsInfo) -> go.Figure:
     )
     figure.update_layout(
         _LAYOUT,
-        title={"text": "Accuracy against what each triple really costs"},
+        title={"text": "Accuracy against what each network really costs"},
         xaxis={"title": {"text": "measured MACs / B0's MACs (after rounding)"}},
-        yaxis={"title": {"text": f"accuracy after {info.budget_epochs} epoch(s) or when stopped"}},
+        yaxis={
+            "title": {
+                "text": f"validation accuracy after {info.budget_epochs} epoch(s) or when stopped"
+            }
+        },
     )
     return figure
 
@@ -230,27 +254,45 @@ def family_figure(info: FamilyInfo) -> go.Figure:
                 ),
                 row=1, col=col,
             )  # fmt: skip
+    for index, members in enumerate(info.class_formulas):
+        name = "same φ = 1 network, other triples"
+        for col, values in (
+            (1, [m.params / 1e6 for m in members]),
+            (2, [m.macs_ratio for m in members]),
+        ):
+            figure.add_trace(
+                go.Scatter(
+                    x=[m.phi for m in members], y=values, mode="lines", name=name,
+                    legendgroup=name, showlegend=col == 1 and index == 0,
+                    line={"color": "#1f77b4", "width": 1, "dash": "dash"}, opacity=0.6,
+                    hovertemplate="φ=%{x:.3f}, %{y:.3g}<extra>" + name + "</extra>",
+                ),
+                row=1, col=col,
+            )  # fmt: skip
     figure.update_yaxes(type="log", row=1, col=2)
     figure.update_xaxes(title_text="φ")
     figure.update_layout(
         _LAYOUT,
         title={
-            "text": f"The family of {info.coefficients.label()} ({info.num_classes} classes) "
-            "against the official B0–B7"
+            "text": f"The family of {info.coefficients.label()} "
+            f"({info.num_classes} output classes) against the official B0–B7"
         },
     )
     return figure
 
 
 def top_table_figure(info: TopInfo) -> go.Figure:
-    """The best candidates: mean accuracy ± sample std over seeds, seeds, epochs, cost."""
+    """The best networks: mean validation accuracy ± sample std over seeds, test accuracy,
+    seeds, epochs, cost; each named by its class's representative, with the class beside."""
     rows = [
         (
             str(rank) if c.eligible else "–",
             f"{c.coefficients.alpha:.4g}",
             f"{c.coefficients.beta:.4g}",
             f"{c.coefficients.gamma:.4g}",
+            class_cell(c),
             mean_spread(c),
+            test_cell(c),
             str(c.n_seeds),
             f"{c.epochs}/{info.budget_epochs}",
             f"{c.flops_ratio_measured:.3f}",
@@ -263,7 +305,9 @@ def top_table_figure(info: TopInfo) -> go.Figure:
         "α",
         "β",
         "γ",
-        "accuracy (mean ± std)",
+        "class (same network)",
+        "validation (mean ± std)",
+        "test (never chosen on)",
         "seeds",
         "epochs",
         "MACs ×B0",
@@ -272,6 +316,8 @@ def top_table_figure(info: TopInfo) -> go.Figure:
     columns = [list(column) for column in zip(*rows, strict=True)] if rows else [[] for _ in header]
     figure = go.Figure(
         go.Table(
+            # Relative widths: the class and the accuracies need room on one line.
+            columnwidth=[40, 45, 45, 45, 130, 140, 85, 45, 55, 70, 70],
             header={"values": header, "fill": {"color": "#e8eef7"}, "align": "left"},
             cells={"values": columns, "align": "left", "height": 26},
         )

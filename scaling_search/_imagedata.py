@@ -27,6 +27,9 @@ class ImageData:
         test_images: uint8, [M, 3, H, H], contiguous.
         test_labels: int64, [M].
         num_classes: Number of classes, at least 2.
+        val_images: uint8, [V, 3, H, H]: images held out of the training set to choose on
+            (see `scaling_search.data.hold_out_validation`); None until a split is made.
+        val_labels: int64, [V], or None.
     """
 
     name: str
@@ -35,18 +38,43 @@ class ImageData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     num_classes: int
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         _check_int("num_classes", self.num_classes, minimum=2)
         train_px = _check_split(self, "train", self.train_images, self.train_labels)
         test_px = _check_split(self, "test", self.test_images, self.test_labels)
-        if train_px != test_px:
-            raise DataError(
-                f"dataset {self.name!r}: train images are {train_px} px but test images are "
-                f"{test_px} px; both splits must have one size"
-            )
+        sizes = {"train": train_px, "test": test_px}
+        if (self.val_images is None) != (self.val_labels is None):
+            raise DataError(f"dataset {self.name!r}: validation images and labels go together")
+        if self.val_images is not None and self.val_labels is not None:
+            sizes["validation"] = _check_split(self, "validation", self.val_images, self.val_labels)
+        if len(set(sizes.values())) > 1:
+            shown = ", ".join(f"{split} images are {px} px" for split, px in sizes.items())
+            raise DataError(f"dataset {self.name!r}: {shown}; every split must have one size")
         for field in ("train_images", "train_labels", "test_images", "test_labels"):
             object.__setattr__(self, field, getattr(self, field).contiguous())
+        for field in ("val_images", "val_labels"):
+            if getattr(self, field) is not None:
+                object.__setattr__(self, field, getattr(self, field).contiguous())
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether a validation split was held out of the training images."""
+        return self.val_images is not None
+
+    def to(self, device: torch.device) -> ImageData:
+        """The same splits on ``device``."""
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return ImageData(
+            self.name, self.train_images.to(device), self.train_labels.to(device),
+            self.test_images.to(device), self.test_labels.to(device), self.num_classes,
+            move(self.val_images), move(self.val_labels),
+        )  # fmt: skip
 
     @property
     def image_px(self) -> int:

@@ -103,7 +103,14 @@ class EfficientNet(nn.Module):
     Build it with `build_model`. It knows nothing about devices or memory formats.
     """
 
-    def __init__(self, arch: Architecture, *, dropout: float, stochastic_depth: float) -> None:
+    def __init__(
+        self,
+        arch: Architecture,
+        *,
+        dropout: float,
+        stochastic_depth: float,
+        bn_momentum: float = _BN_MOMENTUM,
+    ) -> None:
         super().__init__()
         self.arch = arch
         self.stem = _conv_bn_act(
@@ -120,6 +127,9 @@ class EfficientNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(arch.head_channels, arch.num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = bn_momentum
         self._init_weights()
 
     def _init_weights(self) -> None:

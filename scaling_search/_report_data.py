@@ -15,19 +15,25 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.family import OFFICIAL_FAMILY, make_family
+from scaling_search.ledger import SHARED_ATTR
 from scaling_search.model import architecture, count_macs, count_params
 from scaling_search.results import (
+    BestTriple,
     ResultsError,
     best_triple,
     budget_epochs,
-    by_triple,
+    by_network,
+    class_label,
+    class_members,
     rank,
+    study_product,
     trials_frame,
 )
 from scaling_search.space import Coefficients
 
 FULL, EARLY, FAILED, RUNNING = "full budget", "stopped early", "failed", "running"
-OUTCOMES = (FULL, EARLY, FAILED, RUNNING)
+SHARED = "shares a trained network"  # a triple given the result of its network's training
+OUTCOMES = (FULL, EARLY, FAILED, RUNNING, SHARED)
 PAPER_TRIPLE = Coefficients(1.2, 1.1, 1.15)  # Tan & Le (2019), §3.3, found on ImageNet
 _TOP_K = 10
 _FAMILY_PHIS = tuple(range(len(OFFICIAL_FAMILY)))  # φ = 0…7, beside B0…B7
@@ -44,6 +50,8 @@ class TrialPoint(NamedTuple):
     accuracy: float | None  # the trial's last reported accuracy
     flops_ratio_measured: float | None  # MACs after rounding / B0's MACs
     epochs: int
+    shared_from: int | None = None  # SHARED: the number of the trial that trained its network
+    sharers: int = 0  # trained: how many other triples share its result
 
 
 class TrialsInfo(NamedTuple):
@@ -53,7 +61,8 @@ class TrialsInfo(NamedTuple):
     budget_epochs: int
     product: float  # the constraint's c in α·β²·γ² ≈ c
     points: tuple[TrialPoint, ...]
-    winner: Coefficients | None  # best full-budget triple; None before any
+    winner: Coefficients | None  # the winning class's representative; None before any
+    winner_class: tuple[Coefficients, ...] = ()  # every triple that builds the winning network
 
 
 class Curve(NamedTuple):
@@ -84,9 +93,13 @@ class FamilyInfo(NamedTuple):
     formula: tuple[MemberCost, ...]
     flops_matched: tuple[MemberCost, ...]
     official: tuple[MemberCost, ...]  # B_k at φ = k, MACs relative to B0 at 224 px
+    # The formula families of the other triples that build the winner's φ = 1 network.
+    class_formulas: tuple[tuple[MemberCost, ...], ...] = ()
 
 
 class Candidate(NamedTuple):
+    """One network of the top table, named by its class's representative."""
+
     coefficients: Coefficients
     mean_accuracy: float
     std_accuracy: float  # sample standard deviation over seeds; NaN with one seed
@@ -95,6 +108,8 @@ class Candidate(NamedTuple):
     eligible: bool  # trained for the full budget, so it can win
     flops_ratio_measured: float
     params: int
+    members: tuple[Coefficients, ...] = ()  # every triple that builds this network
+    test_accuracy: float = math.nan  # mean over seeds; shown, never used to choose
 
 
 class TopInfo(NamedTuple):
@@ -122,6 +137,8 @@ def log2_flops_shares(coefficients: Coefficients) -> tuple[float, float, float]:
 
 
 def _outcome(trial: FrozenTrial, budget: int) -> str | None:
+    if SHARED_ATTR in trial.user_attrs:
+        return SHARED if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None
     if trial.state == TrialState.FAIL:
         return None if "duplicate_of" in trial.user_attrs else FAILED  # a skipped copy
     if trial.state == TrialState.RUNNING:
@@ -140,17 +157,24 @@ def _coefficients(trial: FrozenTrial) -> Coefficients | None:
     return Coefficients(float(attrs["alpha"]), float(attrs["beta"]), float(attrs["gamma"]))
 
 
-def _winner(study: optuna.Study) -> Coefficients | None:
+def _winner(study: optuna.Study) -> BestTriple | None:
     try:
-        return best_triple(study).coefficients
+        return best_triple(study)
     except ResultsError:
         return None
 
 
-def _get_trials_info(study: optuna.Study) -> TrialsInfo:
+def _get_trials_info(study: optuna.Study, best: BestTriple | None = None) -> TrialsInfo:
     budget = budget_epochs(study)
+    best = best or _winner(study)
+    trials = study.get_trials(deepcopy=False)
+    sharers: dict[int, int] = {}
+    for trial in trials:
+        source = trial.user_attrs.get(SHARED_ATTR)
+        if isinstance(source, int):
+            sharers[source] = sharers.get(source, 0) + 1
     points = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         outcome, coefficients = _outcome(trial, budget), _coefficients(trial)
         if outcome is None or coefficients is None:
             continue
@@ -168,18 +192,27 @@ def _get_trials_info(study: optuna.Study) -> TrialsInfo:
                 accuracy=None if outcome == FAILED or last is None else float(last),
                 flops_ratio_measured=None if measured is None else float(measured),
                 epochs=int(trial.user_attrs.get("epochs_completed", 0)),
+                shared_from=trial.user_attrs.get(SHARED_ATTR),
+                sharers=sharers.get(trial.number, 0),
             )
         )
-    product = float(study.user_attrs["study_config"]["space"]["product"])
-    return TrialsInfo(study.study_name, budget, product, tuple(points), _winner(study))
+    return TrialsInfo(
+        study.study_name,
+        budget,
+        study_product(study),
+        tuple(points),
+        None if best is None else best.coefficients,
+        () if best is None else best.members,
+    )
 
 
 def _get_curves_info(study: optuna.Study) -> CurvesInfo:
+    """One learning curve per trial that trained (a copy of a result repeats its source's)."""
     budget = budget_epochs(study)
     curves = []
     for trial in study.get_trials(deepcopy=False):
         outcome, coefficients = _outcome(trial, budget), _coefficients(trial)
-        if outcome is None or coefficients is None or not trial.intermediate_values:
+        if outcome in (None, SHARED) or coefficients is None or not trial.intermediate_values:
             continue
         steps = sorted(trial.intermediate_values)
         seed = trial.user_attrs.get("seed")
@@ -205,11 +238,20 @@ def _official_costs(base_macs: int, num_classes: int) -> tuple[MemberCost, ...]:
 
 
 def _get_family_info(
-    coefficients: Coefficients, *, base_resolution_px: int, num_classes: int
+    coefficients: Coefficients,
+    *,
+    base_resolution_px: int,
+    num_classes: int,
+    members: tuple[Coefficients, ...] = (),
 ) -> FamilyInfo:
-    def costs(mode: str, base_macs: int) -> tuple[MemberCost, ...]:
+    """The family of ``coefficients``; ``members``: the triples of its class, whose formula
+    families are drawn beside it (what choosing among them changes)."""
+
+    def costs(
+        mode: str, base_macs: int, triple: Coefficients = coefficients
+    ) -> tuple[MemberCost, ...]:
         family = make_family(
-            coefficients,
+            triple,
             mode=mode,
             phis=_FAMILY_PHIS,
             base_resolution_px=base_resolution_px,
@@ -228,12 +270,16 @@ def _get_family_info(
         formula=costs("formula", base_macs),
         flops_matched=costs("flops-matched", base_macs),
         official=_official_costs(official_base, num_classes),
+        class_formulas=tuple(
+            costs("formula", base_macs, member) for member in members if member != coefficients
+        ),
     )
 
 
 def _get_top_info(study: optuna.Study, k: int = _TOP_K) -> TopInfo:
-    """The best ``k`` triples: full-budget ones by mean accuracy, then those only stopped early."""
-    budget = budget_epochs(study)
+    """The best ``k`` networks: full-budget ones by mean accuracy, then those only stopped
+    early; each named by its class's representative, with the class's triples."""
+    budget, product = budget_epochs(study), study_product(study)
     frame = trials_frame(study)
     last = {  # a trial stopped early has no value; its last reported accuracy stands in
         t.number: t.intermediate_values[max(t.intermediate_values)]
@@ -242,17 +288,19 @@ def _get_top_info(study: optuna.Study, k: int = _TOP_K) -> TopInfo:
     }
     stopped = frame["number"].isin(list(last))
     frame.loc[stopped, "accuracy"] = frame.loc[stopped, "number"].map(last)
-    key = ["alpha", "beta", "gamma"]
-    ranked = rank(frame, epochs=budget)
+    ranked = rank(frame, epochs=budget, product=product)
     ranked["eligible"] = True
-    scored = frame[frame["state"].isin(["COMPLETE", "PRUNED"]) & frame["accuracy"].notna()]
-    early = scored[~scored.set_index(key).index.isin(ranked.set_index(key).index)]
+    # Trials the driver recorded (a network, epochs, costs); copies of a result are not trained.
+    recorded = frame["network_key"].notna() & frame["epochs_completed"].notna()
+    trained = frame[~frame["shared"].astype(bool) & recorded & frame["params"].notna()]
+    scored = trained[trained["state"].isin(["COMPLETE", "PRUNED"]) & trained["accuracy"].notna()]
+    early = scored[~scored["network_key"].isin(ranked["network_key"])]
     if not early.empty:
-        grouped = by_triple(early)
+        grouped = by_network(early, product=product, members=class_members(frame))
         grouped["eligible"] = False
         ordered = grouped.sort_values("mean_accuracy", ascending=False, kind="mergesort")
         ranked = ordered if ranked.empty else pd.concat([ranked, ordered], ignore_index=True)
-    most = scored.groupby(key)["epochs_completed"].max().to_dict()
+    most = scored.groupby("network_key")["epochs_completed"].max().to_dict()
     rows = cast(list[dict[str, Any]], ranked.head(k).to_dict("records"))
     candidates = tuple(
         Candidate(
@@ -260,10 +308,12 @@ def _get_top_info(study: optuna.Study, k: int = _TOP_K) -> TopInfo:
             mean_accuracy=float(row["mean_accuracy"]),
             std_accuracy=float(row["std_accuracy"]),
             n_seeds=int(row["n_seeds"]),
-            epochs=int(most[(row["alpha"], row["beta"], row["gamma"])]),
+            epochs=int(most[row["network_key"]]),
             eligible=bool(row["eligible"]),
             flops_ratio_measured=float(row["flops_ratio_measured"]),
             params=int(row["params"]),
+            members=tuple(row["members"]),
+            test_accuracy=float(row["test_accuracy"]),
         )
         for row in rows
     )
@@ -276,3 +326,16 @@ def mean_spread(candidate: Candidate) -> str:
     if c.n_seeds < 2 or math.isnan(c.std_accuracy):
         return f"{c.mean_accuracy:.4f}"
     return f"{c.mean_accuracy:.4f} ± {c.std_accuracy:.4f}"
+
+
+def class_cell(candidate: Candidate) -> str:
+    """The candidate's class for a table cell: '' alone, else what varies ('α ∈ {1.2, 1.25}')."""
+    if len(candidate.members) < 2:
+        return ""
+    label = class_label(candidate.members)
+    return label.split(" with ")[0]
+
+
+def test_cell(candidate: Candidate) -> str:
+    """The mean test accuracy, or '—' where no full-budget trial measured it."""
+    return "—" if math.isnan(candidate.test_accuracy) else f"{candidate.test_accuracy:.4f}"

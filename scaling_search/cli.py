@@ -166,59 +166,70 @@ def _run(args: argparse.Namespace) -> int:
 
         study = load_study(args.study, args.overrides)
         if study.objective is not None:
-            from scaling_search.objective import load_objective
+            from scaling_search._hooks import load_function
 
-            load_objective(study.objective)  # importable here, before anything is launched
-        if study.search.sampler == "grid":
-            grid_candidates(study.space)
-        else:
+            # Importable here, before anything is launched.
+            load_function(study.objective, what="objective")
+            if study.network_key is not None:
+                load_function(study.network_key, what="network_key")
+        if study.search.sampler != "grid":
             SimplexCoordinates(study.space)
+        elif study.space.cost == "nominal":
+            grid_candidates(study.space)
         data = load_data(study.data)
+        if study.space.cost == "measured":  # counts MACs with the data's classes
+            _check_measured_space(study, data.num_classes)
         url = resolve_url(study)
         storage = open_storage(url)  # everything above is checked before anything is written
         from scaling_search.driver import run_study
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
     summary = run_study(study, data=data, storage=storage, address=args.address)
+    shared = f", {summary.shared} shared a trained network's result" if summary.shared else ""
     print(
         f"this run: {summary.launched} launched, {summary.completed} completed, "
-        f"{summary.pruned} stopped early, {summary.failed} failed "
+        f"{summary.pruned} stopped early, {summary.failed} failed{shared} "
         f"in {summary.wall_seconds:.0f} s"
     )
-    ot_study = _load_optuna_study(study, storage)
-    best = _print_best(ot_study)
-    path = study.out_dir / FAMILY_FILENAME
-    _write_family(best, study, data.num_classes, path)
-    print(f"family: {path} (formula mode, φ = 1…7)")
     from scaling_search._cli_view import write_report_for
+    from scaling_search.results import best_triple
+    from scaling_search.verdict import best_view
 
+    ot_study = _load_optuna_study(study, storage)
+    best = best_triple(ot_study)
+    _, lines = best_view(
+        best, base_resolution_px=study.train.base_resolution_px, num_classes=data.num_classes
+    )
+    print("\n".join(lines))
+    path = study.out_dir / FAMILY_FILENAME
+    _write_family(best.coefficients, study, data.num_classes, path)
+    print(f"family: {path} (formula mode, φ = 1…7, for {best.coefficients.label()})")
     print(f"report: {write_report_for(study, ot_study, None, data.num_classes)}")
     return 0
 
 
-def _print_best(ot_study: optuna.Study) -> Any:
-    from scaling_search.results import best_triple
+def _check_measured_space(study: StudyConfig, num_classes: int) -> None:
+    """Some network in the space costs c × B0 as built (space.cost: measured), or SpaceError."""
+    from scaling_search.space import CostModel, grid_candidates
 
-    best = best_triple(ot_study)
-    spread = "" if best.n_seeds < 2 else f" ± {best.std_accuracy:.4f} (std over {best.n_seeds})"
-    tied = "" if best.tied is None else f"; {len(best.tied)} tied with it (t-test, 5%)"
-    print(
-        f"best: α={best.coefficients.alpha:g} β={best.coefficients.beta:g} "
-        f"γ={best.coefficients.gamma:g}  accuracy {best.mean_accuracy:.4f}{spread}  "
-        f"among {best.n_candidates} full-budget candidate(s){tied}"
-    )
-    return best
+    base_px = study.train.base_resolution_px
+    if study.search.sampler == "grid":
+        grid_candidates(study.space, base_resolution_px=base_px, num_classes=num_classes)
+    else:
+        CostModel(study.space, base_resolution_px=base_px, num_classes=num_classes).alpha_range()
 
 
-def _write_family(best: Any, study: StudyConfig, num_classes: int, path: Path) -> None:
+def _write_family(coefficients: Any, study: StudyConfig, num_classes: int, path: Path) -> None:
+    from scaling_search import _cli_export
     from scaling_search.export import dump_family
     from scaling_search.family import make_family
 
     family = make_family(
-        best.coefficients,
+        coefficients,
         mode="formula",
         base_resolution_px=study.train.base_resolution_px,
         num_classes=num_classes,
+        recipe=_cli_export.study_recipe(study),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(dump_family(family, "json"), encoding="utf-8")
@@ -253,63 +264,70 @@ def _load_optuna_study(study: StudyConfig, storage: Any) -> optuna.Study:
 
 def _status(args: argparse.Namespace) -> int:
     from scaling_search.ledger import duplicates
-    from scaling_search.results import ResultsError, best_triple, trials_frame
+    from scaling_search.results import ResultsError, best_triple, format_accuracy, trials_frame
     from scaling_search.storage import mask_url, resolve_url
 
     study, ot_study = _existing_study(args)
     frame = trials_frame(ot_study)
-    counts = {str(k): int(v) for k, v in frame["state"].value_counts().items()}
+    trained = frame[~frame["shared"].astype(bool)]
+    counts = {str(k): int(v) for k, v in trained["state"].value_counts().items()}
+    shared = int(frame["shared"].astype(bool).sum())
     try:
-        best: dict[str, Any] | None = best_triple(ot_study).to_dict()
+        best = best_triple(ot_study)
     except ResultsError:
         best = None
     twice = duplicates(ot_study.get_trials(deepcopy=False))
+    best_data = None
+    if best is not None:  # as `best --format json` writes it
+        from scaling_search._cli_export import study_classes
+        from scaling_search.verdict import best_view
+
+        best_data, _ = best_view(
+            best,
+            base_resolution_px=study.train.base_resolution_px,
+            num_classes=study_classes(study),
+        )
     data = {
         "study": study.name,
         "storage": mask_url(resolve_url(study)),
         "trials": len(frame),
         "states": counts,
+        "shared": shared,
         "duplicates": twice,
-        "best": best,
+        "best": best_data,
     }
     table = [
         f"study {study.name}  storage {data['storage']}",
-        f"trials {len(frame)}: " + ", ".join(f"{k.lower()} {v}" for k, v in counts.items()),
+        f"trials {len(frame)}: "
+        + ", ".join(f"{k.lower()} {v}" for k, v in counts.items())
+        + (f", shared {shared} (triples whose network was trained: no training)" if shared else ""),
     ]
     if twice["skipped_duplicates"] or twice["trained_twice"]:
         table.append(
             f"duplicates: {twice['skipped_duplicates']} queued twice by concurrent drivers and "
             f"skipped (FAIL, duplicate_of), {twice['trained_twice']} point(s) trained twice"
         )
-    if best:
+    if best is not None:
+        accuracy = format_accuracy(best.mean_accuracy, best.std_accuracy, best.n_seeds)
         table.append(
-            f"best α={best['alpha']:g} β={best['beta']:g} γ={best['gamma']:g} "
-            f"accuracy {best['mean_accuracy']:.4f}"
+            f"best so far {best.coefficients.label()} {best.chosen_on} accuracy {accuracy}"
         )
     _emit(data, args.format, table)
     return 0
 
 
 def _best(args: argparse.Namespace) -> int:
-    from scaling_search._cli_view import tied_lines
+    from scaling_search._cli_export import study_classes
     from scaling_search.results import best_triple
+    from scaling_search.verdict import best_view
 
-    _, ot_study = _existing_study(args)
-    best = best_triple(ot_study).to_dict()
-    std = "n/a" if best["std_accuracy"] is None else f"{best['std_accuracy']:.4f}"
-    _emit(
-        best,
-        args.format,
-        [
-            f"alpha {best['alpha']:g}  beta {best['beta']:g}  gamma {best['gamma']:g}",
-            f"accuracy {best['mean_accuracy']:.4f}  std {std}  seeds {best['n_seeds']}  "
-            f"(among {best['n_candidates']} full-budget candidates)",
-            f"FLOPs ratio nominal {best['flops_ratio_nominal']:.4f}  measured "
-            f"{best['flops_ratio_measured']:.4f}  params {best['params']:,}  "
-            f"resolution {best['resolution_px']} px",
-            *tied_lines(best),
-        ],
+    study, ot_study = _existing_study(args)
+    data, lines = best_view(
+        best_triple(ot_study),
+        base_resolution_px=study.train.base_resolution_px,
+        num_classes=study_classes(study),
     )
+    _emit(data, args.format, lines)
     return 0
 
 
@@ -317,34 +335,9 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _space(args: argparse.Namespace) -> int:
-    from scaling_search.space import describe, grid_candidates
+    from scaling_search import _cli_view
 
-    study = load_study(args.study, args.overrides)
-    if study.search.sampler != "grid":
-        raise StudyError(
-            f"space lists grid candidates; sampler {study.search.sampler!r} samples "
-            "the continuous surface α·β²·γ² = product instead"
-        )
-    from scaling_search._cli_export import study_classes
-
-    classes = study_classes(study)
-    rows = [
-        describe(c, base_resolution_px=study.train.base_resolution_px, num_classes=classes)
-        for c in grid_candidates(study.space)
-    ]
-    table = [
-        f"{'alpha':>6} {'beta':>6} {'gamma':>6} {'nominal':>8} {'measured':>9} "
-        f"{'params':>11} {'px':>5}"
-    ]
-    table += [
-        f"{r.coefficients.alpha:6.3f} {r.coefficients.beta:6.3f} {r.coefficients.gamma:6.3f} "
-        f"{r.flops_ratio_nominal:8.4f} {r.flops_ratio_measured:9.4f} {r.params:11,d} "
-        f"{r.resolution_px:5d}"
-        for r in rows
-    ]
-    table.append(f"{len(rows)} candidates")
-    _emit({"study": study.name, "candidates": [r.to_dict() for r in rows]}, args.format, table)
-    return 0
+    return _cli_view.space(args)
 
 
 def _model(args: argparse.Namespace) -> int:

@@ -97,7 +97,10 @@ class DataConfig(_Strict):
     path: Path | None = None
     num_classes: int = Field(default=10, ge=2, le=1000)  # synthetic data only
     train_size: PositiveInt = 2000  # images; a subset is taken from larger datasets
-    test_size: PositiveInt = 500
+    # Images held out of train_size to choose on (stratified by class, fixed by seed); trials
+    # train on the rest. Default: 10% of the training images (5,000 of CIFAR's 50,000).
+    validation_size: PositiveInt | None = None
+    test_size: PositiveInt = 500  # evaluated once per full-budget trial, never used to choose
     image_px: int = Field(default=32, ge=8, le=1024)  # synthetic and image folders
     seed: int = 0
 
@@ -105,6 +108,11 @@ class DataConfig(_Strict):
     def _path_needed(self) -> DataConfig:
         if self.kind != "synthetic" and self.path is None:
             raise ValueError(f"data.kind {self.kind!r} needs data.path (a local folder)")
+        if self.validation_size is not None and self.validation_size >= self.train_size:
+            raise ValueError(
+                f"data.validation_size {self.validation_size} must be below data.train_size "
+                f"{self.train_size}: validation images are held out of the training images"
+            )
         return self
 
 
@@ -116,7 +124,11 @@ class SpaceConfig(_Strict):
     beta: Bounds = Bounds(low=1.0, high=1.5)
     gamma: Bounds = Bounds(low=1.0, high=1.5)
     step: float = Field(default=0.05, gt=0.0, le=1.0, allow_inf_nan=False)  # grid only
-    tolerance: float = Field(default=0.1, ge=0.0, allow_inf_nan=False)  # grid only
+    # What the tolerance applies to: "nominal" α·β²·γ² (the paper's way), or "measured", the
+    # MACs ratio of the network a triple really builds once repeats, channels and pixels are
+    # rounded (README: "What a triple costs").
+    cost: Literal["nominal", "measured"] = "nominal"
+    tolerance: float = Field(default=0.1, ge=0.0, allow_inf_nan=False)
 
 
 class RacingConfig(_Strict):
@@ -209,13 +221,25 @@ class StudyConfig(_Strict):
     resources: ResourcesConfig = ResourcesConfig()
     # Trains one trial instead of the built-in trainer (see scaling_search.objective).
     objective: str | None = None
+    # With an objective: names the network a triple builds, so that triples with one key are
+    # trained once per seed (without it, no two triples are assumed to build the same network).
+    network_key: str | None = None
 
-    @field_validator("objective")
+    @field_validator("objective", "network_key")
     @classmethod
     def _module_and_function(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(_OBJECTIVE_PATTERN, value):
             raise ValueError(f"must name a function as 'package.module:function', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _key_needs_objective(self) -> StudyConfig:
+        if self.network_key is not None and self.objective is None:
+            raise ValueError(
+                "network_key: allowed with objective only (it names the network an objective's "
+                "triple builds; the built-in trainer keys its own networks)"
+            )
+        return self
 
     @field_validator("storage")
     @classmethod

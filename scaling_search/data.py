@@ -32,6 +32,7 @@ __all__ = [
     "DATASET_KINDS",
     "DataError",
     "ImageData",
+    "hold_out_validation",
     "load_cifar",
     "load_data",
     "load_dataset",
@@ -39,6 +40,8 @@ __all__ = [
     "make_synthetic",
     "prepare_batch",
 ]
+
+VALIDATION_SHARE = 0.1  # of the training images, when a study does not say
 
 # ----------------------------------------------------------------------------------------------
 # Batches
@@ -158,6 +161,7 @@ class _Request:
     test_size: int
     image_px: int
     seed: int
+    validation_size: int | None
 
     def require_path(self) -> Path:
         if self.path is None:
@@ -174,8 +178,9 @@ def load_dataset(
     test_size: int = 500,
     image_px: int = 32,
     seed: int = 0,
+    validation_size: int | None = None,
 ) -> ImageData:
-    """Load a dataset by kind: one of `DATASET_KINDS`.
+    """Load a dataset by kind: one of `DATASET_KINDS`, with a validation split.
 
     "synthetic" renders `make_synthetic` with exactly train_size and test_size images of
     `image_px`. The file kinds read `path` ("cifar10", "cifar100": `load_cifar`, 32 px whatever
@@ -183,7 +188,8 @@ def load_dataset(
     has no test/) and take their class count from the files, ignoring `num_classes`. A split
     larger than train_size or test_size is cut to a class-stratified subset: a seeded shuffle,
     then round-robin over classes, so class counts differ by at most one where the data allow;
-    images keep their original order.
+    images keep their original order. Then `validation_size` of the training images are held
+    out (`hold_out_validation`): trials train on the rest and are chosen on these.
 
     Args:
         kind: Dataset kind.
@@ -192,10 +198,11 @@ def load_dataset(
         train_size: Train images (synthetic), or at most this many (files).
         test_size: Test images (synthetic), or at most this many (files).
         image_px: Side of synthetic and image-folder images in pixels.
-        seed: Seed of synthesis, subsets and the image-folder split; >= 0.
+        seed: Seed of synthesis, subsets, the image-folder split and the validation split; >= 0.
+        validation_size: Training images held out for validation; None: 10% of them.
 
     Returns:
-        The dataset.
+        The dataset, with its validation split.
 
     Raises:
         DataError: If the kind is unknown, an argument is out of range, or the files are
@@ -212,11 +219,45 @@ def load_dataset(
         ("seed", seed, 0),
     ):
         _check_int(name, value, minimum=minimum)
+    if validation_size is not None:
+        _check_int("validation_size", validation_size, minimum=1)
     request = _Request(
         kind, None if path is None else Path(path), num_classes, train_size, test_size,
-        image_px, seed,
+        image_px, seed, validation_size,
     )  # fmt: skip
-    return loader(request)
+    data = loader(request)
+    size = validation_size
+    if size is None:
+        size = max(1, round(VALIDATION_SHARE * len(data.train_labels)))
+    return hold_out_validation(data, size, seed=seed)
+
+
+def hold_out_validation(data: ImageData, size: int, *, seed: int) -> ImageData:
+    """Hold ``size`` training images out as the validation split, stratified by class.
+
+    The held-out images are a class-stratified subset drawn with a stream derived from ``seed``
+    (so the split is fixed by the data seed, whatever trains on it); the training split keeps
+    the rest in their original order. Trials are chosen on validation accuracy; the test split
+    is evaluated once per full-budget trial and never used to choose.
+
+    Raises:
+        DataError: If ``size`` is not an integer in [1, training images).
+    """
+    count = len(data.train_labels)
+    _check_int("validation_size", size, minimum=1)
+    if size >= count:
+        raise DataError(
+            f"data.validation_size {size} must be below the {count} training images of "
+            f"{data.name!r}: validation images are held out of them"
+        )
+    held = _stratified(data.train_labels, size, _derive_seed(seed, 4))
+    keep = torch.ones(count, dtype=torch.bool)
+    keep[held] = False
+    return ImageData(
+        data.name, data.train_images[keep], data.train_labels[keep],
+        data.test_images, data.test_labels, data.num_classes,
+        data.train_images[held], data.train_labels[held],
+    )  # fmt: skip
 
 
 def _subset(data: ImageData, request: _Request) -> ImageData:
@@ -287,4 +328,5 @@ def load_data(spec: DataConfig) -> ImageData:
         test_size=spec.test_size,
         image_px=spec.image_px,
         seed=spec.seed,
+        validation_size=spec.validation_size,
     )

@@ -1,5 +1,6 @@
 """A family as a document other projects build from: versioned JSON, YAML or a Python module of
-plain literals (schema_version 1).
+plain literals (schema_version 2; version 1 documents, which had no stochastic_depth and
+bn_momentum, still read, with the values build_model then used).
 
 ``family_to_dict`` / ``family_from_dict`` are exact inverses; ``dump_family`` renders a document.
 """
@@ -29,10 +30,13 @@ __all__ = [
     "member_to_dict",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READS = (1, 2)  # schema versions family_from_dict reads
 DUMP_FORMATS = ("json", "yaml", "python")
 _KIND = "efficientnet-family"
-_MEMBER_FLOATS = ("phi", "width", "depth", "dropout")
+_MEMBER_FLOATS = ("phi", "width", "depth", "dropout", "stochastic_depth", "bn_momentum")
+# Version 1 members state no training recipe; build_model then used these.
+_V1_DEFAULTS = {"stochastic_depth": 0.2, "bn_momentum": 0.01}
 _MEMBER_INTS = (
     "resolution_px",
     "num_classes",
@@ -60,7 +64,7 @@ def member_to_dict(member: FamilyMember) -> dict[str, object]:
 
 
 def family_to_dict(family: Family) -> dict[str, object]:
-    """The family as a versioned, JSON- and YAML-ready document (schema_version 1).
+    """The family as a versioned, JSON- and YAML-ready document (schema_version 2).
 
     Args:
         family: The family.
@@ -96,6 +100,8 @@ def _field(data: object, key: str, where: str, kind: type[_T]) -> _T:
 
 def _member_from_dict(data: object, where: str) -> FamilyMember:
     values: dict[str, Any] = {"name": _field(data, "name", where, str)}
+    if isinstance(data, dict):
+        data = {**_V1_DEFAULTS, **data}
     values.update({name: _field(data, name, where, float) for name in _MEMBER_FLOATS})
     values.update({name: _field(data, name, where, int) for name in _MEMBER_INTS})
     stages = []
@@ -137,16 +143,19 @@ def family_from_dict(data: Mapping[str, object]) -> Family:
         The family.
 
     Raises:
-        ValueError: If the schema version or kind is not this module's, the mode is unknown,
-            a field is missing or has the wrong type, or a member's num_classes is not the
+        ValueError: If the schema version (1 or 2) or kind is not this module's, the mode is
+            unknown, a field is missing or has the wrong type, or a member's num_classes is not the
             family's.
     """
     top = "the document"
     data = dict(data) if isinstance(data, Mapping) else data
-    expected = {"schema_version": SCHEMA_VERSION, "kind": _KIND}
-    for key, value in expected.items():
-        if _field(data, key, top, type(value)) != value:
-            raise ValueError(f"family document: {key} must be {value!r}, got {data[key]!r}")
+    if _field(data, "schema_version", top, int) not in _READS:
+        raise ValueError(
+            f"family document: schema_version must be one of {list(_READS)}, got "
+            f"{data['schema_version']!r}"
+        )
+    if _field(data, "kind", top, str) != _KIND:
+        raise ValueError(f"family document: kind must be {_KIND!r}, got {data['kind']!r}")
     mode = _field(data, "mode", top, str)
     if mode not in FAMILY_MODES:
         raise ValueError(f"family document: mode must be one of {FAMILY_MODES}, got {mode!r}")

@@ -10,25 +10,30 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from scaling_search.model import (
+    B0_BN_MOMENTUM,
     B0_RESOLUTION_PX,
     StageShape,
     architecture,
     count_macs,
     count_params,
 )
-from scaling_search.space import Coefficients
+from scaling_search.space import Coefficients, compound_scale
 
 __all__ = [
     "BUDGET_KINDS",
     "FAMILY_MODES",
     "OFFICIAL_FAMILY",
+    "ClassSpread",
     "Family",
     "FamilyMember",
     "OfficialModel",
+    "Recipe",
+    "class_spread",
     "compound_scale",
     "make_family",
     "phi_for_budget",
@@ -94,6 +99,23 @@ class FamilyMember:
     stem_channels: int
     head_channels: int
     stages: tuple[StageShape, ...]  # the seven scaled MBConv stages
+    stochastic_depth: float = 0.2  # block i of n drops its residual branch at rate sd·i/n
+    bn_momentum: float = B0_BN_MOMENTUM  # of BatchNorm's running statistics (PyTorch's sense)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The regularisation every member states, and `build_model(member)` rebuilds with.
+
+    A family exported from a study states what the search trained its triple with (the study's
+    train.dropout, train.stochastic_depth and train.bn_momentum); without a study, the
+    reference EfficientNet's: dropout by official model (0.2 for B0 up to 0.5 for B7),
+    stochastic depth 0.2 and BN momentum 0.01 (TF's decay 0.99).
+    """
+
+    dropout: float | None = None  # None: the official B_k's at φ = k, linear between
+    stochastic_depth: float = 0.2
+    bn_momentum: float = B0_BN_MOMENTUM
 
 
 @dataclass(frozen=True)
@@ -126,46 +148,6 @@ def _check_phi(phi: object) -> float:
     return float(phi)
 
 
-def compound_scale(
-    coefficients: Coefficients, phi: float, *, base_resolution_px: int = B0_RESOLUTION_PX
-) -> tuple[float, float, int]:
-    """Depth, width and resolution at compound coefficient φ (Tan & Le 2019, eq. 3).
-
-    d = α^φ, w = β^φ, r = γ^φ; depth and width are rounded to 6 decimals (the precision family
-    files keep, so a file rebuilds the same model) and the resolution to the nearest pixel,
-    halves up.
-
-    Args:
-        coefficients: The triple (α, β, γ).
-        phi: The compound coefficient, finite and >= 0.
-        base_resolution_px: Input side of the base network in pixels.
-
-    Returns:
-        (depth multiplier, width multiplier, resolution in pixels).
-
-    Raises:
-        ValueError: If phi is negative, not finite or so large that the result overflows, or
-            base_resolution_px < 1.
-
-    >>> paper = Coefficients(1.2, 1.1, 1.15)
-    >>> compound_scale(paper, 1)
-    (1.2, 1.1, 258)
-    >>> compound_scale(paper, 2)
-    (1.44, 1.21, 296)
-    >>> compound_scale(paper, 0, base_resolution_px=32)
-    (1.0, 1.0, 32)
-    """
-    phi = _check_phi(phi)
-    _check_count("base_resolution_px", base_resolution_px)
-    try:
-        depth = round(coefficients.alpha**phi, _DECIMALS)
-        width = round(coefficients.beta**phi, _DECIMALS)
-        resolution_px = math.floor(base_resolution_px * coefficients.gamma**phi + 0.5)
-    except OverflowError:
-        raise ValueError(f"phi={phi!r} is too large: the scaled model overflows") from None
-    return depth, width, resolution_px
-
-
 def _dropout_at(phi: float) -> float:
     """Official B_k's dropout at φ = k; linear between neighbours; B7's beyond 7."""
     last = len(OFFICIAL_FAMILY) - 1
@@ -177,7 +159,13 @@ def _dropout_at(phi: float) -> float:
 
 
 def _member(
-    name: str, phi: float, dropout: float, coefficients: Coefficients, base_px: int, classes: int
+    name: str,
+    phi: float,
+    dropout: float,
+    coefficients: Coefficients,
+    base_px: int,
+    classes: int,
+    recipe: Recipe = Recipe(),
 ) -> FamilyMember:
     depth, width, resolution_px = compound_scale(coefficients, phi, base_resolution_px=base_px)
     arch = architecture(width=width, depth=depth, num_classes=classes)
@@ -188,7 +176,9 @@ def _member(
         depth=depth,
         resolution_px=resolution_px,
         num_classes=classes,
-        dropout=dropout,
+        dropout=dropout if recipe.dropout is None else recipe.dropout,
+        stochastic_depth=recipe.stochastic_depth,
+        bn_momentum=recipe.bn_momentum,
         params=count_params(arch),
         macs=count_macs(arch, resolution_px=resolution_px),
         stem_channels=arch.stem_channels,
@@ -335,6 +325,7 @@ def make_family(
     phis: Sequence[float] | None = None,
     base_resolution_px: int = B0_RESOLUTION_PX,
     num_classes: int = 1000,
+    recipe: Recipe | None = None,
 ) -> Family:
     """Scale B0 by `coefficients` into a family of models (Tan & Le 2019, §3.3 step 2).
 
@@ -349,6 +340,8 @@ def make_family(
             Values are kept to 6 decimals.
         base_resolution_px: Input side of the base network in pixels.
         num_classes: Outputs of every member's classifier.
+        recipe: The dropout, stochastic depth and BN momentum every member states (a study's
+            training settings); default: the reference EfficientNet's (see `Recipe`).
 
     Returns:
         The family, members in the order of `phis`.
@@ -364,13 +357,16 @@ def make_family(
     _check_count("num_classes", num_classes)
     checked = _check_phis(phis, mode)
     common = (coefficients, base_resolution_px, num_classes)
+    recipe = recipe or Recipe()
     if mode == "formula":
         members = tuple(
-            _member(_formula_name(phi), phi, _dropout_at(phi), *common) for phi in checked
+            _member(_formula_name(phi), phi, _dropout_at(phi), *common, recipe) for phi in checked
         )
     else:
         curve = _macs_curve(*common)
-        members = tuple(_matched_member(OFFICIAL_FAMILY[int(k)], curve, common) for k in checked)
+        members = tuple(
+            _matched_member(OFFICIAL_FAMILY[int(k)], curve, common, recipe) for k in checked
+        )
     return Family(
         alpha=coefficients.alpha,
         beta=coefficients.beta,
@@ -383,7 +379,62 @@ def make_family(
 
 
 def _matched_member(
-    official: OfficialModel, curve: Callable[[int], float], common: tuple[Coefficients, int, int]
+    official: OfficialModel,
+    curve: Callable[[int], float],
+    common: tuple[Coefficients, int, int],
+    recipe: Recipe,
 ) -> FamilyMember:
     phi = _match_phi(curve, _official_ratio(official, common[2]))
-    return _member(official.name, phi, official.dropout, *common)
+    return _member(official.name, phi, official.dropout, *common, recipe)
+
+
+class ClassSpread(NamedTuple):
+    """What the choice among triples that build one φ = 1 network changes at a larger φ: the
+    smallest and largest of each member's depth, width, resolution, MACs and params there."""
+
+    phi: float
+    depth: tuple[float, float]  # α^φ
+    width: tuple[float, float]  # β^φ
+    resolution_px: tuple[int, int]
+    macs: tuple[int, int]
+    params: tuple[int, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in self._asdict().items()}  # fmt: skip
+
+
+def class_spread(
+    members: Iterable[Coefficients],
+    *,
+    phi: float = 7.0,
+    base_resolution_px: int = B0_RESOLUTION_PX,
+    num_classes: int = 1000,
+) -> ClassSpread:
+    """The span, over ``members``, of their family's member at ``phi`` (B7's φ by default).
+
+    The paper's (1.2, 1.1, 1.15) builds the same φ = 1 network as (1.25, 1.1, 1.15), yet at
+    φ = 7 their depth multipliers are 1.2⁷ = 3.58 and 1.25⁷ = 4.77.
+
+    >>> spread = class_spread([Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.1, 1.15)])
+    >>> spread.depth
+    (3.583181, 4.768372)
+    """
+    scaled = [
+        _member("m", float(phi), 0.0, coefficients, base_resolution_px, num_classes)
+        for coefficients in members
+    ]
+    if not scaled:
+        raise ValueError("a class needs at least one member")
+
+    def span(values: list[float] | list[int]) -> tuple[Any, Any]:
+        return min(values), max(values)
+
+    return ClassSpread(
+        phi=float(phi),
+        depth=span([m.depth for m in scaled]),
+        width=span([m.width for m in scaled]),
+        resolution_px=span([m.resolution_px for m in scaled]),
+        macs=span([m.macs for m in scaled]),
+        params=span([m.params for m in scaled]),
+    )

@@ -3,8 +3,11 @@
 Several drivers (and drivers that were killed and started again) share one study. This module
 keeps them from losing or repeating work, using only the Optuna storage:
 
-- **Planning** queues every grid point (candidate, seed) that no trial holds yet: a finished
-  trial, a trial some live driver is running, or one already queued.
+- **Planning** queues every grid point (network, seed) that no trial holds yet: a finished
+  trial, a trial some live driver is running, or one already queued. A point is the network a
+  triple builds (its network key) and a seed: the triples that build one network are trained
+  once per seed, as the class's representative (:func:`scaling_search.space.representative`),
+  and the others share its result (:mod:`scaling_search.sharing`).
 - **Claiming** takes a queued trial atomically (Optuna's WAITING → RUNNING transition locks the
   row). Two drivers planning at the same moment can queue one point twice; the copy with the
   higher trial number is then skipped when claimed: it becomes FAIL with ``duplicate_of`` set
@@ -38,7 +41,15 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.config import StudyConfig
-from scaling_search.space import Coefficients, grid_candidates
+from scaling_search.space import (
+    Coefficients,
+    NetworkKeyFn,
+    grid_candidates,
+    network_classes,
+    representative,
+    study_network_key,
+    triple_key,
+)
 from scaling_search.storage import HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S
 
 __all__ = [
@@ -50,10 +61,12 @@ __all__ = [
     "driver_id",
     "duplicates",
     "fail_trial",
+    "grid_classes",
+    "holder_of",
+    "is_shared",
     "open_study",
     "plan_trials",
     "point_of",
-    "point_of_params",
     "point_params",
     "recover_stale",
     "sampler",
@@ -65,11 +78,15 @@ STAGE_ATTR = "stage"  # "racing" on the trials of the racing stage (scaling_sear
 RACING_STAGE = "racing"
 FAIL_REASON_ATTR = "fail_reason"
 DUPLICATE_ATTR = "duplicate_of"
+NETWORK_ATTR = "network_key"  # the network a trial's triple builds (space.network_key)
+SHARED_ATTR = "shared_from"  # on a trial that shares trial N's result: same network and seed
+CHOSEN_ON_ATTR = "chosen_on"  # study attribute: "validation"; absent before validation splits
+NUM_CLASSES_ATTR = "num_classes"  # study attribute: the classes of the study's data
 _CONFIG_ATTR = "study_config"
 _DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 _HELD = (TrialState.WAITING, TrialState.RUNNING, *_DONE)
 Progress = Callable[[str], None]
-Point = tuple[float, float, float, int]  # (α, β, γ, seed), rounded to 6 decimals
+Point = tuple[str, int]  # (network key, seed)
 
 
 class LedgerError(ValueError):
@@ -84,11 +101,16 @@ def _identity(study: StudyConfig) -> dict[str, Any]:
     )
     if study.objective is not None:  # absent for the built-in trainer, as before the hook
         identity["objective"] = {"function": study.objective}
+        if study.network_key is not None:
+            identity["objective"]["network_key"] = study.network_key
     return identity
 
 
-def open_study(study: StudyConfig, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Create or load the Optuna study, refusing one recorded with different trial settings."""
+def open_study(
+    study: StudyConfig, storage: optuna.storages.BaseStorage, *, num_classes: int | None = None
+) -> optuna.Study:
+    """Create or load the Optuna study, refusing one recorded with different trial settings or
+    recorded before trials were chosen on a validation split."""
     ot_study = optuna.create_study(
         storage=storage, study_name=study.name, direction="maximize", load_if_exists=True
     )
@@ -97,6 +119,15 @@ def open_study(study: StudyConfig, storage: optuna.storages.BaseStorage) -> optu
     if stored is None:
         ot_study.set_user_attr(_CONFIG_ATTR, identity)
         ot_study.set_user_attr("sampler", study.search.sampler)
+        ot_study.set_user_attr(CHOSEN_ON_ATTR, "validation")
+        if num_classes is not None:
+            ot_study.set_user_attr(NUM_CLASSES_ATTR, num_classes)
+    elif ot_study.user_attrs.get(CHOSEN_ON_ATTR) != "validation":
+        raise LedgerError(
+            f"study {study.name!r} was recorded before trials were chosen on a validation split "
+            "(its winner was chosen on the test split); give the study a new name to run it "
+            "with one (best and report still read this one)"
+        )
     elif stored != identity:
         changed = sorted(
             f"{section}.{key}"
@@ -259,12 +290,26 @@ def seeds(study: StudyConfig) -> list[int]:
 
 
 def point_of(trial: FrozenTrial) -> Point | None:
-    """The (α, β, γ, seed) a trial trains: its params, or while queued its fixed params; the
-    seed of a racing trial is its user attribute."""
+    """The (network key, seed) a trial trains: its recorded network key (a trial recorded before
+    network keys: its triple) and its seed (a parameter, a queued parameter, or for racing a
+    user attribute)."""
     params = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
-    if "seed" not in params and trial.user_attrs.get(STAGE_ATTR) == RACING_STAGE:
-        params = {**params, "seed": trial.user_attrs.get("seed")}
-    return _key(params)
+    attrs = trial.user_attrs
+    seed = params.get("seed", attrs.get("seed"))
+    key = attrs.get(NETWORK_ATTR)
+    if key is None:
+        triple = tuple(params.get(name, attrs.get(name)) for name in ("alpha", "beta", "gamma"))
+        key = _triple_key(triple)
+    if key is None or seed is None:
+        return None
+    return str(key), int(seed)
+
+
+def _triple_key(triple: tuple[Any, ...]) -> str | None:
+    try:
+        return triple_key(Coefficients(*(float(x) for x in triple)))
+    except (TypeError, ValueError):
+        return None
 
 
 def point_params(coefficients: Coefficients, seed: int) -> dict[str, Any]:
@@ -277,20 +322,9 @@ def point_params(coefficients: Coefficients, seed: int) -> dict[str, Any]:
     }
 
 
-def point_of_params(params: dict[str, Any]) -> Point | None:
-    """The (α, β, γ, seed) of a trial's parameters, rounded as :func:`point_of` rounds them."""
-    return _key(params)
-
-
-def _key(params: dict[str, Any]) -> Point | None:
-    if not {"alpha", "beta", "gamma", "seed"} <= params.keys():
-        return None
-    return (
-        round(params["alpha"], 6),
-        round(params["beta"], 6),
-        round(params["gamma"], 6),
-        int(params["seed"]),
-    )
+def is_shared(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` shares another trial's result instead of having trained."""
+    return SHARED_ATTR in trial.user_attrs
 
 
 def sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -305,27 +339,53 @@ def sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
+def grid_classes(
+    study: StudyConfig, *, num_classes: int, network_key: NetworkKeyFn | None = None
+) -> dict[str, list[Coefficients]]:
+    """The grid's candidates grouped by the network they build (first member first)."""
+    candidates = grid_candidates(
+        study.space, base_resolution_px=study.train.base_resolution_px, num_classes=num_classes
+    )
+    return network_classes(candidates, network_key or study_network_key(study, num_classes))
+
+
+def plan_trials(
+    study: StudyConfig,
+    ot_study: optuna.Study,
+    *,
+    num_classes: int | None = None,
+    network_key: NetworkKeyFn | None = None,
+) -> int:
     """Queue what is left to train and return how many trials this driver may launch.
 
-    Grid: every (candidate, seed) not held by a trial (finished, running or queued) is queued
-    once; the answer is the queue's length. Other samplers: n_trials minus the trials finished.
+    Grid: every (network, seed) not held by a trial (finished, running or queued) is queued
+    once, as the triple that stands for the network's class; the answer is the queue's length.
+    Other samplers: n_trials minus the trials of the search that trained (a sampled triple that
+    shares a network already trained costs no training, so it is not counted).
 
     The grid is queued in a random order, seeded by ``search.seed``: asynchronous successive
     halving (ASHA) compares each trial with those that reached a rung before it, so a grid in
     sorted order, where accuracy often rises along the order, would have every trial promoted.
+    ``num_classes`` defaults to ``data.num_classes`` (synthetic data); ``network_key`` to the
+    study's (:func:`scaling_search.space.study_network_key`).
     """
     if study.search.sampler != "grid":
         done = ot_study.get_trials(deepcopy=False, states=_DONE)
-        searched = [t for t in done if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE]
+        searched = [
+            t for t in done if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE and not is_shared(t)
+        ]
         return max(0, (study.search.n_trials or 0) - len(searched))
+    classes = grid_classes(
+        study, num_classes=num_classes or study.data.num_classes, network_key=network_key
+    )
     taken = {point_of(t) for t in ot_study.get_trials(deepcopy=False, states=_HELD)}
-    points = [(c, seed) for c in grid_candidates(study.space) for seed in seeds(study)]
+    points = [(key, seed) for key in classes for seed in seeds(study)]
     random.Random(study.search.seed).shuffle(points)
-    for coefficients, seed in points:
-        params = point_params(coefficients, seed)
-        if _key(params) not in taken:
-            ot_study.enqueue_trial(params, skip_if_exists=False)
+    for key, seed in points:
+        if (key, seed) not in taken:
+            member = representative(classes[key], study.space.product)
+            params = point_params(member, seed)
+            ot_study.enqueue_trial(params, user_attrs={NETWORK_ATTR: key}, skip_if_exists=False)
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     return sum(1 for t in waiting if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE)
 
@@ -333,8 +393,22 @@ def plan_trials(study: StudyConfig, ot_study: optuna.Study) -> int:
 def _earlier_holder(ot_study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
     point = point_of(trial)
     for other in ot_study.get_trials(deepcopy=False, states=_HELD):
-        if other.number < trial.number and point_of(other) == point:
+        if other.number < trial.number and point_of(other) == point and not is_shared(other):
             return other
+    return None
+
+
+def holder_of(
+    ot_study: optuna.Study, point: Point, *, before: int | None = None
+) -> FrozenTrial | None:
+    """The first trial that trains (or trained) ``point`` and did not share another's result:
+    running, complete or stopped early; queued ones do not count. ``before``: only trials
+    numbered below it."""
+    for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *_DONE)):
+        if before is not None and trial.number >= before:
+            continue
+        if not is_shared(trial) and point_of(trial) == point:
+            return trial
     return None
 
 
@@ -382,7 +456,7 @@ def duplicates(trials: Iterable[FrozenTrial]) -> dict[str, int]:
     for trial in trials:
         if DUPLICATE_ATTR in trial.user_attrs:
             skipped += 1
-        elif trial.state in _DONE and point_of(trial) is not None:
+        elif trial.state in _DONE and point_of(trial) is not None and not is_shared(trial):
             finished[point_of(trial)] = finished.get(point_of(trial), 0) + 1
     return {
         "skipped_duplicates": skipped,

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "B0_BN_MOMENTUM",
     "B0_HEAD_CHANNELS",
     "B0_RESOLUTION_PX",
     "B0_STAGES",
@@ -31,6 +32,7 @@ __all__ = [
     "count_params",
     "round_channels",
     "scale_depth",
+    "scale_resolution",
 ]
 
 
@@ -43,7 +45,9 @@ _STEM_STRIDE = 2
 _IMAGE_CHANNELS = 3
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01  # PyTorch convention: TF's decay 0.99
+B0_BN_MOMENTUM = _BN_MOMENTUM  # the reference's; a family document states its own
 _DEPTH_DECIMALS = 9  # float error in depth * repeats lives far below this
+_PX_DECIMALS = 9  # and in base_px * gamma**phi
 
 
 def _check_positive_finite(name: str, value: float) -> None:
@@ -109,6 +113,35 @@ def scale_depth(repeats: int, depth: float) -> int:
     _check_int("repeats", repeats, minimum=1)
     _check_positive_finite("depth", depth)
     return max(1, math.ceil(round(depth * repeats, _DEPTH_DECIMALS)))
+
+
+def scale_resolution(base_px: int, multiplier: float) -> int:
+    """Scale an input side by `multiplier` and round to the nearest pixel, halves up.
+
+    The one rounding rule for pixels: trials, the space, the family and every export call it,
+    so that a trial trains at exactly the resolution its family's φ = 1 member states. The
+    product is rounded to 9 decimals first, so that float error cannot move a half (30 * 1.15
+    is 34.5 in decimal) to the other side.
+
+    Args:
+        base_px: Input side of the base network in pixels.
+        multiplier: Resolution multiplier (γ^φ in the paper).
+
+    Returns:
+        floor(base_px * multiplier + 1/2), at least 1.
+
+    Raises:
+        ValueError: If base_px < 1 or multiplier is not finite and positive.
+
+    >>> scale_resolution(30, 1.15), scale_resolution(56, 1.15), scale_resolution(224, 1.0)
+    (35, 64, 224)
+    """
+    _check_int("base_px", base_px, minimum=1)
+    _check_positive_finite("multiplier", multiplier)
+    scaled = round(base_px * multiplier, _PX_DECIMALS)
+    if not math.isfinite(scaled):
+        raise ValueError(f"base_px {base_px} scaled by {multiplier!r} overflows")
+    return max(1, math.floor(scaled + 0.5))
 
 
 @dataclass(frozen=True)
@@ -310,7 +343,11 @@ def count_macs(arch: Architecture, *, resolution_px: int) -> int:
 
 
 def build_model(
-    arch: Architecture, *, dropout: float = 0.2, stochastic_depth: float = 0.2
+    arch: Architecture,
+    *,
+    dropout: float = 0.2,
+    stochastic_depth: float = 0.2,
+    bn_momentum: float = _BN_MOMENTUM,
 ) -> EfficientNet:
     """Build the module for `arch`, freshly initialised, on the default device.
 
@@ -319,19 +356,29 @@ def build_model(
         dropout: Dropout rate before the classifier, in [0, 1).
         stochastic_depth: Block i of n (counted from 0) drops its residual branch with rate
             stochastic_depth * i / n while training, in [0, 1).
+        bn_momentum: Momentum of every BatchNorm's running statistics, PyTorch's convention
+            (the weight of the new batch), in (0, 1]; the TF reference's decay 0.99 is 0.01.
 
     Returns:
         The module, in training mode.
 
     Raises:
-        ValueError: If a rate is outside [0, 1).
+        ValueError: If a rate is outside [0, 1) or bn_momentum outside (0, 1].
     """
     for name, rate in (("dropout", dropout), ("stochastic_depth", stochastic_depth)):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
+    momentum_ok = isinstance(bn_momentum, (int, float)) and not isinstance(bn_momentum, bool)
+    if not momentum_ok or not 0 < bn_momentum <= 1:
+        raise ValueError(f"bn_momentum must be a number in (0, 1], got {bn_momentum!r}")
     from scaling_search._network import EfficientNet
 
-    return EfficientNet(arch, dropout=float(dropout), stochastic_depth=float(stochastic_depth))
+    return EfficientNet(
+        arch,
+        dropout=float(dropout),
+        stochastic_depth=float(stochastic_depth),
+        bn_momentum=float(bn_momentum),
+    )
 
 
 def __getattr__(name: str) -> Any:

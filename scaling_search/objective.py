@@ -3,15 +3,24 @@
 The function is called once per trial, in the Ray worker, with one mapping:
 
 - ``alpha``, ``beta``, ``gamma``: the trial's triple (floats);
-- ``resolution_px``: round(train.base_resolution_px · γ);
+- ``resolution_px``: train.base_resolution_px · γ rounded to the nearest pixel, halves up (the
+  one rounding rule: :func:`scaling_search.model.scale_resolution`);
 - ``epochs``: the trial's budget (train.epochs); ``seed``: the trial's seed;
 - ``report``: call ``report(epoch=..., accuracy=...)`` once per epoch, epochs counted from 1 in
   increasing order, so that a scheduler (ASHA) can stop the trial early.
 
 It returns a mapping with at least ``accuracy`` (a finite number, higher is better): the trial's
-value at its full budget. A study without ``objective`` trains the built-in scaled B0
+**validation** accuracy at its full budget, what trials are compared and chosen on. It may also
+return ``test_accuracy``, measured once on a held-out test split: recorded and shown beside the
+winner, never used to choose. A study without ``objective`` trains the built-in scaled B0
 (:func:`scaling_search.train.fit`); this hook lets users scale their own base network and recipe,
 and lets benchmarks plug in fast surrogates.
+
+**One network, one training.** Several triples can build the same network (depth, channels and
+pixels are rounded). The study's ``network_key: "package.module:function"`` names a function that
+is given ``alpha``, ``beta``, ``gamma`` and ``resolution_px`` and returns what identifies the
+network (a string, number, or a list of them); triples with the same key are trained once per
+seed and share the result. Without it, no two triples are assumed to build the same network.
 
 An objective keeps no checkpoint: a trial retried after a lost worker starts over, and the epochs
 it had reported already are not reported again.
@@ -19,24 +28,26 @@ it had reported already are not reported again.
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from scaling_search.config import StudyError, TrainConfig
+from scaling_search._hooks import ObjectiveError, load_function, show
+from scaling_search.config import TrainConfig
 from scaling_search.data import ImageData
-from scaling_search.space import Coefficients
+from scaling_search.space import Coefficients, ObjectiveNetworkKey, compound_scale
 from scaling_search.train import EpochMetrics, Report
 
-__all__ = ["Objective", "ObjectiveError", "ObjectiveFit", "load_objective"]
+__all__ = [
+    "Objective",
+    "ObjectiveError",
+    "ObjectiveFit",
+    "ObjectiveNetworkKey",
+    "load_objective",
+]
 
 Objective = Callable[[Mapping[str, Any]], Mapping[str, Any]]
-
-
-class ObjectiveError(StudyError):
-    """An objective that cannot be loaded or broke its contract; one line for the user."""
 
 
 def load_objective(spec: str) -> Objective:
@@ -45,26 +56,7 @@ def load_objective(spec: str) -> Objective:
     Raises:
         ObjectiveError: the module does not import, or has no such callable.
     """
-    module_name, _, name = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ObjectiveError(
-            f"objective {spec!r}: no module named {exc.name or module_name!r} "
-            "(is it installed, or on PYTHONPATH?)"
-        ) from None
-    except Exception as exc:
-        raise ObjectiveError(
-            f"objective {spec!r}: importing {module_name!r} failed: {_first_line(exc)}"
-        ) from None
-    function = getattr(module, name, None)
-    if function is None:
-        raise ObjectiveError(f"objective {spec!r}: module {module_name!r} has no {name!r}")
-    if not callable(function):
-        raise ObjectiveError(
-            f"objective {spec!r}: {name!r} is not callable (it is {_show(function)})"
-        )
-    return function
+    return load_function(spec, what="objective")
 
 
 class ObjectiveFit:
@@ -115,7 +107,9 @@ class ObjectiveFit:
             "alpha": coefficients.alpha,
             "beta": coefficients.beta,
             "gamma": coefficients.gamma,
-            "resolution_px": round(config.base_resolution_px * coefficients.gamma),
+            "resolution_px": compound_scale(
+                coefficients, 1, base_resolution_px=config.base_resolution_px
+            )[2],
             "epochs": config.epochs,
             "seed": seed,
             "report": report_epoch,
@@ -123,43 +117,44 @@ class ObjectiveFit:
         result = function(point)
         if not isinstance(result, Mapping) or "accuracy" not in result:
             raise ObjectiveError(
-                f"objective {self.spec!r} returned {_show(result)}; expected a mapping with "
+                f"objective {self.spec!r} returned {show(result)}; expected a mapping with "
                 "'accuracy'"
             )
         accuracy = self._accuracy(result["accuracy"], "returned accuracy")
+        test_accuracy = math.nan
+        if result.get("test_accuracy") is not None:
+            test_accuracy = self._accuracy(result["test_accuracy"], "returned test_accuracy")
         seconds = final.get("seconds", time.perf_counter() - last)
         if report is not None:
-            report(_metrics(config.epochs, accuracy, seconds, started_at), {"epoch": config.epochs})
+            metrics = _metrics(config.epochs, accuracy, seconds, started_at, test_accuracy)
+            report(metrics, {"epoch": config.epochs})
         return result
 
     def _accuracy(self, value: object, what: str) -> float:
         number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
         if number is None or not math.isfinite(number):
             raise ObjectiveError(
-                f"objective {self.spec!r} {what} {_show(value)}; expected a finite number"
+                f"objective {self.spec!r} {what} {show(value)}; expected a finite number"
             )
         return float(number)
 
 
-def _metrics(epoch: int, accuracy: float, seconds: float, started_at: float) -> EpochMetrics:
+def _metrics(
+    epoch: int,
+    accuracy: float,
+    seconds: float,
+    started_at: float,
+    test_accuracy: float = math.nan,
+) -> EpochMetrics:
     """What the built-in trainer reports per epoch; what an objective does not say is NaN."""
     return EpochMetrics(
         epoch=epoch,
         accuracy=accuracy,
-        test_loss=math.nan,
+        val_loss=math.nan,
         train_loss=math.nan,
         train_accuracy=math.nan,
         epoch_seconds=seconds,
         images_per_second=math.nan,
         started_at=started_at,
+        test_accuracy=test_accuracy,
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}..."

@@ -1,7 +1,8 @@
 """Racing with repeats: the search's best few triples, trained again with new seeds.
 
 A search (grid or sampler, often with ASHA stopping most trials early) ranks its candidates on one
-noisy run each. The racing stage takes its ``top_k`` triples and trains each at the full budget
+noisy run each. The racing stage takes its ``top_k`` networks (each as the triple that stands for
+the triples that build it) and trains each at the full budget
 with ``repeats`` seeds that the search did not use (``search.seed + search.repeats + k``), so the
 winner is the best *mean* over seeds, with a spread and a set of candidates tied with it
 (:mod:`scaling_search.results`). A full-budget run from the search counts as one more seed.
@@ -21,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search import ledger
 from scaling_search.config import StudyConfig
-from scaling_search.space import Coefficients
+from scaling_search.space import Coefficients, representative
 
 __all__ = ["plan_racing", "racing_seeds", "search_ranking", "search_trials"]
 
@@ -43,28 +44,42 @@ def search_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if t.user_attrs.get(STAGE_ATTR) != RACING]
 
 
-def search_ranking(trials: Iterable[FrozenTrial], top_k: int) -> list[Coefficients]:
-    """The ``top_k`` best distinct triples of the search stage, best first.
+def _triple(trial: FrozenTrial) -> Coefficients | None:
+    attrs = trial.user_attrs
+    if not {"alpha", "beta", "gamma"} <= attrs.keys():
+        return None
+    return Coefficients(
+        float(attrs["alpha"]), float(attrs["beta"]), float(attrs["gamma"])
+    ).rounded()
+
+
+def search_ranking(
+    trials: Iterable[FrozenTrial], top_k: int, *, product: float = 2.0
+) -> list[tuple[str, Coefficients]]:
+    """The ``top_k`` best distinct networks of the search stage, best first, each with the
+    triple that stands for its class (:func:`scaling_search.space.representative`).
 
     A trial's score is how far it got, then its accuracy there: a trial that a scheduler let run
     more epochs beats one it stopped sooner (the scheduler compared them at equal epochs), and
-    among equals the higher accuracy wins. A triple scores its best trial.
+    among equals the higher accuracy wins. A network scores its best trained trial; trials that
+    shared another's result only name the members of its class.
     """
-    best: dict[tuple[float, float, float], tuple[int, float]] = {}
+    best: dict[str, tuple[int, float]] = {}
+    members: dict[str, set[Coefficients]] = {}
     for trial in search_trials(trials):
-        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        point, triple = ledger.point_of(trial), _triple(trial)
+        if point is None or triple is None:
             continue
-        attrs = trial.user_attrs
-        if not {"alpha", "beta", "gamma"} <= attrs.keys():
+        members.setdefault(point[0], set()).add(triple)
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED) or ledger.is_shared(trial):
             continue
-        epochs = int(attrs.get("epochs_completed", 0))
+        epochs = int(trial.user_attrs.get("epochs_completed", 0))
         value = trial.value if trial.value is not None else trial.intermediate_values.get(epochs)
         if value is None or not math.isfinite(value):
             continue
-        triple = (round(attrs["alpha"], 6), round(attrs["beta"], 6), round(attrs["gamma"], 6))
-        best[triple] = max(best.get(triple, (-1, -math.inf)), (epochs, float(value)))
-    ranked = sorted(best, key=lambda triple: best[triple], reverse=True)
-    return [Coefficients(*triple) for triple in ranked[:top_k]]
+        best[point[0]] = max(best.get(point[0], (-1, -math.inf)), (epochs, float(value)))
+    ranked = sorted(best, key=lambda key: best[key], reverse=True)[:top_k]
+    return [(key, representative(members[key], product)) for key in ranked]
 
 
 def plan_racing(study: StudyConfig, ot_study: optuna.Study) -> int:
@@ -74,12 +89,13 @@ def plan_racing(study: StudyConfig, ot_study: optuna.Study) -> int:
         return 0
     trials = ot_study.get_trials(deepcopy=False)
     held = {ledger.point_of(t) for t in trials if t.state in _HELD}
-    for coefficients in search_ranking(trials, racing.top_k):
+    for key, coefficients in search_ranking(trials, racing.top_k, product=study.space.product):
         for seed in racing_seeds(study):
-            params = ledger.point_params(coefficients, seed)
-            if ledger.point_of_params(params) not in held:
+            if (key, seed) not in held:
                 # The seed rides as a user attribute: see DefineByRun(seed_attr=True).
-                seed = params.pop("seed")
-                ot_study.enqueue_trial(params, user_attrs={STAGE_ATTR: RACING, "seed": seed})
+                params = ledger.point_params(coefficients, seed)
+                del params["seed"]
+                attrs = {STAGE_ATTR: RACING, "seed": seed, ledger.NETWORK_ATTR: key}
+                ot_study.enqueue_trial(params, user_attrs=attrs)
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     return sum(1 for t in waiting if t.user_attrs.get(STAGE_ATTR) == RACING)

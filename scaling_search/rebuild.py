@@ -98,9 +98,10 @@ def build_model(
 ) -> EfficientNet:
     """Build the network of one family member, freshly initialised, in eval mode.
 
-    The member alone is enough: width, depth and num_classes give the architecture, the
-    member's dropout sits before the classifier (stochastic depth is model.build_model's
-    default, 0.2; it acts only in training mode). The module is returned in **eval mode**, ready
+    The member alone is enough: width, depth and num_classes give the architecture; the
+    member's dropout (before the classifier), stochastic depth (training mode only) and BN
+    momentum are those it states: for a family exported from a study, what the search trained
+    with. The module is returned in **eval mode**, ready
     for export, inference or benchmarking at ``member.resolution_px``; call ``.train()`` to
     train it. Like every torch module it is built on the default device (or inside a
     ``torch.device(...)`` context); move it with ``.to(device, dtype)``.
@@ -123,12 +124,17 @@ def build_model(
         raise ValueError(f"seed must be an integer >= 0 or None, got {seed!r}")
     parsed = _as_member(member)
     arch = member_architecture(parsed)
+    settings = {
+        "dropout": parsed.dropout,
+        "stochastic_depth": parsed.stochastic_depth,
+        "bn_momentum": parsed.bn_momentum,
+    }
     if seed is None:
-        return _build_network(arch, dropout=parsed.dropout).eval()
+        return _build_network(arch, **settings).eval()
     import torch
 
     # Only the CPU generator is forked: a module built under a CUDA device context draws from
     # the CUDA generator, which manual_seed also seeds but fork_rng(devices=[]) does not restore.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _build_network(arch, dropout=parsed.dropout).eval()
+        return _build_network(arch, **settings).eval()

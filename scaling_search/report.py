@@ -25,9 +25,12 @@ from scaling_search._report_data import (
     _get_family_info,
     _get_top_info,
     _get_trials_info,
+    class_cell,
     mean_spread,
+    test_cell,
 )
-from scaling_search.results import ResultsError, best_triple
+from scaling_search.ledger import NUM_CLASSES_ATTR, is_shared
+from scaling_search.results import BestTriple, ResultsError, best_triple
 
 __all__ = ["LIVE_FIGURES", "PARTS", "LiveDashboard", "publish_live", "report_html", "write_report"]
 
@@ -45,12 +48,13 @@ def publish_live(study: optuna.Study) -> None:
 
     from scaling_search import _figures as draw
 
-    info = _get_trials_info(study)
+    best = _best(study)
+    info = _get_trials_info(study, best)
     for graph_id, figure in zip(
         LIVE_FIGURES, (draw.simplex_figure(info), draw.cost_figure(info)), strict=True
     ):
         save_plotly_graph_object(study, figure, graph_object_id=graph_id)
-    save_note(study, _note(study))
+    save_note(study, _note(study, best))
 
 
 class LiveDashboard:
@@ -105,39 +109,67 @@ class LiveDashboard:
         self._next = time.monotonic() + max(self._interval_s, 20 * took)
 
 
-def _note(study: optuna.Study) -> str:
-    lines = [f"## scaling-search: {study.study_name}", "", _summary(study)]
+def _best(study: optuna.Study) -> BestTriple | None:
+    try:
+        return best_triple(study)
+    except ResultsError:
+        return None
+
+
+def _note(study: optuna.Study, best: BestTriple | None) -> str:
+    lines = [f"## scaling-search: {study.study_name}", "", _counts(study) + "."]
+    if best is not None:
+        lines += ["", "```", *_verdict(study, best), "```"]
     top = _get_top_info(study, k=5).candidates
     if top:
         lines += [
             "",
-            "| rank | α | β | γ | accuracy | seeds | epochs |",
-            "|---|---|---|---|---|---|---|",
+            f"| rank | α | β | γ | class | {_chosen_word(best)} accuracy | test | seeds | epochs |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {rank if c.eligible else '–'} | {c.coefficients.alpha:g} | {c.coefficients.beta:g} "
-            f"| {c.coefficients.gamma:g} | {mean_spread(c)} | {c.n_seeds} | {c.epochs} |"
+            f"| {c.coefficients.gamma:g} | {class_cell(c)} | {mean_spread(c)} "
+            f"| {test_cell(c)} | {c.n_seeds} | {c.epochs} |"
             for rank, c in enumerate(top, start=1)
         ]
     lines += ["", "Full report: `scaling-search report STUDY --out report.html`."]
     return "\n".join(lines)
 
 
+def _chosen_word(best: BestTriple | None) -> str:
+    return "validation" if best is None or best.chosen_on == "validation" else "test (chosen on)"
+
+
+def _verdict(study: optuna.Study, best: BestTriple) -> list[str]:
+    """The lines ``best`` prints, for the report and the note."""
+    from scaling_search.verdict import best_view
+
+    config = study.user_attrs.get("study_config", {})
+    base_px = int(config.get("train", {}).get("base_resolution_px", 224))
+    classes = int(study.user_attrs.get(NUM_CLASSES_ATTR, 1000))
+    return best_view(best, base_resolution_px=base_px, num_classes=classes)[1]
+
+
 # --- the report file ----------------------------------------------------------------------------
 
 PARTS = ("simplex", "cost", "curves", "family", "top")  # element ids of the five parts: part-<name>
 _CAPTIONS = {
-    "simplex": "Each trial's split of its extra FLOPs (log2 α·β²·γ²) between depth, width and "
-    "resolution. Colour: accuracy. Open grey circles were stopped early and cannot win; grey "
-    "crosses failed; the star is the winner, the square the paper's ImageNet triple.",
-    "cost": "Accuracy against the MACs ratio each triple really has once channels, repeats and "
-    "pixels are rounded; the dashed line is the nominal constraint.",
+    "simplex": "Each triple's split of its extra FLOPs (log2 α·β²·γ²) between depth, width and "
+    "resolution. Colour: validation accuracy. Diamonds are triples that build a network already "
+    "trained and share its result; open grey circles were stopped early and cannot win; grey "
+    "crosses failed; the star is the winner, open stars the other triples of its class (same "
+    "φ = 1 network, other families), the square the paper's ImageNet triple.",
+    "cost": "Validation accuracy against the MACs ratio each trained network really has once "
+    "channels, repeats and pixels are rounded; the dashed line is the nominal constraint c.",
     "curves": "Validation accuracy per epoch. Blue: full budget; grey: stopped early (dotted: "
     "failed).",
     "family": "The winner scaled to φ = 0…7 by the formula (α^φ, β^φ, γ^φ) and by matching each "
-    "official model's MACs ratio, beside the official EfficientNet-B0…B7.",
-    "top": "Full-budget candidates ranked by mean accuracy over seeds (± sample standard "
-    "deviation), then the best of those stopped early.",
+    "official model's MACs ratio, beside the official EfficientNet-B0…B7; thin dashed lines: the "
+    "formula families of the other triples of its class, which the search cannot tell apart.",
+    "top": "Full-budget networks ranked by mean validation accuracy over seeds (± sample standard "
+    "deviation), each named by its class's representative, with the test accuracy beside it "
+    "(never used to choose); then the best of those stopped early.",
 }
 
 
@@ -150,7 +182,10 @@ def _figures(study: optuna.Study, *, base_resolution_px: int, num_classes: int) 
     else:
         family = draw.family_figure(
             _get_family_info(
-                trials.winner, base_resolution_px=base_resolution_px, num_classes=num_classes
+                trials.winner,
+                base_resolution_px=base_resolution_px,
+                num_classes=num_classes,
+                members=trials.winner_class,
             )
         )
     return {
@@ -181,9 +216,10 @@ def report_html(study: optuna.Study, *, base_resolution_px: int, num_classes: in
             f'<section id="part-{name}"><p class="caption">{html.escape(_CAPTIONS[name])}</p>'
             f"{div}</section>"
         )
+    summary = "\n".join(html.escape(line) for line in _summary(study, _best(study)))
     return _PAGE.format(
         title=html.escape(f"scaling-search report: {study.study_name}"),
-        summary=html.escape(_summary(study)),
+        summary=summary,
         plotlyjs=get_plotlyjs(),
         sections="\n".join(sections),
     )
@@ -201,8 +237,10 @@ def write_report(
     return path
 
 
-def _summary(study: optuna.Study) -> str:
-    states = [t.state for t in study.get_trials(deepcopy=False)]
+def _counts(study: optuna.Study) -> str:
+    trials = study.get_trials(deepcopy=False)
+    trained = [t.state for t in trials if not is_shared(t)]
+    shared = len(trials) - len(trained)
     words = {
         TrialState.COMPLETE: "complete",
         TrialState.PRUNED: "stopped early",
@@ -211,18 +249,18 @@ def _summary(study: optuna.Study) -> str:
         TrialState.WAITING: "queued",
     }
     counts = ", ".join(
-        f"{states.count(state)} {word}" for state, word in words.items() if states.count(state)
+        f"{trained.count(state)} {word}" for state, word in words.items() if trained.count(state)
     )
-    try:
-        best = best_triple(study)
-    except ResultsError:
-        return f"{len(states)} trials ({counts}); no full-budget result yet."
-    spread = "" if best.n_seeds < 2 else f" ± {best.std_accuracy:.4f} over {best.n_seeds} seeds"
-    return (
-        f"{len(states)} trials ({counts}). Best: {best.coefficients.label()}, accuracy "
-        f"{best.mean_accuracy:.4f}{spread}, among {best.n_candidates} full-budget candidates. "
-        f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
-    )
+    also = f"; {shared} more triple(s) share a trained network's result" if shared else ""
+    return f"{len(trained)} trials ({counts}){also}"
+
+
+def _summary(study: optuna.Study, best: BestTriple | None) -> list[str]:
+    """The report's first lines: the counts, then the winner as ``best`` prints it."""
+    written = f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
+    if best is None:
+        return [f"{_counts(study)}; no full-budget result yet. {written}"]
+    return [f"{_counts(study)}. {written}", *_verdict(study, best)]
 
 
 _PAGE = """<!DOCTYPE html>
@@ -234,12 +272,13 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1100px; color: #222; }}
 section {{ margin: 2rem 0; border-top: 1px solid #ddd; }}
 .caption {{ color: #555; font-size: 0.92rem; }}
+#summary {{ white-space: pre-wrap; font-size: 0.9rem; }}
 </style>
 <script type="text/javascript">{plotlyjs}</script>
 </head>
 <body>
 <h1>{title}</h1>
-<p id="summary">{summary}</p>
+<pre id="summary">{summary}</pre>
 {sections}
 </body>
 </html>

@@ -1,11 +1,23 @@
-"""Trials → a pandas frame → the best triple, with honest statistics.
+"""Trials → a pandas frame → the best network and its triples, with honest statistics.
+
+**Chosen on validation.** A trial's value is its validation accuracy (images held out of the
+training set); the winner, its spread and its ties are all chosen on it. The test split is
+evaluated once per full-budget trial and only shown beside the winner, never used to choose. A
+study recorded before validation splits is reported as "chosen on the test split".
+
+**Networks, not triples.** Several triples build the same φ = 1 network; it is trained once per
+seed and the other triples share its result (:mod:`scaling_search.sharing`). Candidates are
+ranked by network: its trained trials give the statistics (copies never count twice), and the
+triples that build it form its *class*, named by one representative
+(:func:`scaling_search.space.representative`: the member whose α·β²·γ² is closest to the
+constraint). The search cannot tell a class's members apart, but their families differ.
 
 Only trials that COMPLETED the full epoch budget can win: a trial stopped early by a scheduler has
-a lower-fidelity accuracy. When a candidate was trained with several seeds it is ranked by its mean
-accuracy and reported with the sample standard deviation and the number of seeds.
+a lower-fidelity accuracy. A network trained with several seeds is ranked by its mean accuracy and
+reported with the sample standard deviation and the number of seeds.
 
 When the study ran a racing stage (:mod:`scaling_search.racing`), the race decides: the winner is
-the raced triple with the best mean, and the triples the search left out of the race rank after
+the raced network with the best mean, and the networks the search left out of the race rank after
 the raced ones (their single runs were the search's best guesses, biased upward by being picked
 as the best of many).
 
@@ -13,7 +25,7 @@ The winner comes with the candidates statistically tied with it: those whose mea
 two-sided t-test at the 5% level cannot tell from the winner's. Seed noise is taken as one
 variance for all candidates, pooled over those trained with two or more seeds (degrees of
 freedom Σ(nᵢ − 1)), so a candidate run once is still tested against it; with no repeated
-candidate there is no estimate of the noise, and no tied set. After a race, only raced triples
+candidate there is no estimate of the noise, and no tied set. After a race, only raced networks
 are tested.
 """
 
@@ -28,19 +40,32 @@ import pandas as pd
 from optuna.trial import TrialState
 from scipy import stats
 
-from scaling_search.ledger import RACING_STAGE, STAGE_ATTR
-from scaling_search.space import Coefficients
+from scaling_search.ledger import (
+    CHOSEN_ON_ATTR,
+    RACING_STAGE,
+    STAGE_ATTR,
+    is_shared,
+    point_of,
+)
+from scaling_search.space import Coefficients, representative
 
 __all__ = [
     "TIE_LEVEL",
     "BestTriple",
+    "CostTracking",
     "ResultsError",
     "Tied",
     "best_triple",
     "budget_epochs",
-    "by_triple",
+    "by_network",
+    "chosen_on",
+    "class_label",
+    "class_members",
+    "cost_tracking",
+    "format_accuracy",
     "pooled_noise",
     "rank",
+    "study_product",
     "tied_with_best",
     "trials_frame",
 ]
@@ -56,25 +81,63 @@ _ATTRS = (
     "params",
     "macs",
     "resolution_px",
+    "test_accuracy",
     "fail_reason",
     STAGE_ATTR,
 )
-_KEY = ["alpha", "beta", "gamma"]
+_TRIPLE = ["alpha", "beta", "gamma"]
+_KEY = "network_key"
 TIE_LEVEL = 0.05  # two-sided; a candidate with p ≥ this is tied with the winner
+_TRACKING_LEVEL = 0.05  # a rank correlation with p below this is reported as tracking cost
 
 
 class ResultsError(ValueError):
     """No result can be given yet (e.g. no trial finished its full budget)."""
 
 
+def format_accuracy(mean: float, std: float, n_seeds: int) -> str:
+    """The one printed form of a mean accuracy: '0.7070 ± 0.0120 (2 seeds)', '0.7070 (1 seed)'.
+
+    >>> format_accuracy(0.70701, 0.012, 2), format_accuracy(0.7, float("nan"), 1)
+    ('0.7070 ± 0.0120 (2 seeds)', '0.7000 (1 seed)')
+    """
+    seeds = f"({n_seeds} seed{'s' if n_seeds != 1 else ''})"
+    if n_seeds < 2 or math.isnan(std):
+        return f"{mean:.4f} {seeds}"
+    return f"{mean:.4f} ± {std:.4f} {seeds}"
+
+
+def class_label(members: tuple[Coefficients, ...] | list[Coefficients]) -> str:
+    """The triples of one class in words: what varies, and what they share.
+
+    >>> class_label([Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.1, 1.15)])
+    'α ∈ {1.2, 1.25} with β = 1.1, γ = 1.15'
+    >>> class_label([Coefficients(1.2, 1.1, 1.15)])
+    'α = 1.2, β = 1.1, γ = 1.15'
+    """
+    names = ("α", "β", "γ")
+    columns = [sorted({m.as_tuple()[i] for m in members}) for i in range(3)]
+    varying = [i for i in range(3) if len(columns[i]) > 1]
+    fixed = ", ".join(f"{names[i]} = {columns[i][0]:g}" for i in range(3) if i not in varying)
+    if not varying:
+        return fixed
+    if len(varying) == 1:
+        i = varying[0]
+        values = ", ".join(f"{v:g}" for v in columns[i])
+        return f"{names[i]} ∈ {{{values}}}" + (f" with {fixed}" if fixed else "")
+    triples = ", ".join(f"({m.alpha:g}, {m.beta:g}, {m.gamma:g})" for m in sorted(members))
+    return f"(α, β, γ) ∈ {{{triples}}}"
+
+
 @dataclass(frozen=True)
 class Tied:
-    """A candidate that the t-test cannot tell from the winner."""
+    """A candidate network that the t-test cannot tell from the winner."""
 
-    coefficients: Coefficients
+    coefficients: Coefficients  # its class's representative
     mean_accuracy: float
     n_seeds: int
     p_value: float
+    members: tuple[Coefficients, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,42 +147,83 @@ class Tied:
             "mean_accuracy": round(self.mean_accuracy, 6),
             "n_seeds": self.n_seeds,
             "p_value": round(self.p_value, 6),
+            "members": [list(m.as_tuple()) for m in self.members],
+        }
+
+
+@dataclass(frozen=True)
+class CostTracking:
+    """How full-budget accuracy follows the measured cost: Spearman's rank correlation over the
+    candidate networks. Positive and significant: the networks that rounding makes more
+    expensive win more often, which a nominal constraint does not see."""
+
+    rho: float
+    p_value: float
+    n_networks: int
+
+    @property
+    def tracks(self) -> bool:
+        return self.rho > 0 and self.p_value < _TRACKING_LEVEL
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spearman_rho": round(self.rho, 6),
+            "p_value": round(self.p_value, 6),
+            "n_networks": self.n_networks,
+            "accuracy_tracks_cost": self.tracks,
         }
 
 
 @dataclass(frozen=True)
 class BestTriple:
-    """The winning coefficients and the evidence for them."""
+    """The winning network, the triple that stands for it, and the evidence for them."""
 
-    coefficients: Coefficients
-    mean_accuracy: float
+    coefficients: Coefficients  # the representative of the winning class
+    mean_accuracy: float  # validation (or test, for a study recorded before validation splits)
     std_accuracy: float  # sample standard deviation over seeds; NaN with one seed
     n_seeds: int
     flops_ratio_nominal: float
     flops_ratio_measured: float
     params: int
     resolution_px: int
-    n_candidates: int  # full-budget candidates it was chosen among
+    n_candidates: int  # full-budget networks it was chosen among
     noise_std: float = math.nan  # pooled seed standard deviation; NaN: no repeated candidate
     noise_df: int = 0  # its degrees of freedom
     tied: tuple[Tied, ...] | None = None  # None: no noise estimate, so no test
+    members: tuple[Coefficients, ...] = ()  # every triple that builds the winning network
+    network_key: str = ""
+    test_accuracy: float = math.nan  # mean over the seeds that measured it; never used to choose
+    n_test: int = 0
+    chosen_on: str = "validation"  # "test": recorded before validation splits
+    product: float = 2.0  # the constraint's c
+    cost_tracking: CostTracking | None = None  # None: fewer than 3 networks to correlate
 
     def to_dict(self) -> dict[str, Any]:
+        def number(value: float) -> float | None:
+            return None if math.isnan(value) else round(value, 6)
+
         return {
             "alpha": self.coefficients.alpha,
             "beta": self.coefficients.beta,
             "gamma": self.coefficients.gamma,
+            "chosen_on": self.chosen_on,
             "mean_accuracy": round(self.mean_accuracy, 6),
-            "std_accuracy": None if math.isnan(self.std_accuracy) else round(self.std_accuracy, 6),
+            "std_accuracy": number(self.std_accuracy),
             "n_seeds": self.n_seeds,
+            "test_accuracy": number(self.test_accuracy),
+            "n_test": self.n_test,
+            "product": self.product,
             "flops_ratio_nominal": round(self.flops_ratio_nominal, 6),
             "flops_ratio_measured": round(self.flops_ratio_measured, 6),
             "params": self.params,
             "resolution_px": self.resolution_px,
+            "network_key": self.network_key,
+            "members": [list(m.as_tuple()) for m in self.members],
             "n_candidates": self.n_candidates,
-            "noise_std": None if math.isnan(self.noise_std) else round(self.noise_std, 6),
+            "noise_std": number(self.noise_std),
             "noise_df": self.noise_df,
             "tied": None if self.tied is None else [t.to_dict() for t in self.tied],
+            "cost_tracking": None if self.cost_tracking is None else self.cost_tracking.to_dict(),
         }
 
 
@@ -133,10 +237,26 @@ def budget_epochs(study: optuna.Study) -> int:
         ) from None
 
 
+def study_product(study: optuna.Study) -> float:
+    """The constraint's c (α·β²·γ² ≈ c) recorded with the study; 2 if it says none."""
+    try:
+        return float(study.user_attrs["study_config"]["space"]["product"])
+    except (KeyError, TypeError, ValueError):
+        return 2.0
+
+
+def chosen_on(study: optuna.Study) -> str:
+    """ "validation", or "test" for a study recorded before trials were chosen on a validation
+    split (its trials' values are test accuracies)."""
+    return "validation" if study.user_attrs.get(CHOSEN_ON_ATTR) == "validation" else "test"
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, accuracy, duration and the derived attributes."""
+    """One row per trial: number, state, accuracy, duration, the derived attributes, the
+    network it trains (``network_key``) and whether it shares another trial's result."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
+        point = point_of(trial)
         row: dict[str, Any] = {
             "number": trial.number,
             "state": trial.state.name,
@@ -144,47 +264,88 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
         }
         row.update({key: trial.user_attrs.get(key) for key in _ATTRS})
-        for key in _KEY:  # 6 decimals, as the ledger keys points (racing queues rounded ones)
-            if row[key] is not None:
-                row[key] = round(float(row[key]), 6)
+        for key in _TRIPLE:  # 6 decimals, as the ledger keys points (racing queues rounded ones)
+            value = row[key] if row[key] is not None else trial.params.get(key)
+            row[key] = None if value is None else round(float(value), 6)
+        row[_KEY] = None if point is None else point[0]
+        row["shared"] = is_shared(trial)
         rows.append(row)
-    columns = ["number", "state", "accuracy", "duration_s", *_ATTRS]
-    return pd.DataFrame(rows, columns=columns)
+    columns = ["number", "state", "accuracy", "duration_s", *_ATTRS, _KEY, "shared"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["test_accuracy"] = pd.to_numeric(frame["test_accuracy"], errors="coerce")
+    return frame
 
 
-def by_triple(frame: pd.DataFrame) -> pd.DataFrame:
-    """Trials grouped by (α, β, γ): mean accuracy, its sample std over seeds (NaN with one seed),
-    the number of seeds, and the triple's cost columns."""
-    return frame.groupby(_KEY, as_index=False).agg(
+def class_members(frame: pd.DataFrame) -> dict[str, tuple[Coefficients, ...]]:
+    """The distinct triples that each network key was recorded with, in any trial."""
+    known = frame.dropna(subset=[_KEY, *_TRIPLE])
+    return {
+        str(key): tuple(
+            sorted({Coefficients(a, b, g) for a, b, g in group[_TRIPLE].itertuples(index=False)})
+        )
+        for key, group in known.groupby(_KEY, sort=False)
+    }
+
+
+def by_network(
+    frame: pd.DataFrame,
+    *,
+    product: float = 2.0,
+    members: dict[str, tuple[Coefficients, ...]] | None = None,
+) -> pd.DataFrame:
+    """Trials grouped by network: mean accuracy, its sample std over seeds (NaN with one seed),
+    the number of seeds, the mean test accuracy and how many trials measured it, the cost
+    columns, the class's triples (``members``: by network key, default those in ``frame``) and
+    its representative as ``alpha``, ``beta``, ``gamma``. Pass trained trials only."""
+    grouped = frame.groupby(_KEY, as_index=False, sort=False).agg(
         mean_accuracy=("accuracy", "mean"),
         std_accuracy=("accuracy", "std"),
         n_seeds=("accuracy", "size"),
-        flops_ratio_nominal=("flops_ratio_nominal", "first"),
+        test_accuracy=("test_accuracy", "mean"),
+        n_test=("test_accuracy", "count"),
         flops_ratio_measured=("flops_ratio_measured", "first"),
         params=("params", "first"),
         resolution_px=("resolution_px", "first"),
     )
+    return _with_class(grouped, class_members(frame) if members is None else members, product)
 
 
-def rank(frame: pd.DataFrame, *, epochs: int) -> pd.DataFrame:
-    """Full-budget COMPLETE trials grouped by triple, best mean accuracy first; after a racing
-    stage, the raced triples first (column ``raced``).
+def _with_class(
+    grouped: pd.DataFrame, members: dict[str, tuple[Coefficients, ...]], product: float
+) -> pd.DataFrame:
+    grouped["members"] = pd.Series(
+        [members.get(str(key), ()) for key in grouped[_KEY]], index=grouped.index, dtype=object
+    )
+    chosen = [representative(m, product) if m else None for m in grouped["members"]]
+    for index, name in enumerate(_TRIPLE):
+        grouped[name] = [None if c is None else c.as_tuple()[index] for c in chosen]
+    grouped["flops_ratio_nominal"] = [None if c is None else c.flops_product for c in chosen]
+    return grouped
 
-    Ties in mean accuracy go to the cheaper candidate (lower measured FLOPs ratio).
+
+def rank(frame: pd.DataFrame, *, epochs: int, product: float = 2.0) -> pd.DataFrame:
+    """Full-budget COMPLETE trained trials grouped by network, best mean accuracy first; after a
+    racing stage, the raced networks first (column ``raced``). Trials that shared another's
+    result only add their triples to the class (``members``).
+
+    Ties in mean accuracy go to the cheaper network (lower measured FLOPs ratio).
     """
-    full = frame[
-        (frame["state"] == TrialState.COMPLETE.name)
-        & (frame["epochs_completed"].fillna(0) >= epochs)
-        & frame["accuracy"].notna()
+    trained = frame[~frame["shared"].astype(bool)]
+    full = trained[
+        (trained["state"] == TrialState.COMPLETE.name)
+        & (trained["epochs_completed"].fillna(0) >= epochs)
+        & trained["accuracy"].notna()
+        & trained[_KEY].notna()
     ]
     if full.empty:
-        return pd.DataFrame(columns=[*_KEY, "mean_accuracy", "std_accuracy", "n_seeds", "raced"])
-    grouped = by_triple(full)
-    raced = full.loc[full[STAGE_ATTR] == RACING_STAGE].set_index(_KEY).index
-    grouped["raced"] = grouped.set_index(_KEY).index.isin(raced)
+        columns = [*_TRIPLE, _KEY, "mean_accuracy", "std_accuracy", "n_seeds", "raced", "members"]
+        return pd.DataFrame(columns=columns)
+    grouped = by_network(full, product=product, members=class_members(frame))
+    raced = set(full.loc[full[STAGE_ATTR] == RACING_STAGE, _KEY])
+    grouped["raced"] = grouped[_KEY].isin(raced)
     ordered = grouped.sort_values(
-        ["raced", "mean_accuracy", "flops_ratio_measured"],
-        ascending=[False, False, True],
+        ["raced", "mean_accuracy", "flops_ratio_measured", *_TRIPLE],
+        ascending=[False, False, True, True, True, True],
         kind="mergesort",
     )
     return ordered.reset_index(drop=True)
@@ -214,28 +375,45 @@ def _tied(ranked: pd.DataFrame, noise: float, df: int) -> tuple[Tied, ...] | Non
     tied = []
     for row in others:
         if row["raced"] != best["raced"]:
-            continue  # after a race, only the raced triples could win
+            continue  # after a race, only the raced networks could win
         scale = noise * math.sqrt(1 / best["n_seeds"] + 1 / row["n_seeds"])
         gap = float(best["mean_accuracy"] - row["mean_accuracy"])
         p = 1.0 if gap == 0 else (0.0 if scale == 0 else 2 * stats.t.sf(abs(gap) / scale, df))
         if p >= TIE_LEVEL:
-            coefficients = Coefficients(
-                float(row["alpha"]), float(row["beta"]), float(row["gamma"])
-            )
+            coefficients = Coefficients(*(float(row[name]) for name in _TRIPLE))
             tied.append(
-                Tied(coefficients, float(row["mean_accuracy"]), int(row["n_seeds"]), float(p))
+                Tied(
+                    coefficients,
+                    float(row["mean_accuracy"]),
+                    int(row["n_seeds"]),
+                    float(p),
+                    tuple(row["members"]),
+                )
             )
     return tuple(tied)
 
 
+def cost_tracking(ranked: pd.DataFrame) -> CostTracking | None:
+    """Spearman's rank correlation of the candidates' mean accuracy with their measured cost;
+    None with fewer than three networks or no spread in either."""
+    usable = ranked.dropna(subset=["mean_accuracy", "flops_ratio_measured"])
+    accuracy = usable["mean_accuracy"].astype(float)
+    cost = usable["flops_ratio_measured"].astype(float)
+    if len(usable) < 3 or accuracy.nunique() < 2 or cost.nunique() < 2:
+        return None
+    result = stats.spearmanr(accuracy, cost)
+    return CostTracking(float(result.statistic), float(result.pvalue), len(usable))
+
+
 def best_triple(study: optuna.Study) -> BestTriple:
-    """The best full-budget triple of ``study``.
+    """The best full-budget network of ``study``, named by its class's representative triple.
 
     Raises:
-        ResultsError: when no trial has completed the full budget yet.
+        ResultsError: when no trial has completed its full budget yet.
     """
     epochs = budget_epochs(study)
-    ranked = rank(trials_frame(study), epochs=epochs)
+    product = study_product(study)
+    ranked = rank(trials_frame(study), epochs=epochs, product=product)
     if ranked.empty:
         raise ResultsError(
             f"study {study.study_name!r} has no trial that completed its full budget of "
@@ -256,4 +434,11 @@ def best_triple(study: optuna.Study) -> BestTriple:
         noise_std=noise,
         noise_df=noise_df,
         tied=_tied(ranked, noise, noise_df),
+        members=tuple(top.members),
+        network_key=str(top.network_key),
+        test_accuracy=float(top.test_accuracy),
+        n_test=int(top.n_test),
+        chosen_on=chosen_on(study),
+        product=product,
+        cost_tracking=cost_tracking(ranked),
     )

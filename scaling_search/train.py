@@ -20,20 +20,22 @@ import torch
 import torch.nn.functional as F
 
 from scaling_search.config import TrainConfig
-from scaling_search.data import ImageData, prepare_batch
-from scaling_search.model import architecture, build_model, count_macs, count_params
-from scaling_search.space import Coefficients
+from scaling_search.data import DataError, ImageData, prepare_batch
+from scaling_search.model import build_model, count_macs, count_params
+from scaling_search.space import Coefficients, scaled_network
 
 __all__ = ["EpochMetrics", "FitResult", "Report", "failure_reason", "fit", "pick_device"]
 
 
 @dataclass(frozen=True)
 class EpochMetrics:
-    """What one epoch reports. ``accuracy`` is held-out (test) top-1 in [0, 1]."""
+    """What one epoch reports. ``accuracy`` is validation top-1 in [0, 1]: what trials are
+    compared and chosen on. ``test_accuracy`` is measured at the last epoch of the budget only
+    (NaN before), for the record, never to choose."""
 
     epoch: int
     accuracy: float
-    test_loss: float
+    val_loss: float
     train_loss: float
     train_accuracy: float
     epoch_seconds: float  # training, BN recalibration and evaluation
@@ -41,6 +43,7 @@ class EpochMetrics:
     started_at: float  # unix time the trial's training began (first epoch, this attempt)
     train_seconds: float = math.nan  # the training steps of this epoch alone
     first_step_at: float = math.nan  # unix time the first optimiser step of this attempt ended
+    test_accuracy: float = math.nan  # top-1 on the test split, at the budget's last epoch only
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -50,7 +53,8 @@ class EpochMetrics:
 class FitResult:
     """A finished trial."""
 
-    accuracy: float  # after the last epoch
+    accuracy: float  # validation, after the last epoch
+    test_accuracy: float  # test, after the last epoch (NaN if resumed after it)
     epochs_completed: int
     params: int
     macs: int
@@ -134,24 +138,30 @@ def _import_in_background(module: str) -> None:
 
 
 def _evaluate(
-    model: torch.nn.Module, data: ImageData, resolution_px: int, device: torch.device
+    model: torch.nn.Module,
+    data: ImageData,
+    split: tuple[torch.Tensor, torch.Tensor],
+    resolution_px: int,
+    device: torch.device,
 ) -> tuple[float, float]:
-    """Held-out accuracy and mean loss, in larger batches, under inference mode."""
+    """Accuracy and mean loss on a held-out ``split`` (images, labels), in larger batches,
+    under inference mode."""
+    split_images, split_labels = split
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.int64)
     loss_sum = torch.zeros((), device=device)
     batch = 256
     with torch.inference_mode(), _autocast(device):
-        for start in range(0, len(data.test_labels), batch):
-            images = data.test_images[start : start + batch].to(device, non_blocking=True)
-            labels = data.test_labels[start : start + batch].to(device, non_blocking=True)
+        for start in range(0, len(split_labels), batch):
+            images = split_images[start : start + batch].to(device, non_blocking=True)
+            labels = split_labels[start : start + batch].to(device, non_blocking=True)
             inputs = prepare_batch(
                 images, resolution_px=resolution_px, mean=data.mean, std=data.std, train=False
             )
             logits = model(inputs).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(1) == labels).sum()
-    count = len(data.test_labels)
+    count = len(split_labels)
     return correct.item() / count, loss_sum.item() / count
 
 
@@ -213,20 +223,33 @@ def fit(
 ) -> FitResult:
     """Train B0 scaled by ``coefficients`` (φ = 1) for ``config.epochs`` epochs.
 
-    Depth α and width β scale the network; the input is round(base_resolution_px·γ) pixels.
-    Seeds every source of randomness from ``seed``; with ``resume`` (a state given to ``report``)
-    training continues after the epoch that state was taken at.
+    The network is the family's φ = 1 member (:func:`scaling_search.space.scaled_network`: the
+    same rounding of repeats, channels and pixels). Each epoch reports validation accuracy; the
+    last epoch of the budget also measures the test split. Seeds every source of randomness
+    from ``seed``; with ``resume`` (a state given to ``report``) training continues after the
+    epoch that state was taken at.
+
+    Raises:
+        DataError: If ``data`` has no validation split (`scaling_search.data.load_dataset`
+            makes one; `hold_out_validation` makes one for any dataset).
     """
+    if data.val_images is None or data.val_labels is None:
+        raise DataError(
+            f"dataset {data.name!r} has no validation split to choose on; hold one out with "
+            "scaling_search.data.hold_out_validation"
+        )
+    validation = (data.val_images, data.val_labels)
     device = device or pick_device()
     torch.manual_seed(seed)
-    resolution_px = round(config.base_resolution_px * coefficients.gamma)
-    arch = architecture(
-        width=coefficients.beta, depth=coefficients.alpha, num_classes=data.num_classes
+    arch, resolution_px = scaled_network(
+        coefficients, base_resolution_px=config.base_resolution_px, num_classes=data.num_classes
     )
-    model = build_model(arch, dropout=config.dropout, stochastic_depth=config.stochastic_depth)
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = config.bn_momentum
+    model = build_model(
+        arch,
+        dropout=config.dropout,
+        stochastic_depth=config.stochastic_depth,
+        bn_momentum=config.bn_momentum,
+    )
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     # The compiled module trains; checkpoints, BN recalibration and evaluation use `model`.
@@ -302,12 +325,16 @@ def fit(
                 resolution_px,
                 config.batch_size,
             )
-        accuracy, test_loss = _evaluate(model, data, resolution_px, device)
+        accuracy, val_loss = _evaluate(model, data, validation, resolution_px, device)
+        test_accuracy = math.nan
+        if epoch + 1 == config.epochs:  # once, for the record: never used to choose
+            test_split = (data.test_images, data.test_labels)
+            test_accuracy, _ = _evaluate(model, data, test_split, resolution_px, device)
         seconds = time.perf_counter() - tick
         metrics = EpochMetrics(
             epoch=epoch + 1,
             accuracy=accuracy,
-            test_loss=test_loss,
+            val_loss=val_loss,
             train_loss=train_loss,
             train_accuracy=correct.item() / seen,
             epoch_seconds=seconds,
@@ -315,6 +342,7 @@ def fit(
             started_at=started_at,
             train_seconds=train_seconds,
             first_step_at=first_step_at,
+            test_accuracy=test_accuracy,
         )
         history.append(metrics)
         if report is not None:
@@ -323,6 +351,7 @@ def fit(
 
     return FitResult(
         accuracy=history[-1].accuracy if history else math.nan,  # resumed after its last epoch
+        test_accuracy=history[-1].test_accuracy if history else math.nan,
         epochs_completed=config.epochs,
         params=count_params(arch),
         macs=count_macs(arch, resolution_px=resolution_px),

@@ -62,20 +62,25 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]
         yield request.getfixturevalue("postgres_url")
 
 
+# 10 grid candidates that build 6 distinct networks at φ = 1 (three classes of two or three
+# triples: α ∈ {1.05, 1.1, 1.15, 1.2, 1.25} all give repeats 2,3,3,4,4,5,2).
 TINY_STUDY = """\
 name: {name}
 output_dir: {out}
-data: {{kind: synthetic, num_classes: 4, train_size: 96, test_size: 48, image_px: 24}}
-space: {{alpha: [1.15, 1.25], beta: [1.05, 1.15], gamma: [1.1, 1.15], tolerance: 0.1}}
+data: {{kind: synthetic, num_classes: 4, train_size: 128, validation_size: 32, test_size: 48,
+        image_px: 24}}
+space: {{alpha: [1.0, 1.3], beta: [1.0, 1.15], gamma: [1.1, 1.15], tolerance: 0.1}}
 search: {{sampler: grid, max_concurrent_trials: 2}}
-train: {{base_resolution_px: 16, epochs: 2, batch_size: 32}}
+train: {{base_resolution_px: 20, epochs: 2, batch_size: 32}}
 resources: {{cpus_per_trial: 1, num_cpus: 2}}
 """
+TINY_CANDIDATES, TINY_NETWORKS = 10, 6
 
 
 @pytest.fixture
 def tiny_study(tmp_path: Path) -> Path:
-    """A study file of a grid with 6 candidates and trials of a few seconds on CPU."""
+    """A study file of a grid with 10 candidates (6 distinct networks) and trials of a few
+    seconds on CPU."""
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_STUDY.format(name="tiny", out=tmp_path / "runs"), encoding="utf-8")
     return path
@@ -154,6 +159,11 @@ def crafted_accuracy(base: float, epoch: int, seed: int) -> float:
     return round(base + 0.1 * (epoch - 1) + 0.01 * seed, 6)
 
 
+def crafted_test_accuracy(validation: float) -> float:
+    """The made-up test accuracy of a crafted full-budget trial: 0.03 below its validation."""
+    return round(validation - 0.03, 6)
+
+
 def make_crafted_study(url: str, name: str = "crafted"):
     """A study with two seeds of each of CRAFTED_TRIALS, recorded the way the driver records
     trials (user attributes from space.describe, one intermediate value per epoch), plus one
@@ -173,6 +183,8 @@ def make_crafted_study(url: str, name: str = "crafted"):
             "train": {"epochs": CRAFTED_BUDGET, "base_resolution_px": 32},
         },
     )
+    study.set_user_attr("chosen_on", "validation")  # as ledger.open_study records it
+    study.set_user_attr("num_classes", 10)
     dists = {
         "alpha": FloatDistribution(1.0, 2.0),
         "beta": FloatDistribution(1.0, 2.0),
@@ -186,6 +198,8 @@ def make_crafted_study(url: str, name: str = "crafted"):
             if state == "FAIL":
                 attrs["fail_reason"] = "diverged: the loss became nan at epoch 2"
             curve = {e: crafted_accuracy(base, e, seed) for e in range(1, epochs + 1)}
+            if state == "COMPLETE" and epochs == CRAFTED_BUDGET:
+                attrs["test_accuracy"] = crafted_test_accuracy(curve[epochs])
             params = {"alpha": alpha, "beta": beta, "gamma": gamma, "seed": seed}
             study.add_trial(
                 create_trial(

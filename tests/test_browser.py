@@ -165,9 +165,15 @@ def test_report_of_a_real_run_renders(browser: Any, finished_study: Path, tmp_pa
     )
     assert result.returncode == 0, result.stderr
     counts = _open_report(browser, out)
-    trials = len(_trial_numbers(finished_study))  # all trained for the full budget
-    assert counts["simplex"] == trials + 2 and counts["curves"] == trials
-    assert counts["cost"] == trials + 1 and counts["family"] == 2 and counts["top"] == 1
+    trials = len(_trial_numbers(finished_study))  # all complete: trained, or sharing a result
+    trained = len(_trial_numbers(finished_study, trained_only=True))
+    winner = _best(finished_study)
+    # Every triple on the simplex, the paper's triple, the winner's star and an open star for
+    # each other triple of its class; learning curves and cost points for trained trials only.
+    assert counts["simplex"] == trials + 2 + len(winner.members) - 1
+    assert counts["curves"] == trained
+    assert counts["cost"] == trained + winner.n_seeds  # and the winner's seeds again as stars
+    assert counts["family"] == 2 and counts["top"] == 1
     assert _console_errors(browser) == []
     _screenshot(browser, "report.png")
 
@@ -220,18 +226,30 @@ def test_dashboard_shows_the_finished_study(browser: Any, finished_study: Path) 
         _screenshot(browser, "dashboard-trials.png")
         # The study's note, kept by the driver: the best triple.
         browser.get(f"{base}/note")
-        _wait_for(browser, "document.body.innerText.includes('Best: α=')")
+        _wait_for(browser, "document.body.innerText.includes('best: α=')")
         assert _console_errors(browser) == []
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-def _trial_numbers(study_path: Path) -> list[int]:
+def _ot_study(study_path: Path) -> Any:
     import optuna
 
     from scaling_search.storage import open_storage, resolve_url
 
     study = load_study(study_path)
-    ot_study = optuna.load_study(study_name=study.name, storage=open_storage(resolve_url(study)))
-    return [t.number for t in ot_study.get_trials(deepcopy=False)]
+    return optuna.load_study(study_name=study.name, storage=open_storage(resolve_url(study)))
+
+
+def _trial_numbers(study_path: Path, *, trained_only: bool = False) -> list[int]:
+    from scaling_search.ledger import is_shared
+
+    trials = _ot_study(study_path).get_trials(deepcopy=False)
+    return [t.number for t in trials if not (trained_only and is_shared(t))]
+
+
+def _best(study_path: Path) -> Any:
+    from scaling_search.results import best_triple
+
+    return best_triple(_ot_study(study_path))

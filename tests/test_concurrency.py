@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from scaling_search.config import load_study
-from scaling_search.ledger import DRIVER_ATTR
+from scaling_search.ledger import DRIVER_ATTR, grid_classes, is_shared, point_of
 from scaling_search.space import grid_candidates
 
 pytestmark = pytest.mark.slow
@@ -57,10 +57,14 @@ def test_two_drivers_share_one_grid_study_without_losing_or_repeating_a_candidat
     study = load_study(tiny_study)
     trials = optuna.load_study(study_name=study.name, storage=postgres_url).get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    trained = [t for t in complete if not is_shared(t)]
+    networks = sorted(point_of(t) for t in trained)
+    classes = grid_classes(study, num_classes=study.data.num_classes)
+    assert networks == sorted((key, 0) for key in classes)  # each network once, none lost
     points = sorted((t.params["alpha"], t.params["beta"], t.params["gamma"]) for t in complete)
     expected = sorted(c.as_tuple() for c in grid_candidates(study.space))
-    assert points == expected  # every candidate trained, none lost, none twice
-    holders = {t.system_attrs[DRIVER_ATTR] for t in complete}
+    assert points == expected  # every candidate has its result, none twice
+    holders = {t.system_attrs[DRIVER_ATTR] for t in trained}
     assert len(holders) == 2, f"one driver trained everything: {holders}"
     # Nothing else was trained: every other trial is a queue duplicate skipped when claimed.
     for trial in trials:

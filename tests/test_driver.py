@@ -17,10 +17,12 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import TINY_CANDIDATES, TINY_NETWORKS
 from optuna.trial import TrialState
 
 from scaling_search.config import load_study
 from scaling_search.data import load_data
+from scaling_search.ledger import grid_classes, is_shared
 from scaling_search.report import LIVE_FIGURES
 from scaling_search.space import grid_candidates
 from scaling_search.storage import StorageError, open_storage, resolve_url, study_exists
@@ -62,13 +64,22 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
     study, summary, ot_study = _run(tiny_study)
 
     candidates = grid_candidates(study.space)
-    trials = ot_study.get_trials()
-    assert len(candidates) >= 4
-    assert summary.launched == len(candidates) == summary.completed
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * len(candidates)
-    # Every feasible candidate trained exactly once, and nothing else.
-    assert sorted(_point(t)[:3] for t in trials) == sorted(c.as_tuple() for c in candidates)
-    for trial in trials:
+    classes = grid_classes(study, num_classes=study.data.num_classes)
+    every = ot_study.get_trials()
+    trials = [t for t in every if not is_shared(t)]  # those that trained
+    copies = [t for t in every if is_shared(t)]
+    assert (len(candidates), len(classes)) == (TINY_CANDIDATES, TINY_NETWORKS)
+    # One training per distinct network; every other triple gets its network's result.
+    assert summary.launched == len(classes) == summary.completed
+    assert summary.shared == len(candidates) - len(classes) == len(copies)
+    assert [t.state for t in every] == [TrialState.COMPLETE] * len(candidates)
+    assert sorted(_point(t)[:3] for t in every) == sorted(c.as_tuple() for c in candidates)
+    assert sorted(t.user_attrs["network_key"] for t in trials) == sorted(classes)
+    for copy in copies:
+        source = every[copy.user_attrs["shared_from"]]
+        assert copy.user_attrs["network_key"] == source.user_attrs["network_key"]
+        assert copy.value == source.value and copy.intermediate_values == source.intermediate_values
+    for trial in every:
         assert set(DERIVED) <= trial.user_attrs.keys()
         assert trial.user_attrs["epochs_completed"] == study.train.epochs
         assert (
@@ -80,6 +91,9 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
         )
         assert sorted(trial.intermediate_values) == list(range(1, study.train.epochs + 1))
         assert 0.0 <= trial.value <= 1.0
+        # Chosen on validation (32 images); the test split (48) measured once, at the end.
+        assert (trial.value * 32).is_integer()
+        assert (trial.user_attrs["test_accuracy"] * 48).is_integer()
     # Two workers ran the trials; each fetched the dataset once and kept it for its next trials.
     fetched = [t.number for t in trials if not t.user_attrs["data_reused"]]
     assert 1 <= len(fetched) <= study.search.max_concurrent_trials, fetched
@@ -93,16 +107,16 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
     assert overlapping, f"no two trials trained at the same time: {spans}"
     # Each trial keeps its newest checkpoint only: the last epoch's.
     checkpoints = sorted((study.out_dir / "ray").glob("*/*/checkpoint_*"))
-    assert len({c.parent for c in checkpoints}) == len(checkpoints) == len(candidates)
+    assert len({c.parent for c in checkpoints}) == len(checkpoints) == len(classes)
     for checkpoint in checkpoints:
         state = torch.load(checkpoint / "state.pt", weights_only=False)
         assert state["epoch"] == study.train.epochs
 
     _optuna_cli_lists_the_attributes(study, ot_study)
-    _dashboard_serves_the_trials(tiny_study, study.name, len(candidates))
+    _dashboard_serves_the_trials(tiny_study, study.name, len(classes), len(copies))
 
     # Running the finished study again trains nothing and changes nothing.
-    before = [(t.number, t.state, t.value, t.datetime_complete) for t in trials]
+    before = [(t.number, t.state, t.value, t.datetime_complete) for t in every]
     _, again, ot_again = _run(tiny_study)
     assert again.launched == 0
     assert [
@@ -137,8 +151,9 @@ def _optuna_cli_lists_the_attributes(study, ot_study) -> None:
         assert attrs["alpha"] == row["params"]["alpha"]
 
 
-def _dashboard_serves_the_trials(study_path: Path, name: str, count: int) -> None:
-    """`scaling-search dashboard` serves the study through optuna-dashboard's API."""
+def _dashboard_serves_the_trials(study_path: Path, name: str, count: int, shared: int) -> None:
+    """`scaling-search dashboard` serves the study through optuna-dashboard's API: the trials
+    that trained and the triples that share their results, as rows."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -161,13 +176,15 @@ def _dashboard_serves_the_trials(study_path: Path, name: str, count: int) -> Non
         detail = _get_json(
             f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", deadline_s=10
         )
-        assert len(detail["trials"]) == count
-        attrs = {a["key"] for a in detail["trials"][0]["user_attrs"]}
-        assert {"alpha", "beta", "gamma"} <= attrs
+        assert len(detail["trials"]) == count + shared
+        attrs = [{a["key"] for a in t["user_attrs"]} for t in detail["trials"]]
+        assert all({"alpha", "beta", "gamma", "network_key"} <= keys for keys in attrs)
+        assert sum("shared_from" in keys for keys in attrs) == shared
         # The driver's own figures and its note with the best triple, on the study's page.
         assert sorted(g["id"] for g in detail["plotly_graph_objects"]) == sorted(LIVE_FIGURES)
-        assert f"{count} trials ({count} complete)" in detail["note"]["body"]
-        assert "Best: α=" in detail["note"]["body"]
+        note = detail["note"]["body"]
+        assert f"{count} trials ({count} complete); {shared} more triple(s) share" in note
+        assert "best: α=" in note and "validation accuracy" in note
         _only_on_loopback(port)
     finally:
         server.terminate()
@@ -313,7 +330,9 @@ def test_tpe_on_the_surface_with_asha_never_crowns_an_early_stop(ray_local, tiny
     ot_study = optuna.load_study(study_name=study.name, storage=storage)
     trials = ot_study.get_trials()
 
-    assert summary.launched == 5 and len(trials) == 5
+    # Five trainings; a sampled triple whose network was trained with the seed shares its result.
+    assert summary.launched == 5 and len([t for t in trials if not is_shared(t)]) == 5
+    assert summary.shared == len(trials) - 5
     assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     for trial in trials:
         a, b, g = (trial.user_attrs[k] for k in ("alpha", "beta", "gamma"))

@@ -234,7 +234,7 @@ def test_python_module_holds_only_literals_and_round_trips(mode: str) -> None:
         [target] = node.targets
         assert isinstance(target, ast.Name)
         values[target.id] = ast.literal_eval(node.value)
-    assert values["SCHEMA_VERSION"] == 1
+    assert values["SCHEMA_VERSION"] == 2
     assert values["FAMILY"] == family_to_dict(family)
     assert family_from_dict(values["FAMILY"]) == family
 
@@ -267,7 +267,7 @@ def test_document_layout(formula: Family) -> None:
         "num_classes",
         "members",
     ]
-    assert document["schema_version"] == SCHEMA_VERSION == 1
+    assert document["schema_version"] == SCHEMA_VERSION == 2
     assert document["kind"] == "efficientnet-family"
     assert document["coefficients"] == {"alpha": 1.2, "beta": 1.1, "gamma": 1.15}
     member = json.loads(dump_family(formula, "json"))["members"][1]
@@ -284,6 +284,8 @@ def test_document_layout(formula: Family) -> None:
         "stem_channels",
         "head_channels",
         "stages",
+        "stochastic_depth",
+        "bn_momentum",
     ]
     assert member["num_classes"] == document["num_classes"] == 1000
     assert member["width"] == 1.21  # 1.1 ** 2 is 1.2100000000000002 before rounding
@@ -347,7 +349,8 @@ def test_dump_rejects_unknown_format(formula: Family) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda d: d.update(schema_version=2), "schema_version must be 1, got 2"),
+        (lambda d: d.update(schema_version=3), r"schema_version must be one of \[1, 2\], got 3"),
+        (lambda d: d["members"][0].update(bn_momentum="x"), r"members\[0\]\.bn_momentum.*'x'"),
         (lambda d: d.update(kind="resnet"), "'resnet'"),
         (lambda d: d.update(mode="magic"), "'magic'"),
         (lambda d: d.pop("members"), "'members'"),
@@ -455,7 +458,9 @@ def test_every_export_validates_against_the_shipped_schema(mode: str, fmt: str) 
     "edit",
     [
         lambda d: d.pop("members"),
-        lambda d: d.update(schema_version=2),
+        lambda d: d.update(schema_version=3),
+        lambda d: d["members"][0].pop("bn_momentum"),  # version 2 states the recipe
+        lambda d: d["members"][0].update(stochastic_depth=1.0),
         lambda d: d["coefficients"].update(alpha=0.9),
         lambda d: d["members"][0].update(params=1.5),
         lambda d: d["members"][0].pop("num_classes"),
@@ -471,3 +476,61 @@ def test_the_schema_rejects_a_broken_document(formula: Family, edit: Callable[[A
     edit(document)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(document, family_schema())
+
+
+# --- the recipe a member states; version 1 documents ----------------------------------------------
+
+
+def test_members_state_the_recipe_they_were_trained_with_and_rebuild_with_it() -> None:
+    from torch import nn
+
+    from scaling_search.family import Recipe
+    from scaling_search.rebuild import build_model
+
+    recipe = Recipe(dropout=0.1, stochastic_depth=0.0, bn_momentum=0.1)
+    family = make_family(PAPER, phis=[1, 7], num_classes=10, recipe=recipe)
+    for member in family.members:
+        assert (member.dropout, member.stochastic_depth, member.bn_momentum) == (0.1, 0.0, 0.1)
+    document = json.loads(dump_family(family, "json"))
+    model = build_model(document["members"][0])
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and {m.momentum for m in norms} == {0.1}
+    assert model.dropout.p == 0.1
+    assert {b.drop_rate for b in model.blocks} == {0.0}
+    # Without a study: the reference EfficientNet's (dropout by official model, 0.2, 0.01).
+    reference = make_family(PAPER, phis=[7]).members[0]
+    assert (reference.dropout, reference.stochastic_depth, reference.bn_momentum) == (
+        0.5,
+        0.2,
+        0.01,
+    )
+
+
+def test_a_version_1_document_still_reads_with_the_recipe_build_model_used_then() -> None:
+    document = json.loads(dump_family(make_family(PAPER, phis=[2]), "json"))
+    document["schema_version"] = 1
+    for member in document["members"]:
+        del member["stochastic_depth"], member["bn_momentum"]
+    import jsonschema
+
+    jsonschema.validate(document, family_schema())  # the schema reads version 1 too
+    member = family_from_dict(document).members[0]
+    assert (member.stochastic_depth, member.bn_momentum) == (0.2, 0.01)
+
+
+def test_the_class_spread_shows_what_the_choice_among_equal_networks_changes_at_b7() -> None:
+    """The issue's numbers: (1.2, 1.1, 1.15) and (1.25, 1.1, 1.15) build one φ = 1 network,
+    yet their B7 depth multipliers are 1.2⁷ = 3.58 and 1.25⁷ = 4.77."""
+    from scaling_search.family import class_spread
+    from scaling_search.space import describe
+
+    members = [Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.1, 1.15)]
+    nets = [describe(m, base_resolution_px=224, num_classes=1000) for m in members]
+    assert nets[0].network_key == nets[1].network_key  # the same φ = 1 network
+    assert (nets[0].macs, nets[0].params) == (nets[1].macs, nets[1].params)
+    spread = class_spread(members, phi=7)
+    assert spread.depth == (round(1.2**7, 6), round(1.25**7, 6))
+    assert spread.width == (round(1.1**7, 6),) * 2
+    assert spread.macs[0] < spread.macs[1]
+    sevens = [make_family(m, phis=[7]).members[0] for m in members]
+    assert spread.macs == (sevens[0].macs, sevens[1].macs)

@@ -40,12 +40,12 @@ from scaling_search.ledger import (
     recover_stale,
     seeds,
 )
-from scaling_search.space import DefineByRun, grid_candidates
+from scaling_search.space import Coefficients, DefineByRun, describe, grid_candidates
 from scaling_search.storage import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-Point = tuple[float, float, float, int]
+Point = tuple[str, int]  # (network key, seed)
 OTHER_HOST = "elsewhere:123:456"  # a driver on another machine: only its heartbeat tells
 SOME_DRIVER = "test-driver:1:1"
 LONG_AGO = timedelta(seconds=HEARTBEAT_GRACE_S + 60)
@@ -70,23 +70,31 @@ def grid(storage_url: str, tiny_study: Path) -> Iterator[Ledger]:
     storage.engine.dispose()
 
 
-def _point(trial: FrozenTrial) -> Point:
-    """(α, β, γ, seed) of a trial: its params once suggested, else the queue's fixed params."""
+def _triple(trial: FrozenTrial) -> tuple[float, float, float]:
+    """(α, β, γ) of a trial: its params once suggested, else the queue's fixed params."""
     params = trial.params or trial.system_attrs["fixed_params"]
-    return (
-        round(params["alpha"], 6),
-        round(params["beta"], 6),
-        round(params["gamma"], 6),
-        int(params["seed"]),
+    return (round(params["alpha"], 6), round(params["beta"], 6), round(params["gamma"], 6))
+
+
+def _point(trial: FrozenTrial) -> Point:
+    """(network key, seed) of a trial: the key it was queued with, the seed of its params."""
+    params = trial.params or trial.system_attrs["fixed_params"]
+    return trial.user_attrs[ledger.NETWORK_ATTR], int(params["seed"])
+
+
+def _key(study: StudyConfig, triple: tuple[float, float, float]) -> str:
+    candidate = describe(
+        Coefficients(*triple),
+        base_resolution_px=study.train.base_resolution_px,
+        num_classes=study.data.num_classes,
     )
+    return candidate.network_key
 
 
 def _grid_points(study: StudyConfig) -> list[Point]:
-    return sorted(
-        (round(c.alpha, 6), round(c.beta, 6), round(c.gamma, 6), seed)
-        for c in grid_candidates(study.space)
-        for seed in seeds(study)
-    )
+    """One point per distinct network of the grid and seed."""
+    keys = {_key(study, c.as_tuple()) for c in grid_candidates(study.space)}
+    return sorted((key, seed) for key in keys for seed in seeds(study))
 
 
 def _trials(ot_study: optuna.Study, *states: TrialState) -> list[FrozenTrial]:
@@ -150,14 +158,23 @@ def _fast_heartbeat_storage(url: str) -> optuna.storages.RDBStorage:
 # --- plan_trials ---------------------------------------------------------------------------------
 
 
-def test_plan_queues_one_trial_per_candidate_and_seed(grid: Ledger) -> None:
+def test_plan_queues_one_trial_per_network_and_seed(grid: Ledger) -> None:
     expected = _grid_points(grid.study)
-    assert len(expected) == 12  # 6 candidates × repeats 2
+    assert len(expected) == 12  # 10 candidates build 6 networks; × repeats 2
 
     assert plan_trials(grid.study, grid.ot_study) == len(expected)
     trials = _trials(grid.ot_study)
     assert {t.state for t in trials} == {TrialState.WAITING}
     assert sorted(_point(t) for t in trials) == expected
+    # Each network is queued as its class's representative: of the triples that build it, the
+    # one whose α·β²·γ² is closest to c = 2.
+    candidates = grid_candidates(grid.study.space)
+    for trial in trials:
+        triple = _triple(trial)
+        assert _key(grid.study, triple) == _point(trial)[0]
+        same = [c for c in candidates if _key(grid.study, c.as_tuple()) == _point(trial)[0]]
+        closest = min(abs(c.flops_product - 2.0) for c in same)
+        assert abs(Coefficients(*triple).flops_product - 2.0) == pytest.approx(closest)
 
     # Planning again (a restarted driver, a second driver) queues nothing more.
     assert plan_trials(grid.study, grid.ot_study) == len(expected)
@@ -178,7 +195,7 @@ def test_the_grid_is_queued_in_an_order_seeded_by_the_search_seed(tiny_study: Pa
     assert sorted(first) == _grid_points(load_study(tiny_study, ["search.repeats=2"]))
     assert first != sorted(first)
     assert queue_order(0) == first  # the same seed, the same order
-    assert [p[:3] for p in queue_order(1)] != [p[:3] for p in first]  # another seed: another order
+    assert [p[0] for p in queue_order(1)] != [p[0] for p in first]  # another seed: another order
 
 
 def test_plan_skips_running_and_finished_points_but_queues_failed_ones(grid: Ledger) -> None:
@@ -269,8 +286,9 @@ def test_concurrent_drivers_never_claim_the_same_trial(grid: Ledger) -> None:
 def test_a_point_queued_twice_is_trained_once(grid: Ledger) -> None:
     # Two drivers planning at the same moment: each queues the same point.
     params = {"alpha": 1.15, "beta": 1.15, "gamma": 1.15, "seed": 0}
-    grid.ot_study.enqueue_trial(params)
-    grid.ot_study.enqueue_trial(params)
+    attrs = {ledger.NETWORK_ATTR: _key(grid.study, (1.15, 1.15, 1.15))}
+    grid.ot_study.enqueue_trial(params, user_attrs=attrs)
+    grid.ot_study.enqueue_trial(params, user_attrs=attrs)
 
     first = _claim(grid)
     assert first.number == 0

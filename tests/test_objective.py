@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -39,6 +40,26 @@ def bowl(point):
     for epoch in range(1, point["epochs"] + 1):
         point["report"](epoch=epoch, accuracy=top * epoch / point["epochs"])
     return {"accuracy": top, "resolution_px": point["resolution_px"]}
+
+
+def val_test(point):
+    # Validation and test disagree: validation's top is at α = 1.1, test's at α = 1.3.
+    a, b, g = point["alpha"], point["beta"], point["gamma"]
+    val = 0.8 - (a - 1.1) ** 2 - (b - 1.1) ** 2 - (g - 1.25) ** 2 + 0.002 * point["seed"]
+    test = 0.8 - (a - 1.3) ** 2 - (b - 1.1) ** 2 - (g - 1.15) ** 2
+    for epoch in range(1, point["epochs"] + 1):
+        point["report"](epoch=epoch, accuracy=val * epoch / point["epochs"])
+    return {"accuracy": val, "test_accuracy": test}
+
+
+def counted_val_test(point):
+    _count(point)
+    return val_test(point)
+
+
+def by_beta(point):
+    # A network key: here the user's network depends on β alone.
+    return ["beta", point["beta"]]
 
 
 def returns_a_number(point):
@@ -128,7 +149,7 @@ def test_the_objective_gets_the_point_and_its_reports_reach_the_trial(surfaces: 
     assert result["accuracy"] == pytest.approx(top)
     assert result["resolution_px"] == round(32 * 1.2)  # base_resolution_px · γ
     assert (surfaces / "calls.txt").read_text().split() == ["1.3", "1.0", "1.2", "7"]
-    assert math.isnan(reports[0].test_loss) and reports[-1].epoch_seconds >= 0
+    assert math.isnan(reports[0].val_loss) and reports[-1].epoch_seconds >= 0
 
 
 def test_a_retried_trial_does_not_report_its_epochs_twice(surfaces: Path) -> None:
@@ -163,16 +184,99 @@ space: {{alpha: [1.1, 1.3], beta: [1.0, 1.2], gamma: [1.05, 1.25], step: 0.1, to
 train: {{epochs: 2}}
 resources: {{num_cpus: 2}}
 """
+# The 7 triples of that space (α·β²·γ² within 0.12 of 2 on a 0.1 step).
+HOOK_GRID = (
+    (1.1, 1.1, 1.25), (1.1, 1.2, 1.15), (1.2, 1.1, 1.15), (1.2, 1.2, 1.05),
+    (1.3, 1.0, 1.25), (1.3, 1.1, 1.15), (1.3, 1.2, 1.05),
+)  # fmt: skip
 
 
 def _run(
-    folder: Path, objective: str, ray_tmp: str
+    folder: Path, objective: str, ray_tmp: str, extra: str = ""
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     study = folder / "study.yaml"
-    study.write_text(
-        STUDY.format(name="hook", out=folder / "runs", objective=objective), encoding="utf-8"
-    )
+    text = STUDY.format(name="hook", out=folder / "runs", objective=objective) + extra
+    study.write_text(text, encoding="utf-8")
     return run_study_cli(study, ray_tmp, pythonpath=folder), folder / "runs" / "optuna.db"
+
+
+def _cli(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    from conftest import cli_env
+
+    return subprocess.run(
+        [sys.executable, "-m", "scaling_search.cli", *args, str(folder / "study.yaml")],
+        env={**cli_env(), "PYTHONPATH": str(folder)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_the_winner_is_chosen_on_validation_and_best_prints_both(
+    surfaces: Path, ray_tmp: str
+) -> None:
+    """Validation ranks (1.1, 1.1, 1.25) first, test ranks (1.3, 1.1, 1.15) first: the winner is
+    validation's, and best shows its test accuracy beside it, labelled."""
+
+    def val(a: float, b: float, g: float) -> float:
+        return 0.8 - (a - 1.1) ** 2 - (b - 1.1) ** 2 - (g - 1.25) ** 2
+
+    def test(a: float, b: float, g: float) -> float:
+        return 0.8 - (a - 1.3) ** 2 - (b - 1.1) ** 2 - (g - 1.15) ** 2
+
+    by_val, by_test = max(HOOK_GRID, key=lambda t: val(*t)), max(HOOK_GRID, key=lambda t: test(*t))
+    assert by_val != by_test
+    result, _ = _run(surfaces, "surfaces:val_test", ray_tmp, "search: {repeats: 2}\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = _cli(surfaces, "best", "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    best = json.loads(shown.stdout)
+    assert (best["alpha"], best["beta"], best["gamma"]) == by_val
+    assert best["chosen_on"] == "validation" and best["n_seeds"] == 2
+    assert best["mean_accuracy"] == pytest.approx(val(*by_val) + 0.001, abs=1e-6)
+    assert best["test_accuracy"] == pytest.approx(test(*by_val), abs=1e-6) and best["n_test"] == 2
+    table = _cli(surfaces, "best").stdout
+    label = "α=1.1 β=1.1 γ=1.25"
+    assert (
+        f"best: {label}  validation accuracy {best['mean_accuracy']:.4f} ± 0.0014 (2 seeds)"
+        in table
+    )
+    assert f"test accuracy {test(*by_val):.4f} over 2 (never used to choose)" in table
+    # The run's last lines name the same winner, the same way.
+    assert f"best: {label}  validation accuracy" in result.stdout
+
+
+@pytest.mark.slow
+def test_an_objective_with_a_network_key_trains_each_network_once_per_seed(
+    surfaces: Path, ray_tmp: str
+) -> None:
+    extra = 'network_key: "surfaces:by_beta"\nsearch: {repeats: 2}\n'
+    result, db = _run(surfaces, "surfaces:counted_val_test", ray_tmp, extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = [tuple(line.split()) for line in (surfaces / "calls.txt").read_text().splitlines()]
+    betas = {b for _, b, _ in HOOK_GRID}
+    assert len(calls) == len(betas) * 2  # one training per network (β) and seed
+    assert len({(b, seed) for _, b, _, seed in calls}) == len(calls)
+    trials = optuna.load_study(study_name="hook", storage=f"sqlite:///{db}").get_trials()
+    assert len(trials) == len(HOOK_GRID) * 2  # every candidate, every seed, has its result
+    for trial in trials:
+        b = trial.user_attrs["beta"]
+        assert trial.user_attrs["network_key"] == f"key beta {b}"
+        trained_with = {
+            c for c in calls if float(c[1]) == b and int(c[3]) == trial.user_attrs["seed"]
+        }
+        (call,) = trained_with
+        # The copy's value is the training's: val_test of the triple that trained.
+        expected = 0.8 - (float(call[0]) - 1.1) ** 2 - (b - 1.1) ** 2 - (float(call[2]) - 1.25) ** 2
+        assert trial.value == pytest.approx(expected + 0.002 * trial.user_attrs["seed"])
+    assert "shared a trained network's result" in result.stdout
+    assert (
+        _cli(surfaces, "space")
+        .stdout.splitlines()[-1]
+        .startswith(f"{len(HOOK_GRID)} candidates, {len(betas)} distinct networks")
+    )
 
 
 def test_a_study_with_an_objective_runs_it_for_every_trial(surfaces: Path, ray_tmp: str) -> None:

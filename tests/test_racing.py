@@ -75,8 +75,8 @@ def test_the_search_ranks_by_how_far_a_trial_got_then_its_accuracy() -> None:
     _add(study, C, 0.50, seed=1)  # the triple scores its best trial
     _add(study, D, 0.99, stage="racing")  # racing trials are not the search's
     ranked = racing.search_ranking(study.get_trials(), top_k=3)
-    assert [c.as_tuple() for c in ranked] == [C, A, B]
-    assert [c.as_tuple() for c in racing.search_ranking(study.get_trials(), top_k=1)] == [C]
+    assert [c.as_tuple() for _, c in ranked] == [C, A, B]
+    assert [c.as_tuple() for _, c in racing.search_ranking(study.get_trials(), top_k=1)] == [C]
 
 
 def test_racing_queues_new_seeds_for_the_top_k_once(tmp_path: Path) -> None:
@@ -90,9 +90,18 @@ def test_racing_queues_new_seeds_for_the_top_k_once(tmp_path: Path) -> None:
         _add(study, triple, accuracy)
     assert racing.plan_racing(config, study) == 6
     queued = study.get_trials(states=(TrialState.WAITING,))
-    points = sorted(ledger.point_of(t) for t in queued)
+    points = sorted(
+        (t.system_attrs["fixed_params"]["alpha"], t.system_attrs["fixed_params"]["beta"],
+         t.system_attrs["fixed_params"]["gamma"], t.user_attrs["seed"])
+        for t in queued
+    )  # fmt: skip
     assert points == sorted((*t, s) for t in (A, B) for s in (12, 13, 14))  # type: ignore[misc]
     assert {t.user_attrs[ledger.STAGE_ATTR] for t in queued} == {"racing"}
+    # Queued with the network key of the trials they race (here: trials without one, so the
+    # triple), so that planning again sees them as held.
+    assert {ledger.point_of(t) for t in queued} == {
+        (f"triple {t[0]:g},{t[1]:g},{t[2]:g}", s) for t in (A, B) for s in (12, 13, 14)
+    }
     assert racing.plan_racing(config, study) == 6  # planning again queues nothing more
 
 
@@ -122,7 +131,7 @@ def test_racing_picks_the_true_best_more_often_than_one_run_per_candidate() -> N
             _add(study, triple, rng.gauss(mean, 0.01))
         one_run = best_triple(study).coefficients.as_tuple()
         single += one_run == triples[0]
-        for finalist in racing.search_ranking(study.get_trials(), top_k=3):
+        for _, finalist in racing.search_ranking(study.get_trials(), top_k=3):
             mean = means[triples.index(finalist.as_tuple())]
             for seed in range(1, 5):
                 _add(study, finalist.as_tuple(), rng.gauss(mean, 0.01), seed=seed, stage="racing")
@@ -208,7 +217,7 @@ def test_a_study_with_racing_trains_the_top_triples_again_at_the_full_budget(
         (t.user_attrs["alpha"], t.user_attrs["beta"], t.user_attrs["gamma"]) for t in raced
     }
     expected = racing.search_ranking(searched, top_k=2)
-    assert finalists == {c.as_tuple() for c in expected}
+    assert finalists == {c.as_tuple() for _, c in expected}
     assert any(t.state == TrialState.PRUNED for t in searched)  # ASHA stopped some
     best = best_triple(optuna.load_study(study_name="race", storage=storage))
     assert best.n_seeds >= 2 and best.coefficients == Coefficients(1.2, 1.1, 1.15)

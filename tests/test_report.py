@@ -136,7 +136,8 @@ def test_top_info_ranks_full_budget_candidates_and_never_an_early_one_first(craf
     assert {c.coefficients.as_tuple() for c in early} == {(1.1, 1.0, 1.35), (1.9, 1.0, 1.02)}
     assert all(not c.eligible and c.epochs == 1 for c in early)
     assert min(c.mean_accuracy for c in early) > eligible[0].mean_accuracy
-    assert _get_top_info(crafted, k=2).candidates == info.candidates[:2]
+    top_two = _get_top_info(crafted, k=2).candidates
+    assert [c.coefficients for c in top_two] == [c.coefficients for c in info.candidates[:2]]
 
 
 @pytest.mark.parametrize("classes", [10, 1000])
@@ -217,7 +218,8 @@ def test_publish_live_stores_two_figures_and_a_note(storage_url: str) -> None:
     figures, note = _dashboard_view(study)
     assert sorted(figures) == sorted(report.LIVE_FIGURES)
     assert "scatterternary" in figures["constraint-simplex"]
-    assert "Best: α=1.4 β=1.05 γ=1.1" in note and "| 1 | 1.4 | 1.05 | 1.1 |" in note
+    assert "best: α=1.4 β=1.05 γ=1.1  validation accuracy 0.6550 ± 0.0071 (2 seeds)" in note
+    assert "| 1 | 1.4 | 1.05 | 1.1 |" in note
     # Publishing again replaces them: still two figures, the note shows the new state.
     assert "16 trials (8 complete, 2 stopped early, 3 failed, 2 running, 1 queued)" in note
     study.tell(study.ask(), 0.99)  # the queued trial; without triple attributes it is not drawn
@@ -291,3 +293,55 @@ def test_a_pickled_live_dashboard_holds_no_storage(tmp_path: Path) -> None:
     copy = pickle.loads(blob)
     copy.update(force=True)  # a copy publishes nothing
     assert _dashboard_view(study)[0] == {}
+
+
+# --- triples that share a network ----------------------------------------------------------------
+
+
+def _share(study: optuna.Study, source: optuna.trial.FrozenTrial, alpha: float) -> None:
+    """Add a copy of ``source``'s result for another α (as scaling_search.sharing does)."""
+    attrs = {**source.user_attrs, "alpha": alpha, "shared_from": source.number}
+    attrs["flops_ratio_nominal"] = alpha * attrs["beta"] ** 2 * attrs["gamma"] ** 2
+    for key in ("test_accuracy",):
+        attrs.pop(key, None)
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=source.state,
+            value=source.value,
+            params={**source.params, "alpha": alpha},
+            distributions=source.distributions,
+            user_attrs=attrs,
+            intermediate_values=source.intermediate_values,
+        )
+    )
+
+
+def test_a_shared_result_is_drawn_as_such_and_names_the_winners_class(
+    crafted: optuna.Study,
+) -> None:
+    from scaling_search._report_data import SHARED
+
+    sources = [
+        t for t in crafted.get_trials() if t.user_attrs.get("alpha") == 1.4 and t.value is not None
+    ]
+    for source in sources:  # both seeds of the winner: say 1.45 builds the same network
+        _share(crafted, source, 1.45)
+    trials = _get_trials_info(crafted)
+    copies = [p for p in trials.points if p.outcome == SHARED]
+    assert [p.shared_from for p in copies] == [s.number for s in sources]
+    assert all(p.coefficients == Coefficients(1.45, 1.05, 1.1) for p in copies)
+    by_number = {p.number: p for p in trials.points}
+    assert all(by_number[s.number].sharers == 1 for s in sources)
+    # The winning network's class has both triples; its representative is the one whose
+    # α·β²·γ² is closer to 2 (1.45: 1.9379 against 1.4: 1.8711).
+    assert set(trials.winner_class) == {WINNER, Coefficients(1.45, 1.05, 1.1)}
+    assert trials.winner == Coefficients(1.45, 1.05, 1.1)
+    # Copies add no learning curve, no seed and no row: the class is one candidate.
+    assert len(_get_curves_info(crafted).curves) == len(CRAFTED_TRIALS) * len(CRAFTED_SEEDS)
+    top = _get_top_info(crafted).candidates[0]
+    assert top.n_seeds == 2 and set(top.members) == set(trials.winner_class)
+    assert top.test_accuracy == pytest.approx(_mean(0.45, 3) - 0.03)
+    page = report.report_html(crafted, base_resolution_px=32, num_classes=10)
+    assert "α ∈ {1.4, 1.45} with β = 1.05, γ = 1.1 build the same φ = 1 network" in page
+    assert "at φ = 7 (B7) the choice changes depth ×" in page
+    assert "shares a trained network (2)" in _figures.simplex_figure(trials).to_json()

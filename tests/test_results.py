@@ -35,6 +35,7 @@ def _study(url: str, *, budget: int | None = BUDGET, name: str = "s") -> optuna.
     if budget is not None:
         config = {"data": {"kind": "synthetic"}, "space": {}, "train": {"epochs": budget}}
         study.set_user_attr("study_config", config)
+        study.set_user_attr("chosen_on", "validation")  # as ledger.open_study records it
     return study
 
 
@@ -55,6 +56,9 @@ def _add(
     epochs: int | None = BUDGET,
     state: TrialState = TrialState.COMPLETE,
     measured: float | None = None,
+    network: str | None = None,
+    shared_from: int | None = None,
+    test: float | None = None,
 ) -> None:
     alpha, beta, gamma = triple
     nominal = alpha * beta**2 * gamma**2
@@ -70,6 +74,12 @@ def _add(
     }
     if epochs is not None:
         attrs["epochs_completed"] = epochs
+    if network is not None:
+        attrs["network_key"] = network
+    if shared_from is not None:
+        attrs["shared_from"] = shared_from
+    if test is not None:
+        attrs["test_accuracy"] = test
     study.add_trial(
         create_trial(
             state=state,
@@ -268,3 +278,72 @@ def test_without_a_repeated_candidate_there_is_no_tie_test(storage_url: str) -> 
     best = best_triple(study)
     assert best.tied is None and math.isnan(best.noise_std) and best.noise_df == 0
     assert best.to_dict()["tied"] is None and best.to_dict()["noise_std"] is None
+
+
+# --- networks, not triples; validation, not test --------------------------------------------
+
+
+def test_a_network_is_ranked_once_with_its_trained_seeds_and_named_by_its_class(
+    storage_url: str,
+) -> None:
+    study = _study(storage_url)
+    # Network "n1" is built by A and by (1.25, 1.1, 1.15); trained twice as A, shared with the
+    # other triple (copies of trials 0 and 1: they add a member, never a seed).
+    other = (1.25, 1.1, 1.15)
+    _add(study, A, 0.70, seed=0, network="n1", test=0.60)
+    _add(study, A, 0.68, seed=1, network="n1", test=0.62)
+    _add(study, other, 0.70, seed=0, network="n1", shared_from=0, test=0.60)
+    _add(study, other, 0.68, seed=1, network="n1", shared_from=1, test=0.62)
+    _add(study, B, 0.66, seed=0, network="n2", test=0.90)  # best on test: never chosen on it
+    best = best_triple(study)
+    assert best.network_key == "n1" and best.n_seeds == 2 and best.n_candidates == 2
+    assert best.mean_accuracy == pytest.approx(0.69)
+    assert best.test_accuracy == pytest.approx(0.61) and best.n_test == 2
+    assert {m.as_tuple() for m in best.members} == {A, other}
+    # The class's representative: α·β²·γ² closest to c = 2 (2.0003 against A's 1.9203).
+    assert best.coefficients.as_tuple() == other
+    assert best.flops_ratio_nominal == pytest.approx(1.25 * 1.1**2 * 1.15**2)
+    assert best.chosen_on == "validation"
+    frame = trials_frame(study)
+    assert list(frame["shared"]) == [False, False, True, True, False]
+
+
+def test_a_study_recorded_before_validation_splits_says_it_chose_on_test(storage_url: str) -> None:
+    study = _study(storage_url)
+    study.set_user_attr("chosen_on", None)  # what an older driver left: no such attribute
+    _add(study, A, 0.7)
+    assert best_triple(study).chosen_on == "test"
+    assert best_triple(study).to_dict()["chosen_on"] == "test"
+
+
+def test_cost_tracking_is_spearmans_rank_correlation_over_the_networks(storage_url: str) -> None:
+    from scipy import stats
+
+    study = _study(storage_url)
+    rows = [((1.0 + 0.05 * k, 1.05, 1.1), 0.5 + 0.03 * k, 1.9 + 0.2 * k) for k in range(5)]
+    rows[1], rows[2] = (rows[1][0], 0.58, rows[1][2]), (rows[2][0], 0.55, rows[2][2])
+    for triple, accuracy, measured in rows:
+        _add(study, triple, accuracy, measured=measured)
+    tracking = best_triple(study).cost_tracking
+    expected = stats.spearmanr([r[1] for r in rows], [r[2] for r in rows])
+    assert tracking is not None and tracking.n_networks == 5
+    assert tracking.rho == pytest.approx(expected.statistic) and tracking.rho == pytest.approx(0.9)
+    assert tracking.p_value == pytest.approx(expected.pvalue)
+    assert tracking.tracks  # ρ 0.9, p 0.037
+    two = _study(storage_url, name="two")
+    _add(two, A, 0.7)
+    _add(two, B, 0.6)
+    assert best_triple(two).cost_tracking is None  # too few networks to say
+
+
+def test_format_accuracy_and_class_label_are_the_one_printed_form() -> None:
+    from scaling_search.results import class_label, format_accuracy
+    from scaling_search.space import Coefficients
+
+    assert format_accuracy(0.70701, 0.01204, 3) == "0.7070 ± 0.0120 (3 seeds)"
+    assert format_accuracy(0.7, math.nan, 1) == "0.7000 (1 seed)"
+    label = class_label([Coefficients(1.05, 1.0, 1.35), Coefficients(1.15, 1.0, 1.35),
+                         Coefficients(1.1, 1.0, 1.35)])  # fmt: skip
+    assert label == "α ∈ {1.05, 1.1, 1.15} with β = 1, γ = 1.35"
+    mixed = class_label([Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.15, 1.15)])
+    assert mixed == "(α, β, γ) ∈ {(1.2, 1.1, 1.15), (1.25, 1.15, 1.15)}"

@@ -11,11 +11,12 @@ from typing import Any
 import optuna
 import pytest
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 
 from scaling_search import ledger
 from scaling_search.config import load_study
 from scaling_search.driver._recorder import Recorder
-from scaling_search.driver._search import StudySearch
+from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.space import DefineByRun
 from scaling_search.storage import open_storage
 
@@ -82,19 +83,31 @@ STUDY = """\
 name: searcher
 output_dir: {out}
 data: {{kind: synthetic, num_classes: 4, train_size: 32, test_size: 16, image_px: 16}}
-space: {{alpha: [1.15, 1.25], beta: [1.05, 1.15], gamma: [1.1, 1.15], tolerance: 0.1}}
+space: {space}
 search: {{sampler: {sampler}, n_trials: 6, max_concurrent_trials: 2}}
-train: {{base_resolution_px: 16, epochs: 2}}
+train: {{base_resolution_px: 20, epochs: 2}}
 """
+# 10 grid candidates, 6 distinct networks (as conftest.TINY_STUDY).
+SPACE = "{alpha: [1.0, 1.3], beta: [1.0, 1.15], gamma: [1.1, 1.15], tolerance: 0.1}"
+# Two networks in all: one depth (α ≤ 1.25 gives repeats 2,3,3,4,4,5,2), B0's channels, and
+# γ = sqrt(2 / α) at 20 px rounds to 26 or 27 px.
+TWO_NETWORKS = "{alpha: [1.1, 1.2], beta: [1.0, 1.0], gamma: [1.0, 1.5]}"
 
 
-def _searcher(tmp_path: Path, sampler: str, limit: int) -> tuple[StudySearch, optuna.Study]:
+def _searcher(
+    tmp_path: Path, sampler: str, limit: int, space: str = SPACE, says: list[str] | None = None
+) -> tuple[StudySearch, optuna.Study]:
     path = tmp_path / "study.yaml"
-    path.write_text(STUDY.format(out=tmp_path / "runs", sampler=sampler), encoding="utf-8")
+    text = STUDY.format(out=tmp_path / "runs", sampler=sampler, space=space)
+    path.write_text(text, encoding="utf-8")
     study = load_study(path)
     storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
     ot_study = ledger.open_study(study, storage)
     ledger.plan_trials(study, ot_study)
+    classes = None
+    if sampler == "grid":
+        members = ledger.grid_classes(study, num_classes=4)
+        classes = Classes(members, study.train.base_resolution_px, 4)
     searcher = StudySearch(
         space=DefineByRun(
             study.space,
@@ -113,6 +126,8 @@ def _searcher(tmp_path: Path, sampler: str, limit: int) -> tuple[StudySearch, op
         heartbeat=ledger.Heartbeat(storage, 60.0),
         limit=limit,
         adaptive=sampler == "tpe",
+        classes=classes,
+        say=(says if says is not None else []).append,
     )
     return searcher, ot_study
 
@@ -157,7 +172,8 @@ def test_the_searcher_claims_the_next_trial_ahead_but_never_beyond_its_limit(tmp
         searcher.on_trial_result(trial_id, _result(1, 0.5))
         searcher.on_trial_complete(trial_id, _result(2, 0.7))
     searcher.close()
-    assert _states(ot_study).count(TrialState.COMPLETE) == 2
+    trained = [t for t in ot_study.get_trials(deepcopy=False) if not ledger.is_shared(t)]
+    assert [t.state for t in trained].count(TrialState.COMPLETE) == 2
     assert TrialState.FAIL not in _states(ot_study)
 
 
@@ -170,7 +186,9 @@ def test_a_trial_prepared_ahead_that_is_never_asked_for_is_given_back(tmp_path: 
     assert len(failed) == 1
     reason = failed[0].user_attrs[ledger.FAIL_REASON_ATTR]
     assert reason == "prepared ahead, but the run ended first"
-    assert ledger.point_of(failed[0]) != ledger.point_of_params(point or {})
+    trained = ot_study.get_trials(deepcopy=False)[searcher._ot_trials["t1"].number]
+    assert point is not None and trained.params["alpha"] == point["alpha"]
+    assert ledger.point_of(failed[0]) != ledger.point_of(trained)
     assert not ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
@@ -217,3 +235,71 @@ def test_an_adaptive_search_samples_the_next_trial_after_the_last_result(tmp_pat
         searcher.on_trial_complete(trial_id, _result(2, 0.6))
     searcher.close()
     assert len(ot_study.get_trials(deepcopy=False)) == 3  # the limit: nothing more claimed
+
+
+# --- one network, one training -------------------------------------------------------------------
+
+
+def test_a_grid_result_is_shared_with_the_other_triples_of_its_class(tmp_path: Path):
+    searcher, ot_study = _searcher(tmp_path, "grid", limit=6)
+    classes = searcher._classes
+    assert classes is not None and len(classes.members) == 6
+    for k in range(6):
+        searcher.suggest(f"t{k}")
+        searcher.on_trial_result(f"t{k}", _result(1, 0.1 * k))
+        searcher.on_trial_complete(f"t{k}", _result(2, 0.1 * k + 0.05))
+    searcher.close()
+    trials = ot_study.get_trials(deepcopy=False)
+    trained = [t for t in trials if not ledger.is_shared(t)]
+    copies = [t for t in trials if ledger.is_shared(t)]
+    assert len(trained) == 6 and len(copies) == 10 - 6  # every candidate has its trial
+    assert {
+        (t.user_attrs["alpha"], t.user_attrs["beta"], t.user_attrs["gamma"]) for t in trials
+    } == {m.as_tuple() for members in classes.members.values() for m in members}
+    for copy in copies:
+        source = trials[copy.user_attrs[ledger.SHARED_ATTR]]
+        assert ledger.point_of(copy) == ledger.point_of(source)  # same network, same seed
+        assert copy.params["alpha"] != source.params["alpha"]  # another triple of the class
+        assert (copy.state, copy.value) == (source.state, source.value)
+        assert copy.intermediate_values == source.intermediate_values
+        assert copy.user_attrs["epochs_completed"] == 2
+        assert "node_id" not in copy.user_attrs  # it ran nowhere
+    assert ledger.duplicates(trials) == {"skipped_duplicates": 0, "trained_twice": 0}
+
+
+def test_a_sampled_triple_of_a_trained_network_gets_its_result_without_training(tmp_path: Path):
+    says: list[str] = []
+    searcher, ot_study = _searcher(tmp_path, "random", limit=3, space=TWO_NETWORKS, says=says)
+    searcher.max_untrained_in_a_row = 30
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", _result(2, 0.7))
+    second = searcher.suggest("b")  # samples until a triple of the other network comes up
+    assert second is not None and second != Searcher.FINISHED
+    network_a = ledger.point_of(ot_study.get_trials()[searcher._ot_trials["a"].number])
+    network_b = ledger.point_of(ot_study.get_trials()[searcher._ot_trials["b"].number])
+    assert network_a != network_b
+    # Both networks are trained or training: every further sample shares one of them.
+    assert searcher.suggest("c") == Searcher.FINISHED
+    assert says and "30 triples in a row that need no training" in says[0]
+    searcher.on_trial_result("b", _result(1, 0.4))
+    searcher.on_trial_complete("b", _result(2, 0.6))
+    searcher.close()
+
+    trials = ot_study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    copies = [t for t in trials if ledger.is_shared(t)]
+    assert len(copies) >= 30 and len(trials) == 2 + len(copies)
+    values = {network_a: 0.7, network_b: 0.6}
+    for copy in copies:
+        source = trials[copy.user_attrs[ledger.SHARED_ATTR]]
+        assert ledger.point_of(copy) == ledger.point_of(source) in values
+        # Told to the sampler as a result of its own: the same value and learning curve.
+        assert copy.state == TrialState.COMPLETE
+        assert copy.value == pytest.approx(values[ledger.point_of(copy)])
+        assert copy.intermediate_values == source.intermediate_values
+    trained = {t.number: t for t in trials if not ledger.is_shared(t)}
+    assert {t.user_attrs[ledger.SHARED_ATTR] for t in copies} == set(trained)
+    # Those sampled while b trained waited for its result.
+    b_trial = trained[searcher._ot_trials["b"].number]
+    waited = [t for t in copies if t.user_attrs[ledger.SHARED_ATTR] == b_trial.number]
+    assert waited and all(t.datetime_complete >= b_trial.datetime_complete for t in waited)

@@ -12,13 +12,19 @@ from scaling_search.driver._search import StudySearch
 from scaling_search.driver._trainable import METRIC
 from scaling_search.ledger import FAIL_REASON_ATTR
 from scaling_search.report import LiveDashboard
+from scaling_search.space import Coefficients
 
 Progress = Callable[[str], None]
 
 
 class ProgressCallback(tune.Callback):
-    """One line per finished trial (counts, the best full-budget result so far); hands the
-    reason of each errored trial to the searcher."""
+    """One line per finished trial (counts, the best result so far); hands the reason of each
+    errored trial to the searcher.
+
+    The best so far is :func:`scaling_search.results.best_triple` on the study, the same rule
+    as ``best``, the report and the dashboard note: the line is written once the searcher has
+    recorded the trial (on its recorder thread), so it includes it.
+    """
 
     def __init__(
         self, budget_epochs: int, progress: Progress, searcher: StudySearch, live: LiveDashboard
@@ -26,7 +32,6 @@ class ProgressCallback(tune.Callback):
         self._budget, self._say = budget_epochs, progress
         self._searcher, self._live = searcher, live
         self._done = self._failed = 0
-        self._best: tuple[float, str] | None = None
         self._last: dict[str, dict[str, Any]] = {}
 
     def on_trial_result(
@@ -44,14 +49,10 @@ class ProgressCallback(tune.Callback):
             self._live.update()
             return
         self._done += 1
-        if result.get("epoch") == self._budget and (
-            self._best is None or result[METRIC] > self._best[0]
-        ):
-            self._best = (result[METRIC], point)
         self._line(
             trials,
             trial,
-            f"{point} accuracy {result.get(METRIC, float('nan')):.4f} "
+            f"{point} validation accuracy {result.get(METRIC, float('nan')):.4f} "
             f"after {result.get('epoch', 0)} epoch(s)",
         )
         self._live.update()
@@ -70,11 +71,8 @@ class ProgressCallback(tune.Callback):
         finished = self._done + self._failed
         # Tune still lists the trial that just ended as RUNNING when it calls back.
         running = sum(1 for t in trials if t.status == "RUNNING" and t is not finished_trial)
-        best = f"best so far {self._best[1]} accuracy {self._best[0]:.4f}" if self._best else ""
-        self._say(
-            f"[{finished} done, {running} running, {self._failed} failed] {event}"
-            + (f" | {best}" if best else "")
-        )
+        head = f"[{finished} done, {running} running, {self._failed} failed] {event}"
+        self._searcher.after_recorded(lambda: self._say(head + self._searcher.best_so_far()))
 
 
 def _reason(trial: Any) -> str:
@@ -87,7 +85,7 @@ def _reason(trial: Any) -> str:
 
 
 def _label(config: dict[str, Any]) -> str:
-    return (
-        f"α={config.get('alpha', 0):.3f} β={config.get('beta', 0):.3f} "
-        f"γ={config.get('gamma', 0):.3f} seed={config.get('seed', 0)}"
+    triple = Coefficients(
+        config.get("alpha", 1.0), config.get("beta", 1.0), config.get("gamma", 1.0)
     )
+    return f"{triple.label()} seed={config.get('seed', 0)}"

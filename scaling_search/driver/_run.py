@@ -16,16 +16,16 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from scaling_search import ledger, racing
+from scaling_search import ledger, racing, sharing
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
 from scaling_search.driver._progress import Progress, ProgressCallback
-from scaling_search.driver._search import StudySearch
+from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
 from scaling_search.ledger import Heartbeat
 from scaling_search.objective import ObjectiveFit
 from scaling_search.report import LiveDashboard
-from scaling_search.space import DefineByRun
+from scaling_search.space import DefineByRun, NetworkKeyFn, study_network_key
 from scaling_search.train import fit
 
 __all__ = ["RunSummary", "run_study"]
@@ -40,6 +40,7 @@ class RunSummary:
     pruned: int
     failed: int
     wall_seconds: float
+    shared: int = 0  # triples given the result of a network already trained (no training)
 
 
 def _scheduler(study: StudyConfig) -> TrialScheduler:
@@ -85,8 +86,12 @@ def _init_ray(study: StudyConfig, address: str | None) -> None:
     )
 
 
-def _state_counts(ot_study: optuna.Study) -> Counter[TrialState]:
-    return Counter(t.state for t in ot_study.get_trials(deepcopy=False))
+def _state_counts(ot_study: optuna.Study) -> Counter[TrialState | str]:
+    """Trials by state, those that trained only; and under "shared" those that shared a result."""
+    counts: Counter[TrialState | str] = Counter()
+    for trial in ot_study.get_trials(deepcopy=False):
+        counts["shared" if ledger.is_shared(trial) else trial.state] += 1
+    return counts
 
 
 def _resources(study: StudyConfig) -> dict[str, float]:
@@ -112,20 +117,32 @@ def run_study(
     """
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ot_study = ledger.open_study(study, storage)
+    ot_study = ledger.open_study(study, storage, num_classes=data.num_classes)
     ledger.recover_stale(ot_study, progress)
-    to_launch = ledger.plan_trials(study, ot_study)
+    before = _state_counts(ot_study)
+    key = study_network_key(study, data.num_classes)
+    classes = None
+    if study.search.sampler == "grid":
+        members = ledger.grid_classes(study, num_classes=data.num_classes, network_key=key)
+        classes = Classes(members, study.train.base_resolution_px, data.num_classes)
+        # Results a stopped driver trained but did not share yet.
+        sharing.share_missing(
+            ot_study,
+            members,
+            base_resolution_px=study.train.base_resolution_px,
+            num_classes=data.num_classes,
+        )
+    to_launch = ledger.plan_trials(study, ot_study, num_classes=data.num_classes, network_key=key)
     to_race = racing.plan_racing(study, ot_study) if to_launch == 0 else 0
     if to_launch == 0 and to_race == 0:
         progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
-        return RunSummary(0, 0, 0, 0, time.perf_counter() - started)
-    before = _state_counts(ot_study)
+        return _summary(0, before, ot_study, started)
     _init_ray(study, address)
     if fit_fn is None:
         fit_fn = ObjectiveFit(study.objective) if study.objective else fit
     live = LiveDashboard(ot_study, progress)
     with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
-        stage = _Stage(study, data, storage, heartbeat, fit_fn, progress, live)
+        stage = _Stage(study, data, storage, heartbeat, fit_fn, progress, live, key, classes)
         if to_launch:
             progress(
                 f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
@@ -141,13 +158,20 @@ def run_study(
             )
             stage.run(to_race, racing_stage=True)
         live.update(force=True)  # the figures and note of the finished run
+    return _summary(to_launch + to_race, before, ot_study, started)
+
+
+def _summary(
+    launched: int, before: Counter[TrialState | str], ot_study: optuna.Study, started: float
+) -> RunSummary:
     after = _state_counts(ot_study)
     return RunSummary(
-        launched=to_launch + to_race,
+        launched=launched,
         completed=after[TrialState.COMPLETE] - before[TrialState.COMPLETE],
         pruned=after[TrialState.PRUNED] - before[TrialState.PRUNED],
         failed=after[TrialState.FAIL] - before[TrialState.FAIL],
         wall_seconds=time.perf_counter() - started,
+        shared=after["shared"] - before["shared"],
     )
 
 
@@ -162,6 +186,8 @@ class _Stage:
     fit_fn: Fit
     progress: Progress
     live: LiveDashboard
+    network_key: NetworkKeyFn
+    classes: Classes | None  # the grid's classes, to share each result with
 
     def run(self, count: int, *, racing_stage: bool) -> None:
         study = self.study
@@ -173,6 +199,7 @@ class _Stage:
             base_resolution_px=study.train.base_resolution_px,
             num_classes=self.data.num_classes,
             seed_attr=racing_stage,
+            network_key=self.network_key,
         )
         searcher = StudySearch(
             space=define,
@@ -192,6 +219,8 @@ class _Stage:
             adaptive=not racing_stage
             and study.search.sampler == "tpe"
             and study.search.max_concurrent_trials == 1,
+            classes=None if racing_stage else self.classes,
+            say=self.progress,
         )
         scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
         tuner = _tuner(

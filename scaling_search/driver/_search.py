@@ -7,8 +7,10 @@ import contextlib
 import logging
 import math
 import pickle
-from collections import deque
+from collections import defaultdict, deque
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -17,13 +19,26 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from scaling_search import ledger
+from scaling_search import ledger, sharing
 from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._trainable import METRIC
-from scaling_search.ledger import FAIL_REASON_ATTR, Heartbeat
+from scaling_search.ledger import FAIL_REASON_ATTR, SHARED_ATTR, Heartbeat
+from scaling_search.space import Coefficients, SpaceError
 
 logger = logging.getLogger(__name__)
 Prepared = tuple[optuna.Trial, dict[str, Any]] | None  # a claimed trial and its point, or none
+# Sampled triples in a row that need no training (their network was trained with this seed, or
+# no γ makes them cost c) before the search stops: the sampler has nothing new left to propose.
+MAX_UNTRAINED_IN_A_ROW = 200
+
+
+@dataclass(frozen=True)
+class Classes:
+    """The grid's triples by network key, to share each trained result with its class."""
+
+    members: Mapping[str, Sequence[Coefficients]]
+    base_resolution_px: int
+    num_classes: int
 
 
 class StudySearch(OptunaSearch):
@@ -37,6 +52,12 @@ class StudySearch(OptunaSearch):
     once: right after a trial is handed out, or, with ``adaptive`` (a sampler that learns from
     results, one trial at a time), right after each trial's end is recorded, so that the sample
     sees it. Never more than the ``limit`` trials this Tuner will ask for are claimed.
+
+    One network, one training (:mod:`scaling_search.sharing`): a sampled triple whose network
+    and seed are trained already gets that result, told to the sampler, instead of a training
+    (one whose network is in flight gets it when that trial ends), and the sampler is asked
+    again; with ``classes`` (the grid), each trained result is shared with the other triples of
+    its class.
     """
 
     def __init__(
@@ -47,9 +68,15 @@ class StudySearch(OptunaSearch):
         heartbeat: Heartbeat,
         limit: int,
         adaptive: bool,
+        classes: Classes | None = None,
+        say: Callable[[str], None] = print,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._classes, self._say = classes, say
+        self.max_untrained_in_a_row = MAX_UNTRAINED_IN_A_ROW
+        # Sampled trials that share a trial still running, by that trial's number.
+        self._sharers: defaultdict[int, list[optuna.Trial]] = defaultdict(list)
         self._budget_epochs = budget_epochs
         self._queued_only = queued_only
         self._heartbeat = heartbeat
@@ -85,13 +112,67 @@ class StudySearch(OptunaSearch):
             self._ahead.append(self._recorder.submit(self._prepare, soon=soon))
 
     def _prepare(self) -> Prepared:
-        """Claim the next trial and run the define-by-run function on it (recorder thread)."""
+        """Claim the next trial to train and run the define-by-run function on it (recorder
+        thread); sampled triples that need no training are ended here and the sampler is asked
+        again."""
         assert self._ot_study is not None  # set up by OptunaSearch before any suggestion
-        ot_trial = ledger.claim(self._ot_study, queued_only=self._queued_only, holder=self._holder)
-        if ot_trial is None:
-            return None
-        self._heartbeat.hold(ot_trial._trial_id)
-        return ot_trial, self._suggest_from_define_by_run_func(self._space, ot_trial)
+        for _ in range(self.max_untrained_in_a_row):
+            ot_trial = ledger.claim(
+                self._ot_study, queued_only=self._queued_only, holder=self._holder
+            )
+            if ot_trial is None:
+                return None
+            self._heartbeat.hold(ot_trial._trial_id)
+            try:
+                params = self._suggest_from_define_by_run_func(self._space, ot_trial)
+            except SpaceError as exc:  # space.cost measured: no γ makes this (α, β) cost c
+                if self._queued_only:
+                    raise
+                self._end_as_failed(ot_trial, str(exc))
+                continue
+            if self._queued_only or not self._shares(ot_trial):
+                return ot_trial, params
+        self._say(
+            f"the sampler proposed {self.max_untrained_in_a_row} triples in a row that need no "
+            "training (their networks were trained with this seed, or cost too much): the "
+            "search stops here"
+        )
+        return None
+
+    def _shares(self, ot_trial: optuna.Trial) -> bool:
+        """Whether a sampled trial's network and seed are trained (or training) already; if so
+        it gets that result, now or when the training ends, instead of a training."""
+        assert self._ot_study is not None
+        point = ledger.point_of(self._ot_study._storage.get_trial(ot_trial._trial_id))
+        source = None if point is None else ledger.holder_of(self._ot_study, point)
+        if source is None or source.number == ot_trial.number:
+            return False
+        ot_trial.set_user_attr(SHARED_ATTR, source.number)
+        if sharing.copy_result(self._ot_study, ot_trial, source):
+            self._heartbeat.release(ot_trial._trial_id)
+        else:
+            self._sharers[source.number].append(ot_trial)
+        return True
+
+    def _share_result(self, ot_trial: optuna.Trial) -> None:
+        """Give a trial's ended result to those that share its network (recorder thread)."""
+        assert self._ot_study is not None
+        waiting = self._sharers.pop(ot_trial.number, [])
+        if not waiting and self._classes is None:
+            return
+        source = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        for sharer in waiting:
+            sharing.copy_result(self._ot_study, sharer, source)
+            self._heartbeat.release(sharer._trial_id)
+        point = ledger.point_of(source)
+        if self._classes is not None and point is not None and point[0] in self._classes.members:
+            sharing.share_with_class(
+                self._ot_study,
+                source,
+                self._classes.members[point[0]],
+                base_resolution_px=self._classes.base_resolution_px,
+                num_classes=self._classes.num_classes,
+            )
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._recorder.busy()
@@ -147,6 +228,7 @@ class StudySearch(OptunaSearch):
             self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
         except ValueError as exc:  # e.g. a NaN value; OptunaSearch logs these too
             logger.warning("trial %d: %s", ot_trial.number, exc)
+        self._share_result(ot_trial)
 
     def fail(self, trial_id: str, reason: str) -> None:
         """Record why an errored trial failed (its retries used up) and end it as FAIL."""
@@ -163,6 +245,7 @@ class StudySearch(OptunaSearch):
         assert self._ot_study is not None
         self._heartbeat.release(ot_trial._trial_id)
         ledger.fail_trial(self._ot_study._storage, ot_trial._trial_id, reason)
+        self._share_result(ot_trial)  # those waiting for it fail too
 
     # Tune pickles the searcher into tuner.pkl and its experiment snapshots, for Tuner.restore.
     # The Optuna study, not Tune, is what this project resumes from; and the storage inside
@@ -175,6 +258,8 @@ class StudySearch(OptunaSearch):
         "_sampler",
         "_recorder",
         "_ahead",
+        "_sharers",
+        "_say",
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -193,12 +278,40 @@ class StudySearch(OptunaSearch):
         self._recorder.submit(lambda: self._give_back(ahead))
         self._recorder.close()
 
+    def after_recorded(self, call: Callable[[], None]) -> None:
+        """Run ``call`` on the recorder thread once everything handed over so far is recorded."""
+        self._recorder.submit(call)
+
+    def best_so_far(self) -> str:
+        """' | best so far <winner>' by :func:`scaling_search.results.best_triple`, or '' before
+        any trial completed its budget (recorder thread)."""
+        from scaling_search.results import ResultsError, best_triple, format_accuracy
+
+        assert self._ot_study is not None
+        try:
+            best = best_triple(self._ot_study)
+        except ResultsError:
+            return ""
+        accuracy = format_accuracy(best.mean_accuracy, best.std_accuracy, best.n_seeds)
+        return f" | best so far {best.coefficients.label()} {accuracy}"
+
     def _give_back(self, ahead: list[Future[Prepared]]) -> None:
-        """End the trials claimed ahead that no Ray trial took; planning queues their points
-        again."""
+        """End the trials claimed ahead that no Ray trial took (planning queues their points
+        again), and those still waiting for a result another driver's trial will give."""
         for prepared in (future.result() for future in ahead):
             if prepared is not None:
                 self._end_as_failed(prepared[0], "prepared ahead, but the run ended first")
+        assert self._ot_study is not None
+        for number, sharers in list(self._sharers.items()):
+            source = self._ot_study.get_trials(deepcopy=False)[number]
+            for sharer in sharers:
+                if not sharing.copy_result(self._ot_study, sharer, source):
+                    self._end_as_failed(
+                        sharer,
+                        f"shares trial {number}, which was still running when this run ended",
+                    )
+                self._heartbeat.release(sharer._trial_id)
+        self._sharers.clear()
 
 
 def _write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt: bool) -> None:
@@ -210,6 +323,8 @@ def _write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt:
         ot_trial.set_user_attr("epochs_completed", int(result["epoch"]))
         ot_trial.set_user_attr("train_reported_at", float(result["reported_at"]))
         ot_trial.set_user_attr("images_per_second", round(float(result["images_per_second"]), 1))
+        if math.isfinite(result.get("test_accuracy", math.nan)):
+            ot_trial.set_user_attr("test_accuracy", float(result["test_accuracy"]))
         if not new_attempt:
             return
         ot_trial.set_user_attr("train_started_at", float(result["started_at"]))

@@ -47,14 +47,7 @@ class SharedData:
             return self._cache[key], True
         self._cache.clear()
         data: ImageData = ray.get(self._ref)
-        on_device = ImageData(
-            name=data.name,
-            train_images=data.train_images.to(device),
-            train_labels=data.train_labels.to(device),
-            test_images=data.test_images.to(device),
-            test_labels=data.test_labels.to(device),
-            num_classes=data.num_classes,
-        )
+        on_device = data.to(device)
         self._cache[key] = on_device
         return on_device, False
 

@@ -1,0 +1,142 @@
+"""One network, one training: the triples that build a network already trained share its result.
+
+At φ = 1 many triples build the same network (depth is ceil(α·repeats), channels are multiples of
+8, the input is whole pixels), and with the same seed they would train to the same numbers. The
+ledger trains each (network, seed) once (:func:`scaling_search.ledger.plan_trials`); this module
+gives that result to the other triples, as Optuna trials marked ``shared_from`` (the number of
+the trial that trained), so that the dashboard, the report and the samplers see every candidate
+with its result and nothing is dropped:
+
+- grid: once a trial ends (complete or stopped early), each other member of its class gets a
+  trial with the same state, value, epochs and learning curve (:func:`share_with_class`);
+- TPE, random, QMC: a sampled triple whose network and seed are trained already is told that
+  result instead of training (:func:`copy_result`); the searcher keeps one whose network is in
+  flight until it ends.
+
+Results and statistics count the trial that trained, never its copies
+(:func:`scaling_search.ledger.is_shared`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from scaling_search import ledger
+from scaling_search.ledger import NETWORK_ATTR, SHARED_ATTR, STAGE_ATTR, is_shared, point_of
+from scaling_search.space import Coefficients, describe
+
+__all__ = ["copy_result", "share_missing", "share_with_class"]
+
+# What a trial's result is, beyond its value and learning curve; placement and timing stay with
+# the trial that trained.
+_RESULT_ATTRS = ("epochs_completed", "test_accuracy")
+_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _triple(trial: FrozenTrial) -> tuple[float, ...] | None:
+    values = [trial.params.get(n, trial.user_attrs.get(n)) for n in ("alpha", "beta", "gamma")]
+    numbers = [float(v) for v in values if isinstance(v, (int, float))]
+    return tuple(round(v, 6) for v in numbers) if len(numbers) == 3 else None
+
+
+def share_with_class(
+    ot_study: optuna.Study,
+    source: FrozenTrial,
+    members: Iterable[Coefficients],
+    *,
+    base_resolution_px: int,
+    num_classes: int,
+) -> int:
+    """Give ``source``'s result to each member of its class that has no trial for its point yet;
+    the number of trials added. Only a trial that trained and ended (complete or stopped early)
+    is shared."""
+    point = point_of(source)
+    if source.state not in _DONE or is_shared(source) or point is None:
+        return 0
+    have = {_triple(t) for t in ot_study.get_trials(deepcopy=False) if point_of(t) == point}
+    added = 0
+    for member in members:
+        if member.rounded().as_tuple() in have:
+            continue
+        cost = describe(member, base_resolution_px=base_resolution_px, num_classes=num_classes)
+        attrs = {
+            **cost.to_dict(),
+            **{k: source.user_attrs[k] for k in _RESULT_ATTRS if k in source.user_attrs},
+            "seed": point[1],
+            NETWORK_ATTR: point[0],
+            SHARED_ATTR: source.number,
+        }
+        if STAGE_ATTR in source.user_attrs:
+            attrs[STAGE_ATTR] = source.user_attrs[STAGE_ATTR]
+        params = {**source.params, **_params(member, source.params)}
+        ot_study.add_trial(
+            create_trial(
+                state=source.state,
+                value=source.value if source.state == TrialState.COMPLETE else None,
+                params=params,
+                distributions=source.distributions,
+                user_attrs=attrs,
+                intermediate_values=dict(source.intermediate_values),
+            )
+        )
+        added += 1
+    return added
+
+
+def _params(member: Coefficients, like: Mapping[str, object]) -> dict[str, float]:
+    """The member's triple as parameters, where the source's parameters are the triple."""
+    values = {"alpha": member.alpha, "beta": member.beta, "gamma": member.gamma}
+    return {name: value for name, value in values.items() if name in like}
+
+
+def share_missing(
+    ot_study: optuna.Study,
+    classes: Mapping[str, Iterable[Coefficients]],
+    *,
+    base_resolution_px: int,
+    num_classes: int,
+) -> int:
+    """Share every ended trial of the search with the members of its class that lack their copy
+    (a driver that stopped between a trial's end and its sharing); the number added."""
+    added = 0
+    for trial in ot_study.get_trials(deepcopy=False, states=_DONE):
+        point = point_of(trial)
+        if point is None or is_shared(trial) or point[0] not in classes:
+            continue
+        if trial.user_attrs.get(STAGE_ATTR) == ledger.RACING_STAGE:
+            continue
+        added += share_with_class(
+            ot_study,
+            trial,
+            classes[point[0]],
+            base_resolution_px=base_resolution_px,
+            num_classes=num_classes,
+        )
+    return added
+
+
+def copy_result(ot_study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) -> bool:
+    """End ``trial`` (asked, not trained) with ``source``'s result: the same learning curve,
+    epochs and value, marked ``shared_from``. False when the source has not ended yet; a source
+    that failed fails the trial too (its point is then free to be trained)."""
+    if source.state == TrialState.RUNNING or source.state == TrialState.WAITING:
+        return False
+    trial.set_user_attr(SHARED_ATTR, source.number)
+    if source.state == TrialState.FAIL:
+        ledger.fail_trial(
+            ot_study._storage, trial._trial_id, f"shared trial {source.number}, which failed"
+        )
+        return True
+    for step, value in sorted(source.intermediate_values.items()):
+        trial.report(value, step)
+    for name in _RESULT_ATTRS:
+        if name in source.user_attrs:
+            trial.set_user_attr(name, source.user_attrs[name])
+    if source.state == TrialState.COMPLETE:
+        ot_study.tell(trial, source.value, skip_if_finished=True)
+    else:
+        ot_study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+    return True
