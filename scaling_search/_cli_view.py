@@ -69,7 +69,8 @@ def write_report_for(
 def space(args: argparse.Namespace) -> int:
     """`scaling-search space`: the grid's candidates by the network each builds."""
     from scaling_search.cli import _emit
-    from scaling_search.space import describe, representative, study_network_key
+    from scaling_search.sampling import study_network_key
+    from scaling_search.space import describe, representative
 
     study = load_study(args.study, args.overrides)
     if study.search.sampler != "grid":

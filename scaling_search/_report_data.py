@@ -23,13 +23,13 @@ from scaling_search.results import (
     best_triple,
     budget_epochs,
     by_network,
-    class_label,
     class_members,
     rank,
     study_product,
     trials_frame,
 )
 from scaling_search.space import Coefficients
+from scaling_search.verdict import class_label
 
 FULL, EARLY, FAILED, RUNNING = "full budget", "stopped early", "failed", "running"
 SHARED = "shares a trained network"  # a triple given the result of its network's training

@@ -161,7 +161,8 @@ def _run(args: argparse.Namespace) -> int:
 
     with collector_paused():  # the set-up imports torch, Optuna and Ray Tune
         from scaling_search.data import load_data
-        from scaling_search.space import SimplexCoordinates, grid_candidates
+        from scaling_search.sampling import SimplexCoordinates
+        from scaling_search.space import grid_candidates
         from scaling_search.storage import mask_url, open_storage, resolve_url
 
         study = load_study(args.study, args.overrides)
@@ -210,13 +211,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_measured_space(study: StudyConfig, num_classes: int) -> None:
     """Some network in the space costs c × B0 as built (space.cost: measured), or SpaceError."""
-    from scaling_search.space import CostModel, grid_candidates
+    from scaling_search.sampling import MeasuredCoordinates
+    from scaling_search.space import grid_candidates
 
     base_px = study.train.base_resolution_px
     if study.search.sampler == "grid":
         grid_candidates(study.space, base_resolution_px=base_px, num_classes=num_classes)
     else:
-        CostModel(study.space, base_resolution_px=base_px, num_classes=num_classes).alpha_range()
+        space = study.space
+        MeasuredCoordinates(
+            space, base_resolution_px=base_px, num_classes=num_classes
+        ).alpha_range()
 
 
 def _write_family(coefficients: Any, study: StudyConfig, num_classes: int, path: Path) -> None:
@@ -264,8 +269,9 @@ def _load_optuna_study(study: StudyConfig, storage: Any) -> optuna.Study:
 
 def _status(args: argparse.Namespace) -> int:
     from scaling_search.ledger import duplicates
-    from scaling_search.results import ResultsError, best_triple, format_accuracy, trials_frame
+    from scaling_search.results import ResultsError, best_triple, trials_frame
     from scaling_search.storage import mask_url, resolve_url
+    from scaling_search.verdict import format_accuracy
 
     study, ot_study = _existing_study(args)
     frame = trials_frame(ot_study)

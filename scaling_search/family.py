@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 from scaling_search.model import (
     B0_BN_MOMENTUM,
@@ -28,12 +27,10 @@ __all__ = [
     "BUDGET_KINDS",
     "FAMILY_MODES",
     "OFFICIAL_FAMILY",
-    "ClassSpread",
     "Family",
     "FamilyMember",
     "OfficialModel",
     "Recipe",
-    "class_spread",
     "compound_scale",
     "make_family",
     "phi_for_budget",
@@ -386,55 +383,3 @@ def _matched_member(
 ) -> FamilyMember:
     phi = _match_phi(curve, _official_ratio(official, common[2]))
     return _member(official.name, phi, official.dropout, *common, recipe)
-
-
-class ClassSpread(NamedTuple):
-    """What the choice among triples that build one φ = 1 network changes at a larger φ: the
-    smallest and largest of each member's depth, width, resolution, MACs and params there."""
-
-    phi: float
-    depth: tuple[float, float]  # α^φ
-    width: tuple[float, float]  # β^φ
-    resolution_px: tuple[int, int]
-    macs: tuple[int, int]
-    params: tuple[int, int]
-
-    def to_dict(self) -> dict[str, object]:
-        return {name: list(value) if isinstance(value, tuple) else value
-                for name, value in self._asdict().items()}  # fmt: skip
-
-
-def class_spread(
-    members: Iterable[Coefficients],
-    *,
-    phi: float = 7.0,
-    base_resolution_px: int = B0_RESOLUTION_PX,
-    num_classes: int = 1000,
-) -> ClassSpread:
-    """The span, over ``members``, of their family's member at ``phi`` (B7's φ by default).
-
-    The paper's (1.2, 1.1, 1.15) builds the same φ = 1 network as (1.25, 1.1, 1.15), yet at
-    φ = 7 their depth multipliers are 1.2⁷ = 3.58 and 1.25⁷ = 4.77.
-
-    >>> spread = class_spread([Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.1, 1.15)])
-    >>> spread.depth
-    (3.583181, 4.768372)
-    """
-    scaled = [
-        _member("m", float(phi), 0.0, coefficients, base_resolution_px, num_classes)
-        for coefficients in members
-    ]
-    if not scaled:
-        raise ValueError("a class needs at least one member")
-
-    def span(values: list[float] | list[int]) -> tuple[Any, Any]:
-        return min(values), max(values)
-
-    return ClassSpread(
-        phi=float(phi),
-        depth=span([m.depth for m in scaled]),
-        width=span([m.width for m in scaled]),
-        resolution_px=span([m.resolution_px for m in scaled]),
-        macs=span([m.macs for m in scaled]),
-        params=span([m.params for m in scaled]),
-    )

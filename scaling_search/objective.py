@@ -36,7 +36,8 @@ from typing import Any
 from scaling_search._hooks import ObjectiveError, load_function, show
 from scaling_search.config import TrainConfig
 from scaling_search.data import ImageData
-from scaling_search.space import Coefficients, ObjectiveNetworkKey, compound_scale
+from scaling_search.sampling import ObjectiveNetworkKey
+from scaling_search.space import Coefficients, compound_scale
 from scaling_search.train import EpochMetrics, Report
 
 __all__ = [

@@ -40,6 +40,7 @@ import pandas as pd
 from optuna.trial import TrialState
 from scipy import stats
 
+from scaling_search._cost_tracking import CostTracking, cost_tracking
 from scaling_search.ledger import (
     CHOSEN_ON_ATTR,
     RACING_STAGE,
@@ -59,10 +60,8 @@ __all__ = [
     "budget_epochs",
     "by_network",
     "chosen_on",
-    "class_label",
     "class_members",
     "cost_tracking",
-    "format_accuracy",
     "pooled_noise",
     "rank",
     "study_product",
@@ -88,45 +87,10 @@ _ATTRS = (
 _TRIPLE = ["alpha", "beta", "gamma"]
 _KEY = "network_key"
 TIE_LEVEL = 0.05  # two-sided; a candidate with p ≥ this is tied with the winner
-_TRACKING_LEVEL = 0.05  # a rank correlation with p below this is reported as tracking cost
 
 
 class ResultsError(ValueError):
     """No result can be given yet (e.g. no trial finished its full budget)."""
-
-
-def format_accuracy(mean: float, std: float, n_seeds: int) -> str:
-    """The one printed form of a mean accuracy: '0.7070 ± 0.0120 (2 seeds)', '0.7070 (1 seed)'.
-
-    >>> format_accuracy(0.70701, 0.012, 2), format_accuracy(0.7, float("nan"), 1)
-    ('0.7070 ± 0.0120 (2 seeds)', '0.7000 (1 seed)')
-    """
-    seeds = f"({n_seeds} seed{'s' if n_seeds != 1 else ''})"
-    if n_seeds < 2 or math.isnan(std):
-        return f"{mean:.4f} {seeds}"
-    return f"{mean:.4f} ± {std:.4f} {seeds}"
-
-
-def class_label(members: tuple[Coefficients, ...] | list[Coefficients]) -> str:
-    """The triples of one class in words: what varies, and what they share.
-
-    >>> class_label([Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.1, 1.15)])
-    'α ∈ {1.2, 1.25} with β = 1.1, γ = 1.15'
-    >>> class_label([Coefficients(1.2, 1.1, 1.15)])
-    'α = 1.2, β = 1.1, γ = 1.15'
-    """
-    names = ("α", "β", "γ")
-    columns = [sorted({m.as_tuple()[i] for m in members}) for i in range(3)]
-    varying = [i for i in range(3) if len(columns[i]) > 1]
-    fixed = ", ".join(f"{names[i]} = {columns[i][0]:g}" for i in range(3) if i not in varying)
-    if not varying:
-        return fixed
-    if len(varying) == 1:
-        i = varying[0]
-        values = ", ".join(f"{v:g}" for v in columns[i])
-        return f"{names[i]} ∈ {{{values}}}" + (f" with {fixed}" if fixed else "")
-    triples = ", ".join(f"({m.alpha:g}, {m.beta:g}, {m.gamma:g})" for m in sorted(members))
-    return f"(α, β, γ) ∈ {{{triples}}}"
 
 
 @dataclass(frozen=True)
@@ -148,29 +112,6 @@ class Tied:
             "n_seeds": self.n_seeds,
             "p_value": round(self.p_value, 6),
             "members": [list(m.as_tuple()) for m in self.members],
-        }
-
-
-@dataclass(frozen=True)
-class CostTracking:
-    """How full-budget accuracy follows the measured cost: Spearman's rank correlation over the
-    candidate networks. Positive and significant: the networks that rounding makes more
-    expensive win more often, which a nominal constraint does not see."""
-
-    rho: float
-    p_value: float
-    n_networks: int
-
-    @property
-    def tracks(self) -> bool:
-        return self.rho > 0 and self.p_value < _TRACKING_LEVEL
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "spearman_rho": round(self.rho, 6),
-            "p_value": round(self.p_value, 6),
-            "n_networks": self.n_networks,
-            "accuracy_tracks_cost": self.tracks,
         }
 
 
@@ -391,18 +332,6 @@ def _tied(ranked: pd.DataFrame, noise: float, df: int) -> tuple[Tied, ...] | Non
                 )
             )
     return tuple(tied)
-
-
-def cost_tracking(ranked: pd.DataFrame) -> CostTracking | None:
-    """Spearman's rank correlation of the candidates' mean accuracy with their measured cost;
-    None with fewer than three networks or no spread in either."""
-    usable = ranked.dropna(subset=["mean_accuracy", "flops_ratio_measured"])
-    accuracy = usable["mean_accuracy"].astype(float)
-    cost = usable["flops_ratio_measured"].astype(float)
-    if len(usable) < 3 or accuracy.nunique() < 2 or cost.nunique() < 2:
-        return None
-    result = stats.spearmanr(accuracy, cost)
-    return CostTracking(float(result.statistic), float(result.pvalue), len(usable))
 
 
 def best_triple(study: optuna.Study) -> BestTriple:

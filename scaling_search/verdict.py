@@ -9,12 +9,115 @@ candidates' accuracy tracks their measured cost.
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
-from scaling_search.family import ClassSpread, class_spread
-from scaling_search.results import BestTriple, class_label, format_accuracy
+from scaling_search.family import make_family
+from scaling_search.model import B0_RESOLUTION_PX
+from scaling_search.results import BestTriple
+from scaling_search.space import Coefficients
 
-__all__ = ["REPRESENTATIVE_RULE", "best_view", "class_lines", "tied_lines", "tracking_lines"]
+__all__ = [
+    "REPRESENTATIVE_RULE",
+    "ClassSpread",
+    "best_view",
+    "class_label",
+    "class_lines",
+    "class_spread",
+    "format_accuracy",
+    "tied_lines",
+    "tracking_lines",
+]
+
+
+def format_accuracy(mean: float, std: float, n_seeds: int) -> str:
+    """The one printed form of a mean accuracy: '0.7070 ± 0.0120 (2 seeds)', '0.7070 (1 seed)'.
+
+    >>> format_accuracy(0.70701, 0.012, 2), format_accuracy(0.7, float("nan"), 1)
+    ('0.7070 ± 0.0120 (2 seeds)', '0.7000 (1 seed)')
+    """
+    seeds = f"({n_seeds} seed{'s' if n_seeds != 1 else ''})"
+    if n_seeds < 2 or math.isnan(std):
+        return f"{mean:.4f} {seeds}"
+    return f"{mean:.4f} ± {std:.4f} {seeds}"
+
+
+def class_label(members: tuple[Coefficients, ...] | list[Coefficients]) -> str:
+    """The triples of one class in words: what varies, and what they share.
+
+    >>> class_label([Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.1, 1.15)])
+    'α ∈ {1.2, 1.25} with β = 1.1, γ = 1.15'
+    >>> class_label([Coefficients(1.2, 1.1, 1.15)])
+    'α = 1.2, β = 1.1, γ = 1.15'
+    """
+    names = ("α", "β", "γ")
+    columns = [sorted({m.as_tuple()[i] for m in members}) for i in range(3)]
+    varying = [i for i in range(3) if len(columns[i]) > 1]
+    fixed = ", ".join(f"{names[i]} = {columns[i][0]:g}" for i in range(3) if i not in varying)
+    if not varying:
+        return fixed
+    if len(varying) == 1:
+        i = varying[0]
+        values = ", ".join(f"{v:g}" for v in columns[i])
+        return f"{names[i]} ∈ {{{values}}}" + (f" with {fixed}" if fixed else "")
+    triples = ", ".join(f"({m.alpha:g}, {m.beta:g}, {m.gamma:g})" for m in sorted(members))
+    return f"(α, β, γ) ∈ {{{triples}}}"
+
+
+class ClassSpread(NamedTuple):
+    """What the choice among triples that build one φ = 1 network changes at a larger φ: the
+    smallest and largest of each member's depth, width, resolution, MACs and params there."""
+
+    phi: float
+    depth: tuple[float, float]  # α^φ
+    width: tuple[float, float]  # β^φ
+    resolution_px: tuple[int, int]
+    macs: tuple[int, int]
+    params: tuple[int, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in self._asdict().items()}  # fmt: skip
+
+
+def class_spread(
+    members: Iterable[Coefficients],
+    *,
+    phi: float = 7.0,
+    base_resolution_px: int = B0_RESOLUTION_PX,
+    num_classes: int = 1000,
+) -> ClassSpread:
+    """The span, over ``members``, of their family's member at ``phi`` (B7's φ by default).
+
+    The paper's (1.2, 1.1, 1.15) builds the same φ = 1 network as (1.25, 1.1, 1.15), yet at
+    φ = 7 their depth multipliers are 1.2⁷ = 3.58 and 1.25⁷ = 4.77.
+
+    >>> spread = class_spread([Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.1, 1.15)])
+    >>> spread.depth
+    (3.583181, 4.768372)
+    """
+    scaled = [
+        make_family(
+            coefficients, phis=[phi], base_resolution_px=base_resolution_px, num_classes=num_classes
+        ).members[0]
+        for coefficients in members
+    ]
+    if not scaled:
+        raise ValueError("a class needs at least one member")
+
+    def span(values: list[float] | list[int]) -> tuple[Any, Any]:
+        return min(values), max(values)
+
+    return ClassSpread(
+        phi=float(phi),
+        depth=span([m.depth for m in scaled]),
+        width=span([m.width for m in scaled]),
+        resolution_px=span([m.resolution_px for m in scaled]),
+        macs=span([m.macs for m in scaled]),
+        params=span([m.params for m in scaled]),
+    )
+
 
 REPRESENTATIVE_RULE = "the member whose α·β²·γ² is closest to c, then the smallest (α, β, γ)"
 _SPREAD_PHI = 7  # B7

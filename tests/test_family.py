@@ -516,21 +516,3 @@ def test_a_version_1_document_still_reads_with_the_recipe_build_model_used_then(
     jsonschema.validate(document, family_schema())  # the schema reads version 1 too
     member = family_from_dict(document).members[0]
     assert (member.stochastic_depth, member.bn_momentum) == (0.2, 0.01)
-
-
-def test_the_class_spread_shows_what_the_choice_among_equal_networks_changes_at_b7() -> None:
-    """The issue's numbers: (1.2, 1.1, 1.15) and (1.25, 1.1, 1.15) build one φ = 1 network,
-    yet their B7 depth multipliers are 1.2⁷ = 3.58 and 1.25⁷ = 4.77."""
-    from scaling_search.family import class_spread
-    from scaling_search.space import describe
-
-    members = [Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.1, 1.15)]
-    nets = [describe(m, base_resolution_px=224, num_classes=1000) for m in members]
-    assert nets[0].network_key == nets[1].network_key  # the same φ = 1 network
-    assert (nets[0].macs, nets[0].params) == (nets[1].macs, nets[1].params)
-    spread = class_spread(members, phi=7)
-    assert spread.depth == (round(1.2**7, 6), round(1.25**7, 6))
-    assert spread.width == (round(1.1**7, 6),) * 2
-    assert spread.macs[0] < spread.macs[1]
-    sevens = [make_family(m, phis=[7]).members[0] for m in members]
-    assert spread.macs == (sevens[0].macs, sevens[1].macs)

@@ -26,7 +26,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from scaling_search import ledger
+from scaling_search import ledger, liveness
 from scaling_search.config import StudyConfig, load_study
 from scaling_search.ledger import (
     HEARTBEAT_GRACE_S,
@@ -40,7 +40,8 @@ from scaling_search.ledger import (
     recover_stale,
     seeds,
 )
-from scaling_search.space import Coefficients, DefineByRun, describe, grid_candidates
+from scaling_search.sampling import DefineByRun
+from scaling_search.space import Coefficients, describe, grid_candidates
 from scaling_search.storage import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -142,7 +143,7 @@ def _set_start(g: Ledger, trial_id: int, start: datetime) -> None:
 def _dead_local_driver() -> str:
     """The holder a driver on this host would have written, for a process that has exited."""
     child = subprocess.Popen(["sleep", "30"])
-    start = ledger._process_start(child.pid)
+    start = liveness._process_start(child.pid)
     child.kill()
     child.wait()
     return f"{socket.gethostname()}:{child.pid}:{start}"
@@ -506,4 +507,4 @@ def test_fail_trial_on_a_finished_trial_changes_nothing(grid: Ledger) -> None:
 def test_driver_id_names_this_process() -> None:
     host, pid, start = driver_id().split(":")
     assert (host, int(pid)) == (socket.gethostname(), os.getpid())
-    assert start == ledger._process_start(os.getpid())
+    assert start == liveness._process_start(os.getpid())

@@ -10,6 +10,7 @@ import math
 import random
 import statistics
 from collections.abc import Iterator
+from itertools import permutations
 
 import optuna
 import pytest
@@ -325,25 +326,24 @@ def test_cost_tracking_is_spearmans_rank_correlation_over_the_networks(storage_u
     for triple, accuracy, measured in rows:
         _add(study, triple, accuracy, measured=measured)
     tracking = best_triple(study).cost_tracking
-    expected = stats.spearmanr([r[1] for r in rows], [r[2] for r in rows])
+    accuracy, cost = [r[1] for r in rows], [r[2] for r in rows]
+    expected = stats.spearmanr(accuracy, cost)
     assert tracking is not None and tracking.n_networks == 5
     assert tracking.rho == pytest.approx(expected.statistic) and tracking.rho == pytest.approx(0.9)
-    assert tracking.p_value == pytest.approx(expected.pvalue)
-    assert tracking.tracks  # ρ 0.9, p 0.037
+    # With 5 networks the p-value is exact: of the 120 pairings, those with |ρ| ≥ 0.9 (ρ = 1 and
+    # the 4 one-swap neighbours, each way): 10 / 120.
+    pairings = [stats.spearmanr(accuracy, order).statistic for order in permutations(cost)]
+    exact = sum(abs(r) >= 0.9 - 1e-12 for r in pairings) / len(pairings)
+    assert exact == pytest.approx(10 / 120)
+    assert tracking.p_value == pytest.approx(exact)
+    assert not tracking.tracks  # ρ 0.9 over 5 networks: p 0.083, not shown to track
+    ordered = _study(storage_url, name="ordered")
+    for k, (triple, _, measured) in enumerate(rows):
+        _add(ordered, triple, 0.5 + 0.03 * k, measured=measured)
+    monotone = best_triple(ordered).cost_tracking
+    assert monotone is not None and monotone.rho == pytest.approx(1.0)
+    assert monotone.p_value == pytest.approx(2 / 120) and monotone.tracks
     two = _study(storage_url, name="two")
     _add(two, A, 0.7)
     _add(two, B, 0.6)
     assert best_triple(two).cost_tracking is None  # too few networks to say
-
-
-def test_format_accuracy_and_class_label_are_the_one_printed_form() -> None:
-    from scaling_search.results import class_label, format_accuracy
-    from scaling_search.space import Coefficients
-
-    assert format_accuracy(0.70701, 0.01204, 3) == "0.7070 ± 0.0120 (3 seeds)"
-    assert format_accuracy(0.7, math.nan, 1) == "0.7000 (1 seed)"
-    label = class_label([Coefficients(1.05, 1.0, 1.35), Coefficients(1.15, 1.0, 1.35),
-                         Coefficients(1.1, 1.0, 1.35)])  # fmt: skip
-    assert label == "α ∈ {1.05, 1.1, 1.15} with β = 1, γ = 1.35"
-    mixed = class_label([Coefficients(1.2, 1.1, 1.15), Coefficients(1.25, 1.15, 1.15)])
-    assert mixed == "(α, β, γ) ∈ {(1.2, 1.1, 1.15), (1.25, 1.15, 1.15)}"

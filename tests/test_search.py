@@ -17,7 +17,7 @@ from scaling_search import ledger
 from scaling_search.config import load_study
 from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._search import Classes, StudySearch
-from scaling_search.space import DefineByRun
+from scaling_search.sampling import DefineByRun
 from scaling_search.storage import open_storage
 
 # --- the recorder ---------------------------------------------------------------------------------

@@ -22,16 +22,15 @@ from hypothesis import strategies as st
 from scaling_search.config import Bounds, SpaceConfig, load_study
 from scaling_search.family import make_family
 from scaling_search.model import B0_STAGES, architecture, count_macs, scale_resolution
+from scaling_search.sampling import DefineByRun, MeasuredCoordinates, study_network_key
 from scaling_search.space import (
     Coefficients,
     CostModel,
-    DefineByRun,
     SpaceError,
     describe,
     grid_candidates,
     network_classes,
     representative,
-    study_network_key,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -219,7 +218,7 @@ def test_continuous_samples_with_measured_cost_build_networks_that_cost_c() -> N
     (it jumps from 1.68 to over 2.1)."""
     space = SpaceConfig(cost="measured", tolerance=0.1)
     define = DefineByRun(space, sampler="random", seeds=[0], base_resolution_px=64, num_classes=10)
-    model = CostModel(space, base_resolution_px=64, num_classes=10)
+    model = MeasuredCoordinates(space, base_resolution_px=64, num_classes=10)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     kept = refused = 0
     alphas: set[float] = set()
@@ -249,7 +248,7 @@ def test_continuous_samples_with_measured_cost_build_networks_that_cost_c() -> N
 
 def test_a_sampled_point_already_costing_c_keeps_its_beta_and_network() -> None:
     space = SpaceConfig(cost="measured", tolerance=0.1)
-    model = CostModel(space, base_resolution_px=224, num_classes=10)
+    model = MeasuredCoordinates(space, base_resolution_px=224, num_classes=10)
     # (1, 1.05, 1.3) costs 2.03 × B0 at 224 px as built: its α and β stay.
     point = Coefficients(1.0, 1.05, 1.3)
     assert abs(model.measured(point) - 2.0) <= 0.1
@@ -263,7 +262,7 @@ def test_where_pixels_jump_over_the_budget_beta_closes_it() -> None:
     cost jumps from 1.72 to 2.9 × B0 between γ = 1 and γ = 65/64, so no γ alone costs 2 ± 0.1;
     a wider β at 64 px does."""
     space = SpaceConfig(cost="measured", tolerance=0.1)
-    model = CostModel(space, base_resolution_px=64, num_classes=10)
+    model = MeasuredCoordinates(space, base_resolution_px=64, num_classes=10)
     alpha = 1.338458
     assert model.measured(Coefficients(alpha, 1.0, 1.0)) < 1.9
     assert model.measured(Coefficients(alpha, 1.0, 65 / 64)) > 2.1

@@ -25,7 +25,8 @@ from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_tria
 from scaling_search.ledger import Heartbeat
 from scaling_search.objective import ObjectiveFit
 from scaling_search.report import LiveDashboard
-from scaling_search.space import DefineByRun, NetworkKeyFn, study_network_key
+from scaling_search.sampling import DefineByRun, study_network_key
+from scaling_search.space import NetworkKeyFn
 from scaling_search.train import fit
 
 __all__ = ["RunSummary", "run_study"]

@@ -285,7 +285,8 @@ class StudySearch(OptunaSearch):
     def best_so_far(self) -> str:
         """' | best so far <winner>' by :func:`scaling_search.results.best_triple`, or '' before
         any trial completed its budget (recorder thread)."""
-        from scaling_search.results import ResultsError, best_triple, format_accuracy
+        from scaling_search.results import ResultsError, best_triple
+        from scaling_search.verdict import format_accuracy
 
         assert self._ot_study is not None
         try:

@@ -1,0 +1,176 @@
+"""Who holds a trial, and what died: driver identities, trial heartbeats, recovery.
+
+A claimed trial records which driver holds it (host, pid, process start) and a heartbeat that the
+driver refreshes every :data:`HEARTBEAT_INTERVAL_S`. A driver starting up fails (FAIL, with
+``fail_reason``) the RUNNING trials whose driver is a dead process on this host, or whose
+heartbeat is older than :data:`HEARTBEAT_GRACE_S` (a driver on another host); planning
+(:mod:`scaling_search.ledger`) then queues their points again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from scaling_search.storage import HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S
+
+__all__ = [
+    "DRIVER_ATTR",
+    "FAIL_REASON_ATTR",
+    "HEARTBEAT_GRACE_S",
+    "HEARTBEAT_INTERVAL_S",
+    "Heartbeat",
+    "driver_id",
+    "fail_trial",
+    "recover_stale",
+]
+
+DRIVER_ATTR = "driver"  # system attribute: the driver holding a RUNNING trial
+FAIL_REASON_ATTR = "fail_reason"
+Progress = Callable[[str], None]
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot), or None if there is none.
+
+    Together with the pid it names a process uniquely: a pid reused later has another start.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc (macOS): fall back to "the pid exists"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in () may hold spaces
+
+
+def driver_id() -> str:
+    """This process as ``host:pid:start``, recorded on every trial it claims."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _on_this_host(holder: str) -> bool:
+    return holder.partition(":")[0] == socket.gethostname()
+
+
+def _driver_is_dead(holder: str) -> bool:
+    """Whether ``holder`` (a :func:`driver_id` on this host) names a process that is gone."""
+    pid, _, start = holder.partition(":")[2].partition(":")
+    if not pid.isdigit():
+        return False
+    now = _process_start(int(pid))
+    return now is None or (now != "?" and start != "?" and now != start)
+
+
+class Heartbeat:
+    """A daemon thread that refreshes the heartbeat of every trial this driver holds."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, interval_s: float) -> None:
+        self._storage, self._interval = storage, interval_s
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="trial-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the searcher that holds this (tuner.pkl, experiment snapshots); a copy
+        # is inert: no thread, nothing held, and no storage (whose URL holds the password).
+        return {"interval": self._interval}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(None, state["interval"])  # type: ignore[misc]
+
+    def hold(self, trial_id: int) -> None:
+        with self._lock:
+            self._held.add(trial_id)
+        self._storage.record_heartbeat(trial_id)
+
+    def release(self, trial_id: int) -> None:
+        with self._lock:
+            self._held.discard(trial_id)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                held = sorted(self._held)
+            for trial_id in held:
+                # A database hiccup is not fatal: the next beat tries again.
+                with contextlib.suppress(Exception):
+                    self._storage.record_heartbeat(trial_id)
+
+
+# --- failing, recovering -------------------------------------------------------------------------
+
+
+def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
+    """Mark a trial FAIL with ``reason`` as its ``fail_reason``; False if it had already ended."""
+    try:
+        storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason[:500])
+        return storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+
+
+def _stale_heartbeats(ot_study: optuna.Study) -> set[int]:
+    # Optuna wraps the RDB storage of a study in a cache; the heartbeat table is the backend's.
+    storage = getattr(ot_study._storage, "_backend", ot_study._storage)
+    if not isinstance(storage, optuna.storages.RDBStorage) or storage.heartbeat_interval is None:
+        return set()
+    # Optuna keeps the heartbeat comparison (database clock) behind this one method; its public
+    # fail_stale_trials would fail the trials too, but without a way to say why.
+    return set(storage._get_stale_trial_ids(ot_study._study_id))
+
+
+def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
+    """Fail RUNNING trials whose driver is gone, so that planning queues their points again.
+
+    A holder on this host is judged by its process (gone: fail now; alive: keep, however late
+    its heartbeat); a holder on another host by its heartbeat. A trial that names no holder was
+    left in the moment between being taken and being named: it fails once it is older than the
+    heartbeat grace. (:func:`claim` records the first heartbeat before naming the holder, so a
+    named trial always has a heartbeat.)
+    """
+    stale_heartbeat = _stale_heartbeats(ot_study)
+    grace = timedelta(seconds=HEARTBEAT_GRACE_S)
+    failed = 0
+    for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        holder = trial.system_attrs.get(DRIVER_ATTR)
+        started = trial.datetime_start or datetime.now()
+        if isinstance(holder, str) and _on_this_host(holder):
+            if not _driver_is_dead(holder):
+                continue
+            reason = f"driver {holder} stopped mid-trial"
+        elif trial._trial_id in stale_heartbeat:
+            reason = f"driver {holder} sent no heartbeat for {HEARTBEAT_GRACE_S} s"
+        elif holder is None and datetime.now() - started > grace:
+            reason = "left running by a driver that stopped before it sent a heartbeat"
+        else:
+            continue
+        failed += fail_trial(ot_study._storage, trial._trial_id, reason)
+    if failed:
+        progress(f"marked {failed} trial(s) left running by a stopped driver as FAIL")
+    return failed
