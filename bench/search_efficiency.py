@@ -88,7 +88,8 @@ def main() -> None:
     from scaling_search.results import best_triple
     from scaling_search.storage import open_storage
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = {
         "name": "g",
