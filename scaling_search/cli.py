@@ -173,10 +173,11 @@ def _run(args: argparse.Namespace) -> int:
             load_function(study.objective, what="objective")
             if study.network_key is not None:
                 load_function(study.network_key, what="network_key")
-        if study.search.sampler != "grid":
-            SimplexCoordinates(study.space)
-        elif study.space.cost == "nominal":
-            grid_candidates(study.space)
+        if study.space.cost == "nominal":  # measured: checked once the classes are known
+            if study.search.sampler != "grid":
+                SimplexCoordinates(study.space)
+            else:
+                grid_candidates(study.space)
         data = load_data(study.data)
         if study.space.cost == "measured":  # counts MACs with the data's classes
             _check_measured_space(study, data.num_classes)

@@ -335,11 +335,14 @@ class DefineByRun:
         self.cost = MeasuredCoordinates(
             space, base_resolution_px=base_resolution_px, num_classes=num_classes
         )
+        self.continuous = sampler != "grid"
+        # The nominal surface's coordinates; with measured cost, self.cost maps (u, v) instead
+        # (and a box with no network costing c is refused here).
         self.coordinates = None
-        if sampler != "grid":
+        if self.continuous and space.cost == "nominal":
             self.coordinates = SimplexCoordinates(space)
-            if space.cost == "measured":
-                self.cost.alpha_range()  # a box with no network costing c is refused here
+        elif self.continuous:
+            self.cost.alpha_range()
         self.network_key = network_key or BuiltinNetworkKey(
             base_resolution_px=base_resolution_px, num_classes=num_classes
         )
@@ -362,7 +365,7 @@ class DefineByRun:
 
     def _suggest(self, trial: optuna.trial.BaseTrial) -> tuple[Coefficients, int]:
         space = self.space
-        if self.coordinates is None:
+        if not self.continuous:
             coefficients = Coefficients(
                 trial.suggest_float("alpha", space.alpha.low, space.alpha.high),
                 trial.suggest_float("beta", space.beta.low, space.beta.high),
@@ -391,6 +394,7 @@ class DefineByRun:
             coefficients = found
             shares = log_flops_shares(coefficients)
         else:
+            assert self.coordinates is not None  # made for the nominal cost in __init__
             coefficients = self.coordinates.to_coefficients(u, v)
             shares = self.coordinates.shares(u, v)
         for name, share in zip(("depth", "width", "resolution"), shares, strict=True):
