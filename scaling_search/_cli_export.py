@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 from scaling_search.config import StudyConfig, StudyError
 
 if TYPE_CHECKING:
+    import optuna
+
     from scaling_search.family import Family, FamilyMember, Recipe
 
 __all__ = ["export", "study_classes", "study_recipe"]
@@ -39,7 +41,7 @@ def export(args: argparse.Namespace) -> int:
         study, ot_study = _existing_study(args)
         coefficients = best_triple(ot_study).coefficients  # the winning class's representative
         base_px = args.base_resolution or study.train.base_resolution_px
-        classes = args.num_classes or study_classes(study)
+        classes = args.num_classes or study_classes(study, ot_study)
         recipe = study_recipe(study)
     phis = _floats(args.phi, "--phi") if args.phi else None
     budget = _budget(args)
@@ -178,10 +180,15 @@ def _floats(text: str, option: str, count: int | None = None) -> list[float]:
     return values
 
 
-def study_classes(study: StudyConfig) -> int:
-    """The study's number of classes (reads the data only for real datasets)."""
+def study_classes(study: StudyConfig, ot_study: optuna.Study | None = None) -> int:
+    """The study's number of classes: as the driver recorded it with ``ot_study``, else from
+    the study file (reading the data only for real datasets)."""
     from scaling_search.data import load_data
+    from scaling_search.ledger import NUM_CLASSES_ATTR
 
+    recorded = None if ot_study is None else ot_study.user_attrs.get(NUM_CLASSES_ATTR)
+    if isinstance(recorded, int):
+        return recorded
     if study.data.kind == "synthetic":
         return study.data.num_classes
     return load_data(study.data).num_classes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scaling_search.config import StudyConfig, StudyError, load_study
 
@@ -62,15 +62,14 @@ def write_report_for(
         ot_study,
         path,
         base_resolution_px=study.train.base_resolution_px,
-        num_classes=num_classes or study_classes(study),
+        num_classes=num_classes or study_classes(study, ot_study),
     )
 
 
 def space(args: argparse.Namespace) -> int:
     """`scaling-search space`: the grid's candidates by the network each builds."""
+    from scaling_search._cli_export import study_classes
     from scaling_search.cli import _emit
-    from scaling_search.sampling import study_network_key
-    from scaling_search.space import describe, representative
 
     study = load_study(args.study, args.overrides)
     if study.search.sampler != "grid":
@@ -78,15 +77,21 @@ def space(args: argparse.Namespace) -> int:
             f"space lists grid candidates; sampler {study.search.sampler!r} samples "
             "the continuous surface α·β²·γ² = product instead"
         )
-    from scaling_search._cli_export import study_classes
-    from scaling_search.ledger import grid_classes
+    data = space_data(study, study_classes(study))
+    _emit(data, args.format, _space_table(data, study))
+    return 0
 
-    classes_count = study_classes(study)
-    base_px = study.train.base_resolution_px
-    key = study_network_key(study, classes_count)
-    classes = grid_classes(study, num_classes=classes_count, network_key=key)
-    networks = []
-    rows = []
+
+def space_data(study: StudyConfig, num_classes: int) -> dict[str, Any]:
+    """The grid's candidates (costs, network key, network number) and its networks (key,
+    representative, members), as ``space --format json`` writes them."""
+    from scaling_search.ledger import grid_classes
+    from scaling_search.sampling import study_network_key
+    from scaling_search.space import describe, representative
+
+    key = study_network_key(study, num_classes)
+    classes = grid_classes(study, num_classes=num_classes, network_key=key)
+    networks, candidates = [], []
     for number, (network, members) in enumerate(classes.items(), start=1):
         chosen = representative(members, study.space.product)
         networks.append(
@@ -94,33 +99,38 @@ def space(args: argparse.Namespace) -> int:
              "members": [list(m.as_tuple()) for m in members]}
         )  # fmt: skip
         for member in members:
-            candidate = describe(member, base_resolution_px=base_px, num_classes=classes_count)
-            rows.append((number, member == chosen, candidate, network))
+            cost = describe(
+                member, base_resolution_px=study.train.base_resolution_px, num_classes=num_classes
+            )
+            candidates.append(
+                {**cost.to_dict(), "network_key": network, "network": number,
+                 "trained": member == chosen}
+            )  # fmt: skip
+    return {
+        "study": study.name,
+        "cost": study.space.cost,
+        "n_candidates": len(candidates),
+        "n_networks": len(networks),
+        "candidates": candidates,
+        "networks": networks,
+    }
+
+
+def _space_table(data: dict[str, Any], study: StudyConfig) -> list[str]:
     table = [
         f"{'alpha':>6} {'beta':>6} {'gamma':>6} {'nominal':>8} {'measured':>9} "
         f"{'params':>11} {'px':>5} {'network':>8}"
     ]
     table += [
-        f"{c.coefficients.alpha:6.3f} {c.coefficients.beta:6.3f} {c.coefficients.gamma:6.3f} "
-        f"{c.flops_ratio_nominal:8.4f} {c.flops_ratio_measured:9.4f} {c.params:11,d} "
-        f"{c.resolution_px:5d} {number:>7d}{'*' if chosen else ' '}"
-        for number, chosen, c, _ in rows
+        f"{c['alpha']:6.3f} {c['beta']:6.3f} {c['gamma']:6.3f} {c['flops_ratio_nominal']:8.4f} "
+        f"{c['flops_ratio_measured']:9.4f} {c['params']:11,d} {c['resolution_px']:5d} "
+        f"{c['network']:>7d}{'*' if c['trained'] else ' '}"
+        for c in data["candidates"]
     ]
     cost = "measured MACs ratio" if study.space.cost == "measured" else "α·β²·γ²"
-    table.append(
-        f"{len(rows)} candidates, {len(classes)} distinct networks (cost: {cost} within "
-        f"{study.space.tolerance:g} of {study.space.product:g}; * the triple trained for each "
-        "network, the others share its result)"
-    )
-    candidates = [{**c.to_dict(), "network_key": network, "network": number}
-                  for number, _, c, network in rows]  # fmt: skip
-    data = {
-        "study": study.name,
-        "cost": study.space.cost,
-        "n_candidates": len(rows),
-        "n_networks": len(classes),
-        "candidates": candidates,
-        "networks": networks,
-    }
-    _emit(data, args.format, table)
-    return 0
+    return [
+        *table,
+        f"{data['n_candidates']} candidates, {data['n_networks']} distinct networks (cost: {cost} "
+        f"within {study.space.tolerance:g} of {study.space.product:g})",
+        "* the triple trained for each network; the other triples of its class share its result",
+    ]

@@ -15,7 +15,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.family import OFFICIAL_FAMILY, make_family
-from scaling_search.ledger import SHARED_ATTR
+from scaling_search.ledger import SHARED_ATTR, triple_of
 from scaling_search.model import architecture, count_macs, count_params
 from scaling_search.results import (
     BestTriple,
@@ -151,10 +151,8 @@ def _outcome(trial: FrozenTrial, budget: int) -> str | None:
 
 
 def _coefficients(trial: FrozenTrial) -> Coefficients | None:
-    attrs = trial.user_attrs
-    if not all(isinstance(attrs.get(key), (int, float)) for key in ("alpha", "beta", "gamma")):
-        return None
-    return Coefficients(float(attrs["alpha"]), float(attrs["beta"]), float(attrs["gamma"]))
+    # Drawn from what the driver recorded: a queued trial's parameters are not yet a triple.
+    return triple_of(trial) if {"alpha", "beta", "gamma"} <= trial.user_attrs.keys() else None
 
 
 def _winner(study: optuna.Study) -> BestTriple | None:

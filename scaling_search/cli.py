@@ -161,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
 
     with collector_paused():  # the set-up imports torch, Optuna and Ray Tune
         from scaling_search.data import load_data
-        from scaling_search.sampling import SimplexCoordinates
+        from scaling_search.sampling import ObjectiveNetworkKey, SimplexCoordinates
         from scaling_search.space import grid_candidates
         from scaling_search.storage import mask_url, open_storage, resolve_url
 
@@ -171,13 +171,15 @@ def _run(args: argparse.Namespace) -> int:
 
             # Importable here, before anything is launched.
             load_function(study.objective, what="objective")
-            if study.network_key is not None:
-                load_function(study.network_key, what="network_key")
         if study.space.cost == "nominal":  # measured: checked once the classes are known
             if study.search.sampler != "grid":
-                SimplexCoordinates(study.space)
+                first = SimplexCoordinates(study.space).to_coefficients(0.5, 0.5)
             else:
-                grid_candidates(study.space)
+                first = grid_candidates(study.space)[0]
+            if study.network_key is not None:  # a key function that breaks: one line, now
+                ObjectiveNetworkKey(
+                    study.network_key, base_resolution_px=study.train.base_resolution_px
+                )(first)
         data = load_data(study.data)
         if study.space.cost == "measured":  # counts MACs with the data's classes
             _check_measured_space(study, data.num_classes)
@@ -278,7 +280,8 @@ def _status(args: argparse.Namespace) -> int:
     frame = trials_frame(ot_study)
     trained = frame[~frame["shared"].astype(bool)]
     counts = {str(k): int(v) for k, v in trained["state"].value_counts().items()}
-    shared = int(frame["shared"].astype(bool).sum())
+    ended = frame["state"].isin(["COMPLETE", "PRUNED"])
+    shared = int((frame["shared"].astype(bool) & ended).sum())
     try:
         best = best_triple(ot_study)
     except ResultsError:
@@ -292,7 +295,7 @@ def _status(args: argparse.Namespace) -> int:
         best_data, _ = best_view(
             best,
             base_resolution_px=study.train.base_resolution_px,
-            num_classes=study_classes(study),
+            num_classes=study_classes(study, ot_study),
         )
     data = {
         "study": study.name,
@@ -332,7 +335,7 @@ def _best(args: argparse.Namespace) -> int:
     data, lines = best_view(
         best_triple(ot_study),
         base_resolution_px=study.train.base_resolution_px,
-        num_classes=study_classes(study),
+        num_classes=study_classes(study, ot_study),
     )
     _emit(data, args.format, lines)
     return 0

@@ -234,6 +234,11 @@ class StudyConfig(_Strict):
 
     @model_validator(mode="after")
     def _key_needs_objective(self) -> StudyConfig:
+        if self.objective is not None and self.space.cost == "measured":
+            raise ValueError(
+                "space.cost: 'measured' counts the MACs of the built-in scaled B0, not of an "
+                "objective's own network; with objective use 'nominal'"
+            )
         if self.network_key is not None and self.objective is None:
             raise ValueError(
                 "network_key: allowed with objective only (it names the network an objective's "
@@ -371,7 +376,9 @@ def _describe(exc: ValidationError) -> str:
     if kind == "value_error":  # our own validators name the key themselves
         if re.match(r"^[a-z_]+: ", message):  # a key of this section
             return f"{loc}.{message}" if loc else message
-        return message if loc and message.startswith(loc.split(".")[0]) else f"{loc}: {message}"
+        if not loc or message.startswith(loc.split(".")[0]):  # the study's own: names its keys
+            return message
+        return f"{loc}: {message}"
     shown = _show(error.get("input"))
     return f"{loc}: {message}" + (f" (got {shown})" if shown else "")
 

@@ -98,9 +98,11 @@ def _field(data: object, key: str, where: str, kind: type[_T]) -> _T:
     return cast(_T, float(cast(float, value)) if kind is float else value)
 
 
-def _member_from_dict(data: object, where: str) -> FamilyMember:
+def _member_from_dict(data: object, where: str, *, version: int | None) -> FamilyMember:
+    """A member; ``version`` 1 (or None: an entry on its own, version unknown) fills in the
+    recipe version 1 did not state; version 2 must state it."""
     values: dict[str, Any] = {"name": _field(data, "name", where, str)}
-    if isinstance(data, dict):
+    if isinstance(data, dict) and version != SCHEMA_VERSION:
         data = {**_V1_DEFAULTS, **data}
     values.update({name: _field(data, name, where, float) for name in _MEMBER_FLOATS})
     values.update({name: _field(data, name, where, int) for name in _MEMBER_INTS})
@@ -130,7 +132,7 @@ def member_from_dict(data: Mapping[str, object]) -> FamilyMember:
     """
     name = data.get("name") if isinstance(data, Mapping) else None
     where = f"member {name!r}" if isinstance(name, str) else "member"
-    return _member_from_dict(dict(data) if isinstance(data, Mapping) else data, where)
+    return _member_from_dict(dict(data) if isinstance(data, Mapping) else data, where, version=None)
 
 
 def family_from_dict(data: Mapping[str, object]) -> Family:
@@ -149,7 +151,8 @@ def family_from_dict(data: Mapping[str, object]) -> Family:
     """
     top = "the document"
     data = dict(data) if isinstance(data, Mapping) else data
-    if _field(data, "schema_version", top, int) not in _READS:
+    version = _field(data, "schema_version", top, int)
+    if version not in _READS:
         raise ValueError(
             f"family document: schema_version must be one of {list(_READS)}, got "
             f"{data['schema_version']!r}"
@@ -162,7 +165,7 @@ def family_from_dict(data: Mapping[str, object]) -> Family:
     coefficients = _field(data, "coefficients", top, dict)
     num_classes = _field(data, "num_classes", top, int)
     members = tuple(
-        _member_from_dict(m, f"members[{i}]")
+        _member_from_dict(m, f"members[{i}]", version=version)
         for i, m in enumerate(_field(data, "members", top, list))
     )
     for index, member in enumerate(members):

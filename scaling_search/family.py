@@ -88,7 +88,7 @@ class FamilyMember:
     phi: float  # the compound coefficient actually used
     width: float  # β^φ
     depth: float  # α^φ
-    resolution_px: int  # round(base · γ^φ)
+    resolution_px: int  # base · γ^φ to the nearest pixel, halves up (model.scale_resolution)
     num_classes: int  # outputs of the classifier (the family's)
     dropout: float  # before the classifier
     params: int  # model.count_params

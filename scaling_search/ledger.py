@@ -75,6 +75,7 @@ __all__ = [
     "recover_stale",
     "sampler",
     "seeds",
+    "triple_of",
 ]
 
 STAGE_ATTR = "stage"  # "racing" on the trials of the racing stage (scaling_search.racing)
@@ -85,8 +86,8 @@ SHARED_ATTR = "shared_from"  # on a trial that shares trial N's result: same net
 CHOSEN_ON_ATTR = "chosen_on"  # study attribute: "validation"; absent before validation splits
 NUM_CLASSES_ATTR = "num_classes"  # study attribute: the classes of the study's data
 _CONFIG_ATTR = "study_config"
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-_HELD = (TrialState.WAITING, TrialState.RUNNING, *_DONE)
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # ended with a result
+_HELD = (TrialState.WAITING, TrialState.RUNNING, *DONE)
 Progress = Callable[[str], None]
 Point = tuple[str, int]  # (network key, seed)
 
@@ -161,16 +162,20 @@ def point_of(trial: FrozenTrial) -> Point | None:
     seed = params.get("seed", attrs.get("seed"))
     key = attrs.get(NETWORK_ATTR)
     if key is None:
-        triple = tuple(params.get(name, attrs.get(name)) for name in ("alpha", "beta", "gamma"))
-        key = _triple_key(triple)
+        triple = triple_of(trial)
+        key = None if triple is None else triple_key(triple)
     if key is None or seed is None:
         return None
     return str(key), int(seed)
 
 
-def _triple_key(triple: tuple[Any, ...]) -> str | None:
+def triple_of(trial: FrozenTrial) -> Coefficients | None:
+    """The (α, β, γ) a trial trains, to the 6 decimals points are keyed with: its recorded
+    attributes, else its (queued) parameters; None for a trial that names none."""
+    params = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
+    values = [trial.user_attrs.get(n, params.get(n)) for n in ("alpha", "beta", "gamma")]
     try:
-        return triple_key(Coefficients(*(float(x) for x in triple)))
+        return Coefficients(*(float(v) for v in values)).rounded()  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
 
@@ -233,7 +238,7 @@ def plan_trials(
     study's (:func:`scaling_search.sampling.study_network_key`).
     """
     if study.search.sampler != "grid":
-        done = ot_study.get_trials(deepcopy=False, states=_DONE)
+        done = ot_study.get_trials(deepcopy=False, states=DONE)
         searched = [
             t for t in done if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE and not is_shared(t)
         ]
@@ -267,7 +272,7 @@ def holder_of(
     """The first trial that trains (or trained) ``point`` and did not share another's result:
     running, complete or stopped early; queued ones do not count. ``before``: only trials
     numbered below it."""
-    for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *_DONE)):
+    for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *DONE)):
         if before is not None and trial.number >= before:
             continue
         if not is_shared(trial) and point_of(trial) == point:
@@ -319,7 +324,7 @@ def duplicates(trials: Iterable[FrozenTrial]) -> dict[str, int]:
     for trial in trials:
         if DUPLICATE_ATTR in trial.user_attrs:
             skipped += 1
-        elif trial.state in _DONE and point_of(trial) is not None and not is_shared(trial):
+        elif trial.state in DONE and point_of(trial) is not None and not is_shared(trial):
             finished[point_of(trial)] = finished.get(point_of(trial), 0) + 1
     return {
         "skipped_duplicates": skipped,

@@ -44,15 +44,6 @@ def search_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if t.user_attrs.get(STAGE_ATTR) != RACING]
 
 
-def _triple(trial: FrozenTrial) -> Coefficients | None:
-    attrs = trial.user_attrs
-    if not {"alpha", "beta", "gamma"} <= attrs.keys():
-        return None
-    return Coefficients(
-        float(attrs["alpha"]), float(attrs["beta"]), float(attrs["gamma"])
-    ).rounded()
-
-
 def search_ranking(
     trials: Iterable[FrozenTrial], top_k: int, *, product: float = 2.0
 ) -> list[tuple[str, Coefficients]]:
@@ -67,7 +58,7 @@ def search_ranking(
     best: dict[str, tuple[int, float]] = {}
     members: dict[str, set[Coefficients]] = {}
     for trial in search_trials(trials):
-        point, triple = ledger.point_of(trial), _triple(trial)
+        point, triple = ledger.point_of(trial), ledger.triple_of(trial)
         if point is None or triple is None:
             continue
         members.setdefault(point[0], set()).add(triple)

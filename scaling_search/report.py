@@ -29,7 +29,7 @@ from scaling_search._report_data import (
     mean_spread,
     test_cell,
 )
-from scaling_search.ledger import NUM_CLASSES_ATTR, is_shared
+from scaling_search.ledger import DONE, NUM_CLASSES_ATTR, is_shared
 from scaling_search.results import BestTriple, ResultsError, best_triple
 
 __all__ = ["LIVE_FIGURES", "PARTS", "LiveDashboard", "publish_live", "report_html", "write_report"]
@@ -141,13 +141,15 @@ def _chosen_word(best: BestTriple | None) -> str:
     return "validation" if best is None or best.chosen_on == "validation" else "test (chosen on)"
 
 
-def _verdict(study: optuna.Study, best: BestTriple) -> list[str]:
-    """The lines ``best`` prints, for the report and the note."""
+def _verdict(study: optuna.Study, best: BestTriple, num_classes: int | None = None) -> list[str]:
+    """The lines ``best`` prints, for the report and the note. The number of classes: given,
+    else as the driver recorded it (a study recorded before that: 1000, which only moves the
+    B7 MACs of the class's span, by the classifier's share)."""
     from scaling_search.verdict import best_view
 
     config = study.user_attrs.get("study_config", {})
     base_px = int(config.get("train", {}).get("base_resolution_px", 224))
-    classes = int(study.user_attrs.get(NUM_CLASSES_ATTR, 1000))
+    classes = num_classes or int(study.user_attrs.get(NUM_CLASSES_ATTR, 1000))
     return best_view(best, base_resolution_px=base_px, num_classes=classes)[1]
 
 
@@ -216,7 +218,8 @@ def report_html(study: optuna.Study, *, base_resolution_px: int, num_classes: in
             f'<section id="part-{name}"><p class="caption">{html.escape(_CAPTIONS[name])}</p>'
             f"{div}</section>"
         )
-    summary = "\n".join(html.escape(line) for line in _summary(study, _best(study)))
+    lines = _summary(study, _best(study), num_classes)
+    summary = "\n".join(html.escape(line) for line in lines)
     return _PAGE.format(
         title=html.escape(f"scaling-search report: {study.study_name}"),
         summary=summary,
@@ -240,7 +243,7 @@ def write_report(
 def _counts(study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
     trained = [t.state for t in trials if not is_shared(t)]
-    shared = len(trials) - len(trained)
+    shared = sum(1 for t in trials if is_shared(t) and t.state in DONE)
     words = {
         TrialState.COMPLETE: "complete",
         TrialState.PRUNED: "stopped early",
@@ -255,12 +258,12 @@ def _counts(study: optuna.Study) -> str:
     return f"{len(trained)} trials ({counts}){also}"
 
 
-def _summary(study: optuna.Study, best: BestTriple | None) -> list[str]:
+def _summary(study: optuna.Study, best: BestTriple | None, num_classes: int) -> list[str]:
     """The report's first lines: the counts, then the winner as ``best`` prints it."""
     written = f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}."
     if best is None:
         return [f"{_counts(study)}; no full-budget result yet. {written}"]
-    return [f"{_counts(study)}. {written}", *_verdict(study, best)]
+    return [f"{_counts(study)}. {written}", *_verdict(study, best, num_classes)]
 
 
 _PAGE = """<!DOCTYPE html>

@@ -138,6 +138,7 @@ class BestTriple:
     chosen_on: str = "validation"  # "test": recorded before validation splits
     product: float = 2.0  # the constraint's c
     cost_tracking: CostTracking | None = None  # None: fewer than 3 networks to correlate
+    whole_class: bool = True  # members are every triple of the grid's class, not those sampled
 
     def to_dict(self) -> dict[str, Any]:
         def number(value: float) -> float | None:
@@ -165,6 +166,7 @@ class BestTriple:
             "noise_df": self.noise_df,
             "tied": None if self.tied is None else [t.to_dict() for t in self.tied],
             "cost_tracking": None if self.cost_tracking is None else self.cost_tracking.to_dict(),
+            "whole_class": self.whole_class,
         }
 
 
@@ -184,6 +186,12 @@ def study_product(study: optuna.Study) -> float:
         return float(study.user_attrs["study_config"]["space"]["product"])
     except (KeyError, TypeError, ValueError):
         return 2.0
+
+
+def _objective(study: optuna.Study) -> bool:
+    """Whether the study's trials ran the user's objective, not the built-in trainer."""
+    config = study.user_attrs.get("study_config")
+    return isinstance(config, dict) and "objective" in config
 
 
 def chosen_on(study: optuna.Study) -> str:
@@ -334,8 +342,11 @@ def _tied(ranked: pd.DataFrame, noise: float, df: int) -> tuple[Tied, ...] | Non
     return tuple(tied)
 
 
-def best_triple(study: optuna.Study) -> BestTriple:
+def best_triple(study: optuna.Study, *, statistics: bool = True) -> BestTriple:
     """The best full-budget network of ``study``, named by its class's representative triple.
+
+    ``statistics=False`` skips the tie test and the cost tracking (``tied`` and
+    ``cost_tracking`` are None): the winner alone, as the progress line shows it.
 
     Raises:
         ResultsError: when no trial has completed its full budget yet.
@@ -362,12 +373,14 @@ def best_triple(study: optuna.Study) -> BestTriple:
         n_candidates=len(ranked),
         noise_std=noise,
         noise_df=noise_df,
-        tied=_tied(ranked, noise, noise_df),
+        tied=_tied(ranked, noise, noise_df) if statistics else None,
         members=tuple(top.members),
         network_key=str(top.network_key),
         test_accuracy=float(top.test_accuracy),
         n_test=int(top.n_test),
         chosen_on=chosen_on(study),
         product=product,
-        cost_tracking=cost_tracking(ranked),
+        # The measured cost is the built-in B0's: no word on an objective's own networks.
+        cost_tracking=None if _objective(study) or not statistics else cost_tracking(ranked),
+        whole_class=study.user_attrs.get("sampler", "grid") == "grid",
     )

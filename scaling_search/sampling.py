@@ -169,8 +169,10 @@ class MeasuredCoordinates(CostModel):
         """(u, v) ∈ [0, 1]² to a triple whose network costs ``product`` × B0 within the
         tolerance ("measured" cost, for the continuous samplers): u places α (log scale) in the
         range where some β and γ in the bounds can cost that, v places β in the range left for
-        that α, and then β and γ move to the nearest pair that does (:meth:`nearest`). None
-        where no pair does for this α.
+        that α, and then β and γ move to the nearest pair that does (:meth:`nearest`). Where no
+        pair does for that α (whole pixels and channels can jump over the tolerance), the
+        nearest α on a 1/100 log grid of the range that has one is taken; None only if none
+        has.
 
         The MACs of a built network grow with α, β and γ alike (repeats, channels and pixels
         are rounded up or to the nearest, never down as a coefficient grows), so each range is
@@ -178,15 +180,23 @@ class MeasuredCoordinates(CostModel):
         """
         if not (0.0 <= u <= 1.0 and 0.0 <= v <= 1.0):
             raise ValueError(f"coordinates must lie in [0, 1], got u={u!r}, v={v!r}")
-        space = self.space
         low, high = self.alpha_range()
-        alpha = round(low * (high / low) ** u, _DECIMALS)
-        beta_low = self._first(lambda b: self._reaches(alpha, b), space.beta.low, space.beta.high)
-        beta_high = self._last(lambda b: self._fits(alpha, b), space.beta.low, space.beta.high)
+        nearby = sorted((k / 100 for k in range(101)), key=lambda w: (abs(w - u), w))
+        for w in (u, *nearby):
+            found = self._at(round(low * (high / low) ** w, _DECIMALS), v)
+            if found is not None:
+                return found
+        return None
+
+    def _at(self, alpha: float, v: float) -> Coefficients | None:
+        """v places β in the range where some γ can make (α, β) cost ``product``; then
+        :meth:`nearest`."""
+        bounds = self.space.beta
+        beta_low = self._first(lambda b: self._reaches(alpha, b), bounds.low, bounds.high)
+        beta_high = self._last(lambda b: self._fits(alpha, b), bounds.low, bounds.high)
         if beta_low is None or beta_high is None or beta_low > beta_high:
             return None
-        beta = round(beta_low * (beta_high / beta_low) ** v, _DECIMALS)
-        return self.nearest(alpha, beta)
+        return self.nearest(alpha, round(beta_low * (beta_high / beta_low) ** v, _DECIMALS))
 
     def alpha_range(self) -> tuple[float, float]:
         """The α for which some β and γ in the bounds build a network costing ``product`` × B0
@@ -307,9 +317,9 @@ class DefineByRun:
 
     Grid trials arrive with α, β, γ and seed fixed by the queue (``Study.enqueue_trial``); the
     call re-checks the constraint so that a point outside the queue is refused, never trained.
-    Continuous samplers suggest (u, v) and every pair is feasible; with ``space.cost``
-    "measured", γ is then moved (α and β kept) to where the built network costs ``product``
-    times B0, and a pair for which no γ in the bounds does is refused (:class:`SpaceError`).
+    Continuous samplers suggest (u, v) and every pair is feasible: on the nominal surface
+    (:class:`SimplexCoordinates`) or, with ``space.cost`` "measured", on the triples whose
+    built network costs ``product`` × B0 (:class:`MeasuredCoordinates`).
     Derived values, the network key among them, are stored on the trial as user attributes so
     the dashboard and SQL clients see them.
     """

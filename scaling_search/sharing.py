@@ -25,7 +25,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from scaling_search import ledger
-from scaling_search.ledger import NETWORK_ATTR, SHARED_ATTR, STAGE_ATTR, is_shared, point_of
+from scaling_search.ledger import (
+    DONE,
+    NETWORK_ATTR,
+    SHARED_ATTR,
+    STAGE_ATTR,
+    is_shared,
+    point_of,
+    triple_of,
+)
 from scaling_search.space import Coefficients, describe
 
 __all__ = ["copy_result", "share_missing", "share_with_class"]
@@ -33,13 +41,6 @@ __all__ = ["copy_result", "share_missing", "share_with_class"]
 # What a trial's result is, beyond its value and learning curve; placement and timing stay with
 # the trial that trained.
 _RESULT_ATTRS = ("epochs_completed", "test_accuracy")
-_DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def _triple(trial: FrozenTrial) -> tuple[float, ...] | None:
-    values = [trial.params.get(n, trial.user_attrs.get(n)) for n in ("alpha", "beta", "gamma")]
-    numbers = [float(v) for v in values if isinstance(v, (int, float))]
-    return tuple(round(v, 6) for v in numbers) if len(numbers) == 3 else None
 
 
 def share_with_class(
@@ -54,12 +55,12 @@ def share_with_class(
     the number of trials added. Only a trial that trained and ended (complete or stopped early)
     is shared."""
     point = point_of(source)
-    if source.state not in _DONE or is_shared(source) or point is None:
+    if source.state not in DONE or is_shared(source) or point is None:
         return 0
-    have = {_triple(t) for t in ot_study.get_trials(deepcopy=False) if point_of(t) == point}
+    have = {triple_of(t) for t in ot_study.get_trials(deepcopy=False) if point_of(t) == point}
     added = 0
     for member in members:
-        if member.rounded().as_tuple() in have:
+        if member.rounded() in have:
             continue
         cost = describe(member, base_resolution_px=base_resolution_px, num_classes=num_classes)
         attrs = {
@@ -69,13 +70,11 @@ def share_with_class(
             NETWORK_ATTR: point[0],
             SHARED_ATTR: source.number,
         }
-        if STAGE_ATTR in source.user_attrs:
-            attrs[STAGE_ATTR] = source.user_attrs[STAGE_ATTR]
         params = {**source.params, **_params(member, source.params)}
         ot_study.add_trial(
             create_trial(
                 state=source.state,
-                value=source.value if source.state == TrialState.COMPLETE else None,
+                value=source.value,  # stopped early: its last value, as Optuna's tell gives
                 params=params,
                 distributions=source.distributions,
                 user_attrs=attrs,
@@ -102,7 +101,7 @@ def share_missing(
     """Share every ended trial of the search with the members of its class that lack their copy
     (a driver that stopped between a trial's end and its sharing); the number added."""
     added = 0
-    for trial in ot_study.get_trials(deepcopy=False, states=_DONE):
+    for trial in ot_study.get_trials(deepcopy=False, states=DONE):
         point = point_of(trial)
         if point is None or is_shared(trial) or point[0] not in classes:
             continue
@@ -119,12 +118,12 @@ def share_missing(
 
 
 def copy_result(ot_study: optuna.Study, trial: optuna.Trial, source: FrozenTrial) -> bool:
-    """End ``trial`` (asked, not trained) with ``source``'s result: the same learning curve,
-    epochs and value, marked ``shared_from``. False when the source has not ended yet; a source
-    that failed fails the trial too (its point is then free to be trained)."""
+    """End ``trial`` (asked, not trained, and already marked ``shared_from`` the source) with
+    ``source``'s result: the same learning curve, epochs and value. False when the source has
+    not ended yet; a source that failed fails the trial too (its point is then free to be
+    trained)."""
     if source.state == TrialState.RUNNING or source.state == TrialState.WAITING:
         return False
-    trial.set_user_attr(SHARED_ATTR, source.number)
     if source.state == TrialState.FAIL:
         ledger.fail_trial(
             ot_study._storage, trial._trial_id, f"shared trial {source.number}, which failed"

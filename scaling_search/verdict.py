@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from scaling_search.family import make_family
 from scaling_search.model import B0_RESOLUTION_PX
-from scaling_search.results import BestTriple
+from scaling_search.results import TIE_LEVEL, BestTriple
 from scaling_search.space import Coefficients
 
 __all__ = [
@@ -169,15 +169,19 @@ def best_view(
 def class_lines(best: BestTriple, spread: ClassSpread) -> list[str]:
     """The winner's class and, when it has several members, what the choice changes at B7."""
     members = best.members or (best.coefficients,)
+    # A sampler's class holds the triples it happened to sample; the grid's, all of them.
+    seen = "" if best.whole_class else " (of the triples sampled; others may build it too)"
     if len(members) < 2:
-        return [f"  class: no other triple builds this φ = 1 network ({class_label(members)})"]
+        return [
+            f"  class: no other triple{seen} builds this φ = 1 network ({class_label(members)})"
+        ]
 
     def span(low: float, high: float, fmt: str) -> str:
         return format(low, fmt) if low == high else f"{format(low, fmt)}–{format(high, fmt)}"
 
     return [
-        f"  class: {class_label(members)} build the same φ = 1 network; the search cannot tell "
-        f"them apart; exported: {best.coefficients.label()} ({REPRESENTATIVE_RULE})",
+        f"  class: {class_label(members)} build the same φ = 1 network{seen}; the search "
+        f"cannot tell them apart; exported: {best.coefficients.label()} ({REPRESENTATIVE_RULE})",
         f"  at φ = {spread.phi:g} (B7) the choice changes depth ×{span(*spread.depth, '.3f')}, "
         f"width ×{span(*spread.width, '.3f')}, resolution {span(*spread.resolution_px, 'd')} px, "
         f"MACs {span(spread.macs[0] / 1e9, spread.macs[1] / 1e9, '.2f')} G "
@@ -211,7 +215,7 @@ def tied_lines(best: dict[str, Any]) -> list[str]:
         ]
     head = (
         f"  seed noise: std {best['noise_std']:.4f} pooled over repeated networks "
-        f"(df {best['noise_df']}); tied with the winner (two-sided t-test, p >= 0.05): "
+        f"(df {best['noise_df']}); tied with the winner (two-sided t-test, p >= {TIE_LEVEL:g}): "
         f"{len(best['tied'])}"
     )
     return [head] + [

@@ -516,3 +516,7 @@ def test_a_version_1_document_still_reads_with_the_recipe_build_model_used_then(
     jsonschema.validate(document, family_schema())  # the schema reads version 1 too
     member = family_from_dict(document).members[0]
     assert (member.stochastic_depth, member.bn_momentum) == (0.2, 0.01)
+    # A version 2 document must state them (as its schema says).
+    document["schema_version"] = 2
+    with pytest.raises(ValueError, match=r"members\[0\] has no 'stochastic_depth'"):
+        family_from_dict(document)

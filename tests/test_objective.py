@@ -57,6 +57,10 @@ def counted_val_test(point):
     return val_test(point)
 
 
+def broken_key(point):
+    raise KeyError("depth")
+
+
 def by_beta(point):
     # A network key: here the user's network depends on β alone.
     return ["beta", point["beta"]]
@@ -272,11 +276,8 @@ def test_an_objective_with_a_network_key_trains_each_network_once_per_seed(
         expected = 0.8 - (float(call[0]) - 1.1) ** 2 - (b - 1.1) ** 2 - (float(call[2]) - 1.25) ** 2
         assert trial.value == pytest.approx(expected + 0.002 * trial.user_attrs["seed"])
     assert "shared a trained network's result" in result.stdout
-    assert (
-        _cli(surfaces, "space")
-        .stdout.splitlines()[-1]
-        .startswith(f"{len(HOOK_GRID)} candidates, {len(betas)} distinct networks")
-    )
+    space = _cli(surfaces, "space").stdout
+    assert f"\n{len(HOOK_GRID)} candidates, {len(betas)} distinct networks (" in space
 
 
 def test_a_study_with_an_objective_runs_it_for_every_trial(surfaces: Path, ray_tmp: str) -> None:
@@ -322,3 +323,14 @@ def test_the_objective_is_part_of_the_studys_identity(tmp_path: Path) -> None:
     ledger.open_study(built_in, storage)  # continues
     with pytest.raises(ledger.LedgerError, match=r"objective\.function differ"):
         ledger.open_study(parse_study({"name": "same", "objective": "surfaces:bowl"}), storage)
+
+
+def test_a_network_key_that_breaks_is_one_line_before_anything_is_written(
+    surfaces: Path, ray_tmp: str
+) -> None:
+    result, db = _run(surfaces, "surfaces:bowl", ray_tmp, 'network_key: "surfaces:broken_key"\n')
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "network_key 'surfaces:broken_key' raised KeyError: 'depth' for α=" in lines[0]
+    assert not db.exists() and not (surfaces / "runs").exists()

@@ -303,3 +303,22 @@ def test_a_sampled_triple_of_a_trained_network_gets_its_result_without_training(
     b_trial = trained[searcher._ot_trials["b"].number]
     waited = [t for t in copies if t.user_attrs[ledger.SHARED_ATTR] == b_trial.number]
     assert waited and all(t.datetime_complete >= b_trial.datetime_complete for t in waited)
+
+
+def test_trials_waiting_for_a_training_that_never_ends_fail_when_the_run_ends(tmp_path: Path):
+    searcher, ot_study = _searcher(tmp_path, "random", limit=2, space=TWO_NETWORKS)
+    searcher.max_untrained_in_a_row = 10
+    searcher.suggest("a")  # trains one network, and never reports
+    searcher.suggest("b")  # trains the other; samples in between wait for a
+    searcher.on_trial_complete("b", _result(2, 0.6))
+    searcher.close()
+    trials = ot_study.get_trials(deepcopy=False)
+    a_number = searcher._ot_trials["a"].number
+    waiting_for_a = [t for t in trials if t.user_attrs.get(ledger.SHARED_ATTR) == a_number]
+    assert waiting_for_a, "no sample shared the first network"
+    for trial in waiting_for_a:
+        assert trial.state == TrialState.FAIL
+        reason = trial.user_attrs[ledger.FAIL_REASON_ATTR]
+        assert reason == f"shares trial {a_number}, which had not ended when this run did"
+    # Only the trial Tune still runs is RUNNING; nothing this searcher claimed is left behind.
+    assert [t.number for t in trials if t.state == TrialState.RUNNING] == [a_number]

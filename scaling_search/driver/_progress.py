@@ -54,6 +54,7 @@ class ProgressCallback(tune.Callback):
             trial,
             f"{point} validation accuracy {result.get(METRIC, float('nan')):.4f} "
             f"after {result.get('epoch', 0)} epoch(s)",
+            full_budget=result.get("epoch") == self._budget,
         )
         self._live.update()
 
@@ -67,12 +68,17 @@ class ProgressCallback(tune.Callback):
         self._line(trials, trial, f"{_label(trial.config)} FAILED: {reason}")
         self._live.update()
 
-    def _line(self, trials: list, finished_trial: Any, event: str) -> None:
+    def _line(
+        self, trials: list, finished_trial: Any, event: str, *, full_budget: bool = False
+    ) -> None:
         finished = self._done + self._failed
         # Tune still lists the trial that just ended as RUNNING when it calls back.
         running = sum(1 for t in trials if t.status == "RUNNING" and t is not finished_trial)
         head = f"[{finished} done, {running} running, {self._failed} failed] {event}"
-        self._searcher.after_recorded(lambda: self._say(head + self._searcher.best_so_far()))
+        # Only a full-budget result can change the winner.
+        self._searcher.after_recorded(
+            lambda: self._say(head + self._searcher.best_so_far(refresh=full_budget))
+        )
 
 
 def _reason(trial: Any) -> str:

@@ -88,10 +88,14 @@ def _init_ray(study: StudyConfig, address: str | None) -> None:
 
 
 def _state_counts(ot_study: optuna.Study) -> Counter[TrialState | str]:
-    """Trials by state, those that trained only; and under "shared" those that shared a result."""
+    """Trials by state, those that trained only; and under "shared" those that got a trained
+    network's result (a sharer whose source failed or never ended is neither)."""
     counts: Counter[TrialState | str] = Counter()
     for trial in ot_study.get_trials(deepcopy=False):
-        counts["shared" if ledger.is_shared(trial) else trial.state] += 1
+        if not ledger.is_shared(trial):
+            counts[trial.state] += 1
+        elif trial.state in ledger.DONE:
+            counts["shared"] += 1
     return counts
 
 

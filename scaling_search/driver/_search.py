@@ -15,7 +15,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -88,6 +88,7 @@ class StudySearch(OptunaSearch):
         self._epochs: dict[str, int] = {}  # the last epoch recorded (handed to the recorder)
         self._attempts: dict[str, tuple[Any, Any]] = {}  # (started_at, node) last written
         self._errored: set[str] = set()
+        self._best_line: str | None = None  # the progress line's winner, as last ranked
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         self._recorder.busy()
@@ -116,6 +117,7 @@ class StudySearch(OptunaSearch):
         thread); sampled triples that need no training are ended here and the sampler is asked
         again."""
         assert self._ot_study is not None  # set up by OptunaSearch before any suggestion
+        self._settle_sharers(others_only=True)
         for _ in range(self.max_untrained_in_a_row):
             ot_trial = ledger.claim(
                 self._ot_study, queued_only=self._queued_only, holder=self._holder
@@ -125,11 +127,12 @@ class StudySearch(OptunaSearch):
             self._heartbeat.hold(ot_trial._trial_id)
             try:
                 params = self._suggest_from_define_by_run_func(self._space, ot_trial)
-            except SpaceError as exc:  # space.cost measured: no γ makes this (α, β) cost c
-                if self._queued_only:
-                    raise
+            except Exception as exc:  # ended here, not left RUNNING
                 self._end_as_failed(ot_trial, str(exc))
-                continue
+                # space.cost measured: no network near these coordinates costs c; sample again.
+                if isinstance(exc, SpaceError) and not self._queued_only:
+                    continue
+                raise
             if self._queued_only or not self._shares(ot_trial):
                 return ot_trial, params
         self._say(
@@ -147,12 +150,42 @@ class StudySearch(OptunaSearch):
         source = None if point is None else ledger.holder_of(self._ot_study, point)
         if source is None or source.number == ot_trial.number:
             return False
+        # Marked at once, so that no later sample takes it for the network's training.
         ot_trial.set_user_attr(SHARED_ATTR, source.number)
         if sharing.copy_result(self._ot_study, ot_trial, source):
             self._heartbeat.release(ot_trial._trial_id)
         else:
             self._sharers[source.number].append(ot_trial)
         return True
+
+    def _settle_sharers(self, *, others_only: bool) -> None:
+        """Give the trials waiting for another trial's result that result, where it has ended
+        (``others_only``: those waiting for another driver's trials; this driver's own end
+        through :meth:`_share_result`)."""
+        assert self._ot_study is not None
+        if not self._sharers:
+            return
+        mine = {trial.number for trial in self._ot_trials.values()}
+        trials = self._ot_study.get_trials(deepcopy=False)
+        for number in list(self._sharers):
+            if not (others_only and number in mine):
+                self._give_result(trials[number], self._sharers.pop(number), ended_run=False)
+
+    def _give_result(
+        self, source: FrozenTrial, sharers: list[optuna.Trial], *, ended_run: bool
+    ) -> None:
+        """End ``sharers`` with ``source``'s result; one whose source has not ended goes back to
+        waiting, or, once nothing more will end it (``ended_run``), fails saying so."""
+        assert self._ot_study is not None
+        for sharer in sharers:
+            if sharing.copy_result(self._ot_study, sharer, source):
+                self._heartbeat.release(sharer._trial_id)
+            elif ended_run:
+                self._end_as_failed(
+                    sharer, f"shares trial {source.number}, which had not ended when this run did"
+                )
+            else:
+                self._sharers[source.number].append(sharer)
 
     def _share_result(self, ot_trial: optuna.Trial) -> None:
         """Give a trial's ended result to those that share its network (recorder thread)."""
@@ -161,9 +194,9 @@ class StudySearch(OptunaSearch):
         if not waiting and self._classes is None:
             return
         source = self._ot_study._storage.get_trial(ot_trial._trial_id)
-        for sharer in waiting:
-            sharing.copy_result(self._ot_study, sharer, source)
-            self._heartbeat.release(sharer._trial_id)
+        # Told or failed just now: if it is still RUNNING (its tell refused), nothing will end
+        # it, and those waiting for it fail too.
+        self._give_result(source, waiting, ended_run=True)
         point = ledger.point_of(source)
         if self._classes is not None and point is not None and point[0] in self._classes.members:
             sharing.share_with_class(
@@ -282,19 +315,27 @@ class StudySearch(OptunaSearch):
         """Run ``call`` on the recorder thread once everything handed over so far is recorded."""
         self._recorder.submit(call)
 
-    def best_so_far(self) -> str:
+    def best_so_far(self, *, refresh: bool) -> str:
         """' | best so far <winner>' by :func:`scaling_search.results.best_triple`, or '' before
-        any trial completed its budget (recorder thread)."""
+        any trial completed its budget (recorder thread). ``refresh``: rank again (a result that
+        can change the winner arrived); else the last answer, without reading the study."""
         from scaling_search.results import ResultsError, best_triple
         from scaling_search.verdict import format_accuracy
 
         assert self._ot_study is not None
+        if not refresh and self._best_line is not None:
+            return self._best_line
         try:
-            best = best_triple(self._ot_study)
+            best = best_triple(self._ot_study, statistics=False)
         except ResultsError:
+            self._best_line = ""
+            return ""
+        except Exception as exc:  # a progress line must never stop the search
+            logger.warning("best so far not computed: %s", exc)
             return ""
         accuracy = format_accuracy(best.mean_accuracy, best.std_accuracy, best.n_seeds)
-        return f" | best so far {best.coefficients.label()} {accuracy}"
+        self._best_line = f" | best so far {best.coefficients.label()} {accuracy}"
+        return self._best_line
 
     def _give_back(self, ahead: list[Future[Prepared]]) -> None:
         """End the trials claimed ahead that no Ray trial took (planning queues their points
@@ -303,16 +344,9 @@ class StudySearch(OptunaSearch):
             if prepared is not None:
                 self._end_as_failed(prepared[0], "prepared ahead, but the run ended first")
         assert self._ot_study is not None
-        for number, sharers in list(self._sharers.items()):
-            source = self._ot_study.get_trials(deepcopy=False)[number]
-            for sharer in sharers:
-                if not sharing.copy_result(self._ot_study, sharer, source):
-                    self._end_as_failed(
-                        sharer,
-                        f"shares trial {number}, which was still running when this run ended",
-                    )
-                self._heartbeat.release(sharer._trial_id)
-        self._sharers.clear()
+        trials = self._ot_study.get_trials(deepcopy=False)
+        for number in list(self._sharers):
+            self._give_result(trials[number], self._sharers.pop(number), ended_run=True)
 
 
 def _write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt: bool) -> None:
