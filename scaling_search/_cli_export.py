@@ -23,7 +23,7 @@ __all__ = ["export", "study_classes", "study_recipe"]
 
 def export(args: argparse.Namespace) -> int:
     """`scaling-search export`: the family of a study's best triple or of given coefficients."""
-    from scaling_search.export import dump_family
+    from scaling_search.export import dump_family, write_text_atomic
     from scaling_search.family import make_family, phi_for_budget
     from scaling_search.space import Coefficients
 
@@ -81,8 +81,7 @@ def export(args: argparse.Namespace) -> int:
     if args.out is None:
         sys.stdout.write(text)
     else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        write_text_atomic(args.out, text)
         print(f"wrote {args.out} ({len(family.members)} members, {args.mode})")
     return 0
 

@@ -229,7 +229,7 @@ def _check_measured_space(study: StudyConfig, num_classes: int) -> None:
 
 def _write_family(coefficients: Any, study: StudyConfig, num_classes: int, path: Path) -> None:
     from scaling_search import _cli_export
-    from scaling_search.export import dump_family
+    from scaling_search.export import dump_family, write_text_atomic
     from scaling_search.family import make_family
 
     family = make_family(
@@ -239,8 +239,7 @@ def _write_family(coefficients: Any, study: StudyConfig, num_classes: int, path:
         num_classes=num_classes,
         recipe=_cli_export.study_recipe(study),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_family(family, "json"), encoding="utf-8")
+    write_text_atomic(path, dump_family(family, "json"))
 
 
 # --- reading a study back ------------------------------------------------------------------------

@@ -8,10 +8,13 @@ bn_momentum, still read, with the values build_model then used).
 from __future__ import annotations
 
 import json
+import os
 import pprint
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from importlib import resources
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import yaml
@@ -28,6 +31,7 @@ __all__ = [
     "family_to_dict",
     "member_from_dict",
     "member_to_dict",
+    "write_text_atomic",
 ]
 
 SCHEMA_VERSION = 2
@@ -46,6 +50,26 @@ _MEMBER_INTS = (
     "head_channels",
 )
 _T = TypeVar("_T")
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never half of one.
+
+    The text goes to a uniquely named file beside ``path`` that is then renamed over it: two
+    processes writing the same path at once (two drivers on one study) each replace it whole,
+    and the later one wins.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def family_schema() -> dict[str, Any]:

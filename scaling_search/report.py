@@ -29,6 +29,7 @@ from scaling_search._report_data import (
     mean_spread,
     test_cell,
 )
+from scaling_search.export import write_text_atomic
 from scaling_search.ledger import DONE, NUM_CLASSES_ATTR, is_shared
 from scaling_search.results import BestTriple, ResultsError, best_triple
 
@@ -233,11 +234,7 @@ def write_report(
 ) -> Path:
     """Write :func:`report_html` to ``path`` (atomically: a half-written report never shows)."""
     text = report_html(study, base_resolution_px=base_resolution_px, num_classes=num_classes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-    return path
+    return write_text_atomic(path, text)
 
 
 def _counts(study: optuna.Study) -> str:

@@ -14,7 +14,9 @@ with its result and nothing is dropped:
   flight until it ends.
 
 Results and statistics count the trial that trained, never its copies
-(:func:`scaling_search.ledger.is_shared`).
+(:func:`scaling_search.ledger.is_shared`). Two grid drivers can, in a rare race, both add a copy
+for one member (checking and adding are not one transaction): the statistics are unaffected,
+since copies never count and a class's members form a set, but the dashboard lists both.
 """
 
 from __future__ import annotations

@@ -508,3 +508,19 @@ def test_driver_id_names_this_process() -> None:
     host, pid, start = driver_id().split(":")
     assert (host, int(pid)) == (socket.gethostname(), os.getpid())
     assert start == liveness._process_start(os.getpid())
+
+
+def test_a_study_recorded_before_validation_splits_is_refused_for_continuing(
+    storage_url: str, tiny_study: Path
+) -> None:
+    study = load_study(tiny_study)
+    storage = open_storage(storage_url)
+    ot_study = open_study(study, storage, num_classes=4)
+    assert ot_study.user_attrs["chosen_on"] == "validation"
+    assert ot_study.user_attrs["num_classes"] == 4
+    open_study(study, storage)  # continues
+    # What an older driver left: the same settings, but chosen on the test split.
+    storage.set_study_user_attr(ot_study._study_id, "chosen_on", None)
+    with pytest.raises(ledger.LedgerError, match=r"chosen on the test split.*new name"):
+        open_study(study, storage)
+    storage.engine.dispose()

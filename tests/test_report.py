@@ -345,3 +345,34 @@ def test_a_shared_result_is_drawn_as_such_and_names_the_winners_class(
     assert "α ∈ {1.4, 1.45} with β = 1.05, γ = 1.1 build the same φ = 1 network" in page
     assert "at φ = 7 (B7) the choice changes depth ×" in page
     assert "shares a trained network (2)" in _figures.simplex_figure(trials).to_json()
+
+
+def test_writers_of_one_page_at_once_each_replace_it_whole(tmp_path: Path) -> None:
+    # Two drivers on one study write the same report.html at the end of their runs (the CI
+    # failure this guards against: both used one temporary name, and the later rename found it
+    # gone). Many threads writing at once must all succeed and leave one whole page behind.
+    import threading
+
+    from scaling_search.export import write_text_atomic
+
+    path = tmp_path / "runs" / "report.html"
+    pages = [f"<p>{i}</p>" * 20_000 for i in range(16)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(pages))
+
+    def write(text: str) -> None:
+        start.wait()
+        try:
+            write_text_atomic(path, text)
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(text,)) for text in pages]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert path.read_text() in pages
+    assert [p.name for p in path.parent.iterdir()] == ["report.html"]
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
