@@ -22,10 +22,10 @@ from scaling_search._report_data import (
     RUNNING,
     SHARED,
     class_cell,
-    log2_flops_shares,
     mean_spread,
     test_cell,
 )
+from scaling_search.space import log_flops_shares
 
 if TYPE_CHECKING:
     from scaling_search._report_data import (
@@ -123,7 +123,7 @@ def simplex_figure(info: TrialsInfo) -> go.Figure:
             marks.append((f"its class (+{len(others)}, same φ = 1 network)", others,
                           "star-open", _WINNER))  # fmt: skip
     for name, triples, symbol, color in marks:
-        shares = [log2_flops_shares(triple) for triple in triples]
+        shares = [log_flops_shares(triple) for triple in triples]
         figure.add_trace(
             go.Scatterternary(
                 a=[s[0] for s in shares], b=[s[1] for s in shares], c=[s[2] for s in shares],

@@ -8,13 +8,25 @@ from collections.abc import Callable
 from typing import Any
 
 from scaling_search.config import StudyError
+from scaling_search.space import Coefficients, compound_scale
 
-__all__ = ["ObjectiveError", "first_line", "load_function", "show"]
+__all__ = ["ObjectiveError", "first_line", "hook_point", "load_function", "show"]
 
 
 class ObjectiveError(StudyError):
     """An objective (or its network key) that cannot be loaded or broke its contract; one line
     for the user."""
+
+
+def hook_point(coefficients: Coefficients, *, base_resolution_px: int) -> dict[str, Any]:
+    """What an objective and its network key are told of a candidate: α, β, γ and the φ = 1
+    resolution in pixels (by the one rounding rule, so it is the px the family states)."""
+    return {
+        "alpha": coefficients.alpha,
+        "beta": coefficients.beta,
+        "gamma": coefficients.gamma,
+        "resolution_px": compound_scale(coefficients, 1, base_resolution_px=base_resolution_px)[2],
+    }
 
 
 def load_function(spec: str, *, what: str) -> Callable[..., Any]:

@@ -28,7 +28,7 @@ from scaling_search.results import (
     study_product,
     trials_frame,
 )
-from scaling_search.space import Coefficients
+from scaling_search.space import Coefficients, log_flops_shares
 from scaling_search.verdict import class_label
 
 FULL, EARLY, FAILED, RUNNING = "full budget", "stopped early", "failed", "running"
@@ -118,24 +118,6 @@ class TopInfo(NamedTuple):
     n_eligible: int  # full-budget triples in all
 
 
-def log2_flops_shares(coefficients: Coefficients) -> tuple[float, float, float]:
-    """Shares of log2(α·β²·γ²) spent on depth, width and resolution; they sum to 1.
-
-    >>> [round(s, 3) for s in log2_flops_shares(Coefficients(2.0, 1.0, 1.0))]
-    [1.0, 0.0, 0.0]
-    """
-    parts = (
-        math.log2(coefficients.alpha),
-        2 * math.log2(coefficients.beta),
-        2 * math.log2(coefficients.gamma),
-    )
-    total = sum(parts)
-    if total <= 0:
-        return (1 / 3, 1 / 3, 1 / 3)  # B0 itself: no FLOPs spent, no direction
-    a, b, _ = (part / total for part in parts)
-    return (a, b, 1.0 - a - b)
-
-
 def _outcome(trial: FrozenTrial, budget: int) -> str | None:
     if SHARED_ATTR in trial.user_attrs:
         return SHARED if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None
@@ -186,7 +168,7 @@ def _get_trials_info(study: optuna.Study, best: BestTriple | None = None) -> Tri
                 outcome=outcome,
                 coefficients=coefficients,
                 seed=trial.user_attrs.get("seed"),
-                shares=log2_flops_shares(coefficients),
+                shares=log_flops_shares(coefficients),
                 accuracy=None if outcome == FAILED or last is None else float(last),
                 flops_ratio_measured=None if measured is None else float(measured),
                 epochs=int(trial.user_attrs.get("epochs_completed", 0)),

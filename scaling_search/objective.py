@@ -33,11 +33,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from scaling_search._hooks import ObjectiveError, load_function, show
+from scaling_search._hooks import ObjectiveError, hook_point, load_function, show
 from scaling_search.config import TrainConfig
 from scaling_search.data import ImageData
 from scaling_search.sampling import ObjectiveNetworkKey
-from scaling_search.space import Coefficients, compound_scale
+from scaling_search.space import Coefficients
 from scaling_search.train import EpochMetrics, Report
 
 __all__ = [
@@ -105,12 +105,7 @@ class ObjectiveFit:
                 report(metrics, {"epoch": epoch})
 
         point = {
-            "alpha": coefficients.alpha,
-            "beta": coefficients.beta,
-            "gamma": coefficients.gamma,
-            "resolution_px": compound_scale(
-                coefficients, 1, base_resolution_px=config.base_resolution_px
-            )[2],
+            **hook_point(coefficients, base_resolution_px=config.base_resolution_px),
             "epochs": config.epochs,
             "seed": seed,
             "report": report_epoch,

@@ -26,7 +26,6 @@ from scaling_search.space import (
     CostModel,
     NetworkKeyFn,
     SpaceError,
-    compound_scale,
     describe,
     log_flops_shares,
     network_key,
@@ -123,17 +122,16 @@ class ObjectiveNetworkKey:
     def __call__(self, coefficients: Coefficients) -> str:
         if self.spec is None:
             return triple_key(coefficients)
-        from scaling_search._hooks import ObjectiveError, first_line, load_function, show
+        from scaling_search._hooks import (
+            ObjectiveError,
+            first_line,
+            hook_point,
+            load_function,
+            show,
+        )
 
         function = load_function(self.spec, what="network_key")
-        point = {
-            "alpha": coefficients.alpha,
-            "beta": coefficients.beta,
-            "gamma": coefficients.gamma,
-            "resolution_px": compound_scale(
-                coefficients, 1, base_resolution_px=self.base_resolution_px
-            )[2],
-        }
+        point = hook_point(coefficients, base_resolution_px=self.base_resolution_px)
         try:
             value = function(point)
         except Exception as exc:

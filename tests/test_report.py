@@ -32,11 +32,10 @@ from scaling_search._report_data import (
     _get_family_info,
     _get_top_info,
     _get_trials_info,
-    log2_flops_shares,
 )
 from scaling_search.config import load_study
 from scaling_search.family import OFFICIAL_FAMILY, make_family
-from scaling_search.space import Coefficients
+from scaling_search.space import Coefficients, log_flops_shares
 
 _OUTCOME = {"COMPLETE": FULL, "PRUNED": EARLY, "FAIL": FAILED, "RUNNING": RUNNING}
 
@@ -63,9 +62,9 @@ def crafted(tmp_path: Path) -> optuna.Study:
 
 
 def test_shares_of_pure_directions() -> None:
-    assert log2_flops_shares(Coefficients(2.0, 1.0, 1.0)) == pytest.approx((1, 0, 0))
-    assert log2_flops_shares(Coefficients(1.0, 2**0.5, 1.0)) == pytest.approx((0, 1, 0))
-    assert log2_flops_shares(Coefficients(1.0, 1.0, 2**0.5)) == pytest.approx((0, 0, 1))
+    assert log_flops_shares(Coefficients(2.0, 1.0, 1.0)) == pytest.approx((1, 0, 0))
+    assert log_flops_shares(Coefficients(1.0, 2**0.5, 1.0)) == pytest.approx((0, 1, 0))
+    assert log_flops_shares(Coefficients(1.0, 1.0, 2**0.5)) == pytest.approx((0, 0, 1))
 
 
 @given(
@@ -75,7 +74,7 @@ def test_shares_sum_to_one_and_give_back_the_triple(alpha: float, beta: float, g
     c = Coefficients(alpha, beta, gamma)
     if c.flops_product < 1.0001:
         return
-    a, b, g = log2_flops_shares(c)
+    a, b, g = log_flops_shares(c)
     assert min(a, b, g) >= -1e-12 and a + b + g == pytest.approx(1.0)
     product = c.flops_product  # α = P^a, β = P^(b/2), γ = P^(g/2)
     assert (product**a, product ** (b / 2), product ** (g / 2)) == pytest.approx(c.as_tuple())
@@ -102,7 +101,7 @@ def test_trials_info_places_every_trained_trial_with_its_outcome(crafted: optuna
                 assert point.accuracy is None
             else:  # the value, or for a trial without one its last reported accuracy
                 assert point.accuracy == pytest.approx(crafted_accuracy(base, epochs, seed))
-            assert point.shares == pytest.approx(log2_flops_shares(point.coefficients))
+            assert point.shares == pytest.approx(log_flops_shares(point.coefficients))
             assert point.flops_ratio_measured > 1.0
             number += 1
 
