@@ -1,4 +1,4 @@
-"""`scaling-search export`: a family for a study's best triple or for given coefficients, at
+"""`scaling-search export`: a family for a study's winner or for given coefficients, at
 chosen φ values or at the φ that meets a MACs or parameter budget; as a document (JSON, YAML,
 Python) or, for one member, as an ONNX file."""
 
@@ -20,26 +20,32 @@ if TYPE_CHECKING:
 
 __all__ = ["export", "study_classes", "study_recipe"]
 
+_CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+
 
 def export(args: argparse.Namespace) -> int:
-    """`scaling-search export`: the family of a study's best triple or of given coefficients."""
+    """`scaling-search export`: the family of a study's winner (its class's representative) or of
+    given coefficients (with a study too: at the study's resolution, classes and recipe)."""
     from scaling_search.export import dump_family, write_text_atomic
     from scaling_search.family import make_family, phi_for_budget
     from scaling_search.space import Coefficients
 
-    if (args.study is None) == (args.coefficients is None):
-        raise StudyError("export needs either a study file or --coefficients A,B,G (not both)")
+    if args.study is None and args.coefficients is None:
+        raise StudyError("export needs a study file, --coefficients A,B,G, or both")
     _check_onnx_args(args)
     base_px, classes = args.base_resolution or 224, args.num_classes or 1000
     recipe = None
     if args.coefficients is not None:
         coefficients = Coefficients(*_floats(args.coefficients, "--coefficients", count=3))
-    else:
+    if args.study is not None:
+        # With --coefficients too: that triple (another member of the winning class, say) with
+        # the study's resolution, classes and training recipe.
         from scaling_search.cli import _existing_study
         from scaling_search.results import best_triple
 
         study, ot_study = _existing_study(args)
-        coefficients = best_triple(ot_study).coefficients  # the winning class's representative
+        if args.coefficients is None:
+            coefficients = best_triple(ot_study).coefficients  # the winning class's representative
         base_px = args.base_resolution or study.train.base_resolution_px
         classes = args.num_classes or study_classes(study, ot_study)
         recipe = study_recipe(study)
@@ -181,7 +187,7 @@ def _floats(text: str, option: str, count: int | None = None) -> list[float]:
 
 def study_classes(study: StudyConfig, ot_study: optuna.Study | None = None) -> int:
     """The study's number of classes: as the driver recorded it with ``ot_study``, else from
-    the study file (reading the data only for real datasets)."""
+    the study file (reading the data only for an image folder)."""
     from scaling_search.data import load_data
     from scaling_search.ledger import NUM_CLASSES_ATTR
 
@@ -190,6 +196,8 @@ def study_classes(study: StudyConfig, ot_study: optuna.Study | None = None) -> i
         return recorded
     if study.data.kind == "synthetic":
         return study.data.num_classes
+    if study.data.kind in _CIFAR_CLASSES:
+        return _CIFAR_CLASSES[study.data.kind]
     return load_data(study.data).num_classes
 
 

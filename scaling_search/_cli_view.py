@@ -1,4 +1,4 @@
-"""``scaling-search dashboard``, ``report`` and the tied set of ``best``: seeing a study."""
+"""``scaling-search dashboard``, ``report`` and ``space``: seeing a study and its candidates."""
 
 from __future__ import annotations
 

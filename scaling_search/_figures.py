@@ -1,4 +1,5 @@
-"""Draw the report's figures from the data of ``scaling_search.report`` (nothing is computed here).
+"""Draw the report's figures from the data of ``scaling_search._report_data`` (nothing is computed
+here).
 
 Markers mean the same in every figure: a filled circle coloured by accuracy is a trial trained for
 the full budget (it can win); a filled diamond a triple that builds a network already trained and

@@ -52,17 +52,23 @@ def _build_parser() -> argparse.ArgumentParser:
 
     for name, text in (
         ("status", "trial counts and best so far"),
-        ("best", "the best triple"),
+        ("best", "the winning network, its class of triples, its ties"),
         ("space", "the candidates with nominal and measured FLOPs ratios"),
     ):
         command = sub.add_parser(name, help=text)
         _study_args(command)
         command.add_argument("--format", choices=("table", "json"), default="table")
 
-    export = sub.add_parser("export", help="write the B1…B7 family for a study's best triple")
+    export = sub.add_parser(
+        "export", help="write the B1…B7 family for a study's winner (or given α,β,γ)"
+    )
     export.add_argument("study", type=Path, nargs="?", help="study file")
     export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    export.add_argument("--coefficients", metavar="A,B,G", help="α,β,γ instead of a study")
+    export.add_argument(
+        "--coefficients",
+        metavar="A,B,G",
+        help="α,β,γ instead of the study's best (with a study: its resolution, classes, recipe)",
+    )
     export.add_argument("--mode", choices=("formula", "flops-matched"), default="formula")
     export.add_argument("--phi", metavar="LIST", help="φ values, e.g. 1,2,3 (default 1..7)")
     budget = export.add_mutually_exclusive_group()

@@ -132,7 +132,8 @@ class SpaceConfig(_Strict):
 
 
 class RacingConfig(_Strict):
-    """The final stage: the ``top_k`` best triples of the search, each trained at the full
+    """The final stage: the ``top_k`` best networks of the search (each as its representative
+    triple), each trained at the full
     budget with ``repeats`` new seeds, so that the winner is a mean over seeds."""
 
     top_k: PositiveInt = 3

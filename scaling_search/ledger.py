@@ -311,7 +311,7 @@ def claim(ot_study: optuna.Study, *, queued_only: bool, holder: str) -> optuna.T
 
 def _take(storage: optuna.storages.BaseStorage, trial_id: int, holder: str) -> None:
     """Name ``holder`` on a trial it has just set RUNNING; the first heartbeat goes first, so a
-    named trial is never without one (see :func:`recover_stale`)."""
+    named trial is never without one (see :func:`scaling_search.liveness.recover_stale`)."""
     if isinstance(storage, BaseHeartbeat):
         storage.record_heartbeat(trial_id)
     storage.set_trial_system_attr(trial_id, DRIVER_ATTR, holder)

@@ -151,8 +151,8 @@ def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
     A holder on this host is judged by its process (gone: fail now; alive: keep, however late
     its heartbeat); a holder on another host by its heartbeat. A trial that names no holder was
     left in the moment between being taken and being named: it fails once it is older than the
-    heartbeat grace. (:func:`claim` records the first heartbeat before naming the holder, so a
-    named trial always has a heartbeat.)
+    heartbeat grace. (:func:`scaling_search.ledger.claim` records the first heartbeat before
+    naming the holder, so a named trial always has a heartbeat.)
     """
     stale_heartbeat = _stale_heartbeats(ot_study)
     grace = timedelta(seconds=HEARTBEAT_GRACE_S)

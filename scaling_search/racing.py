@@ -1,4 +1,4 @@
-"""Racing with repeats: the search's best few triples, trained again with new seeds.
+"""Racing with repeats: the search's best few networks, trained again with new seeds.
 
 A search (grid or sampler, often with ASHA stopping most trials early) ranks its candidates on one
 noisy run each. The racing stage takes its ``top_k`` networks (each as the triple that stands for

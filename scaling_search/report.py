@@ -4,7 +4,7 @@
 learning curves, the family against the official B0–B7, the top candidates) into one
 self-contained HTML file: plotly's JavaScript is embedded and nothing is fetched. The figures'
 data come from ``scaling_search._report_data`` and are drawn by ``scaling_search._figures``.
-:func:`publish_live` stores the two search figures and a note with the best triple in the study,
+:func:`publish_live` stores the two search figures and a note with the winner in the study,
 where optuna-dashboard shows them; the driver keeps them current through :class:`LiveDashboard`.
 """
 
@@ -41,7 +41,7 @@ LIVE_FIGURES = ("constraint-simplex", "accuracy-vs-macs")  # graph ids in optuna
 
 
 def publish_live(study: optuna.Study) -> None:
-    """Store the simplex and accuracy-vs-MACs figures and a note with the best triple in ``study``.
+    """Store the simplex and accuracy-vs-MACs figures and a note with the winner in ``study``.
 
     optuna-dashboard shows them on the study's page; each call replaces the previous ones.
     """

@@ -139,6 +139,7 @@ class BestTriple:
     product: float = 2.0  # the constraint's c
     cost_tracking: CostTracking | None = None  # None: fewer than 3 networks to correlate
     whole_class: bool = True  # members are every triple of the grid's class, not those sampled
+    builtin: bool = True  # trained the built-in B0 (False: an objective; cost and px are B0's)
 
     def to_dict(self) -> dict[str, Any]:
         def number(value: float) -> float | None:
@@ -156,8 +157,9 @@ class BestTriple:
             "n_test": self.n_test,
             "product": self.product,
             "flops_ratio_nominal": round(self.flops_ratio_nominal, 6),
-            "flops_ratio_measured": round(self.flops_ratio_measured, 6),
-            "params": self.params,
+            # An objective's networks are its own: the built-in B0's counts would mislead.
+            "flops_ratio_measured": round(self.flops_ratio_measured, 6) if self.builtin else None,
+            "params": self.params if self.builtin else None,
             "resolution_px": self.resolution_px,
             "network_key": self.network_key,
             "members": [list(m.as_tuple()) for m in self.members],
@@ -383,4 +385,5 @@ def best_triple(study: optuna.Study, *, statistics: bool = True) -> BestTriple:
         # The measured cost is the built-in B0's: no word on an objective's own networks.
         cost_tracking=None if _objective(study) or not statistics else cost_tracking(ranked),
         whole_class=study.user_attrs.get("sampler", "grid") == "grid",
+        builtin=not _objective(study),
     )

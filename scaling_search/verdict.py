@@ -154,11 +154,17 @@ def best_view(
         chosen = (
             f"accuracy {accuracy}, chosen on the test split (recorded before validation splits)"
         )
+    if best.builtin:
+        cost = (
+            f"cost: measured MACs ratio {best.flops_ratio_measured:.4f} for c = {best.product:g} "
+            f"(α·β²·γ² = {best.flops_ratio_nominal:.4f}), params {best.params:,}, "
+            f"{best.resolution_px} px"
+        )
+    else:  # the objective trains its own networks: what they cost is not the tool's to say
+        cost = f"α·β²·γ² = {best.flops_ratio_nominal:.4f} for c = {best.product:g}"
     lines = [
         f"best: {best.coefficients.label()}  {chosen}",
-        f"  among {best.n_candidates} full-budget network(s); cost: measured MACs ratio "
-        f"{best.flops_ratio_measured:.4f} for c = {best.product:g} (α·β²·γ² = "
-        f"{best.flops_ratio_nominal:.4f}), params {best.params:,}, {best.resolution_px} px",
+        f"  among {best.n_candidates} full-budget network(s); {cost}",
         *class_lines(best, spread),
         *tied_lines(data),
         *tracking_lines(best),
@@ -185,7 +191,7 @@ def class_lines(best: BestTriple, spread: ClassSpread) -> list[str]:
         f"  at φ = {spread.phi:g} (B7) the choice changes depth ×{span(*spread.depth, '.3f')}, "
         f"width ×{span(*spread.width, '.3f')}, resolution {span(*spread.resolution_px, 'd')} px, "
         f"MACs {span(spread.macs[0] / 1e9, spread.macs[1] / 1e9, '.2f')} G "
-        "(choose another member with `export --coefficients A,B,G`)",
+        "(choose another member: `export STUDY --coefficients A,B,G`)",
     ]
 
 

@@ -248,6 +248,9 @@ def test_the_winner_is_chosen_on_validation_and_best_prints_both(
         in table
     )
     assert f"test accuracy {test(*by_val):.4f} over 2 (never used to choose)" in table
+    # The objective trains its own networks: best states no built-in B0 cost for them.
+    assert best["flops_ratio_measured"] is None and best["params"] is None
+    assert "measured MACs ratio" not in table and "α·β²·γ² = " in table
     # The run's last lines name the same winner, the same way.
     assert f"best: {label}  validation accuracy" in result.stdout
 

@@ -283,6 +283,48 @@ def test_report_into_a_folder_is_one_line(finished_study: Path, tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_another_member_exports_with_the_studys_resolution_classes_and_recipe(
+    finished_study: Path,
+) -> None:
+    """`best` points at `export STUDY --coefficients A,B,G` for another member of the winning
+    class: that triple's family with what the study trained, not the reference recipe."""
+    import json
+
+    def cli(*args: str) -> dict:
+        result = subprocess.run(
+            [sys.executable, "-m", "scaling_search.cli", *args],
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    study = load_study(finished_study)
+    best = cli("best", str(finished_study), "--format", "json")
+    other = (1.3, 1.15, 1.15)  # any triple: here one outside the tiny grid's bounds
+    assert [best["alpha"], best["beta"], best["gamma"]] != list(other)
+    chosen = cli("export", str(finished_study), "--phi", "1")
+    picked = cli("export", str(finished_study), "--coefficients", "1.3,1.15,1.15", "--phi", "1")
+    bare = cli("export", "--coefficients", "1.3,1.15,1.15", "--phi", "1")
+    assert tuple(picked["coefficients"].values()) == other
+    assert tuple(chosen["coefficients"].values()) == (best["alpha"], best["beta"], best["gamma"])
+    study_recipe = (study.train.dropout, study.train.stochastic_depth, study.train.bn_momentum)
+    for family in (chosen, picked):
+        (member,) = family["members"]
+        assert (member["dropout"], member["stochastic_depth"], member["bn_momentum"]) == (
+            pytest.approx(study_recipe)
+        )
+        assert member["num_classes"] == study.data.num_classes
+    assert picked["members"][0]["resolution_px"] == round(study.train.base_resolution_px * 1.15)
+    (reference,) = bare["members"]
+    assert (reference["num_classes"], reference["resolution_px"]) == (1000, 258)  # 224 × 1.15
+    assert (reference["stochastic_depth"], reference["bn_momentum"]) == (0.2, 0.01)
+
+
 def test_a_pickled_live_dashboard_holds_no_storage(tmp_path: Path) -> None:
     """Tune pickles its callbacks into tuner.pkl: no storage URL (password) may go with them."""
     study = make_crafted_study(f"sqlite:///{tmp_path / 'Sup3rSecretName.db'}")
