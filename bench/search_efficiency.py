@@ -24,7 +24,7 @@ it, since one run of each could not tell them apart. Last line:
 ``best strategy: NAME compute: X% found: Y%`` (the cheapest strategy finding ≥ 90%, else the
 one finding most).
 
-    .venv/bin/python bench/search_efficiency.py --seeds 20   # ~1 hour on 2 CPUs
+    .venv/bin/python bench/search_efficiency.py --seeds 20   # ~55 minutes on 2 CPUs
     .venv/bin/python bench/search_efficiency.py --seeds 3    # a quick look
 """
 
