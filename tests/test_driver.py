@@ -214,6 +214,36 @@ def _get_json(url: str, *, deadline_s: float):
             time.sleep(0.5)
 
 
+def test_the_quickstart_grid_trains_each_network_once_per_seed(ray_local, tmp_path: Path):
+    """The quickstart's own space, base resolution and seeds with the real trainer (on fewer
+    images, for one epoch): 10 triples build 5 networks, each trained once per seed; all 10
+    triples appear with each seed's result."""
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "studies" / "quickstart.yaml").read_text()
+    config = yaml.safe_load(text)
+    config["output_dir"] = str(tmp_path / "runs")
+    config["data"].update(train_size=96, validation_size=32, test_size=32)
+    config["train"].update(epochs=1, batch_size=32, bn_recalibration_images=32)
+    path = tmp_path / "quickstart.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    study, summary, ot_study = _run(path)
+
+    every = ot_study.get_trials()
+    trained = [t for t in every if not is_shared(t)]
+    assert study.search.repeats == 2 and len(grid_candidates(study.space)) == 10
+    points = [(t.user_attrs["network_key"], t.params["seed"]) for t in trained]
+    assert len(points) == len(set(points)) == 5 * 2  # never the same network and seed twice
+    assert summary.launched == 10 and summary.shared == 10
+    assert sorted(_point(t) for t in every) == sorted(
+        (*c.as_tuple(), seed) for c in grid_candidates(study.space) for seed in (0, 1)
+    )
+    for trial in every:
+        assert trial.state == TrialState.COMPLETE
+        source = every[trial.user_attrs.get("shared_from", trial.number)]
+        assert (trial.value, trial.params["seed"]) == (source.value, source.params["seed"])
+
+
 def test_changed_training_settings_refuse_to_continue(tiny_study: Path):
     from scaling_search.ledger import LedgerError, open_study
 
