@@ -530,3 +530,20 @@ def test_space_lists_the_feasible_grid(launched: _Launched) -> None:
         assert c["resolution_px"] == round(16 * c["gamma"])
         assert c["params"] > 0
     _assert_nothing_written(result.cwd, {"study.yaml"})
+
+
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    """`scaling-search space … | head -1`: a reader gone before the output is written ends the
+    command quietly (141, as a shell reports SIGPIPE), with no "error:" line."""
+    from conftest import cli_env
+
+    export = subprocess.Popen(
+        [sys.executable, "-m", "scaling_search.cli", "export", "--coefficients", "1.2,1.1,1.15"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    assert export.stdout is not None and export.stderr is not None
+    export.stdout.close()  # gone before the command (a second of imports) writes anything
+    assert export.wait(timeout=120) == 141
+    assert export.stderr.read() == b""
