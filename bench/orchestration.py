@@ -85,7 +85,13 @@ def main() -> None:
     from scaling_search.driver import run_study
     from scaling_search.storage import open_storage
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level=logging.ERROR)
+    # No worker logs on the terminal: Ray prints them late, after the last line.
+    ray.init(
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        logging_level=logging.ERROR,
+        log_to_driver=False,
+    )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = parse_study(
         {
