@@ -119,6 +119,19 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``scaling-search ARGS`` in a subprocess (text output, two minutes at most)."""
+    return subprocess.run(
+        [sys.executable, "-m", "scaling_search.cli", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def run_study_cli(
     study: Path, ray_tmp: str, *, pythonpath: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -291,15 +291,10 @@ def test_another_member_exports_with_the_studys_resolution_classes_and_recipe(
     class: that triple's family with what the study trained, not the reference recipe."""
     import json
 
+    from conftest import run_cli
+
     def cli(*args: str) -> dict:
-        result = subprocess.run(
-            [sys.executable, "-m", "scaling_search.cli", *args],
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = run_cli(*args)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
 

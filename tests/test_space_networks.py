@@ -159,20 +159,9 @@ def test_space_prints_the_paper_grids_candidates_and_networks(
 ) -> None:
     """The command a user runs (cifar10.yaml from a folder without its data: counting networks
     needs only the number of classes, which CIFAR-10 states)."""
-    import subprocess
-    import sys
+    from conftest import run_cli
 
-    from conftest import cli_env
-
-    result = subprocess.run(
-        [sys.executable, "-m", "scaling_search.cli", "space", str(STUDIES / study_file)],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_cli("space", str(STUDIES / study_file), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "109 candidates, 65 distinct networks (cost: α·β²·γ² within 0.1 of 2)" in result.stdout
     assert list(tmp_path.iterdir()) == []  # nothing written
