@@ -33,6 +33,12 @@ def export(args: argparse.Namespace) -> int:
     if args.study is None and args.coefficients is None:
         raise StudyError("export needs a study file, --coefficients A,B,G, or both")
     _check_onnx_args(args)
+    for flag, value, low in (
+        ("--base-resolution", args.base_resolution, 1),
+        ("--num-classes", args.num_classes, 2),
+    ):
+        if value is not None and value < low:  # 0 is a value, not "the default"
+            raise StudyError(f"{flag} must be at least {low}, got {value}")
     base_px, classes = args.base_resolution or 224, args.num_classes or 1000
     recipe = None
     if args.coefficients is not None:

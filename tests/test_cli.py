@@ -194,6 +194,8 @@ def _commands() -> dict[str, tuple[list[str], Callable[[Path], None]]]:
     commands["export:below-one"] = (["export", "--coefficients", "0.5,1,1"], nothing)
     commands["export:not-numbers"] = (["export", "--coefficients", "a,b,c"], nothing)
     commands["export:bad-mode"] = ([*paper, "--mode", "bogus"], nothing)
+    commands["export:zero-px"] = ([*paper, "--base-resolution", "0"], nothing)
+    commands["export:zero-classes"] = ([*paper, "--num-classes", "0"], nothing)
     commands["space:json"] = (["space", "study.yaml", "--format", "json"], write_base)
     for name in ("status", "best", "report"):
         commands[f"never-run:{name}"] = ([name, "study.yaml"], write_base)
@@ -492,6 +494,8 @@ def test_export_for_a_macs_budget(launched: _Launched) -> None:
         ("export:below-one", ("alpha", "0.5"), ""),
         ("export:not-numbers", ("--coefficients", "a,b,c"), ""),
         ("export:bad-mode", ("--mode", "bogus"), "scaling-search export: error:"),
+        ("export:zero-px", ("--base-resolution", "at least 1", "got 0"), ""),
+        ("export:zero-classes", ("--num-classes", "at least 2", "got 0"), ""),
         ("export:bad-target", ("--target-params", "'20X'", "20M"), ""),
         ("export:target-and-phi", ("--target-macs", "--phi"), ""),
     ],
