@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["export", "study_classes", "study_recipe"]
 
-_CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
-
 
 def export(args: argparse.Namespace) -> int:
     """`scaling-search export`: the family of a study's winner (its class's representative) or of
@@ -194,17 +192,14 @@ def _floats(text: str, option: str, count: int | None = None) -> list[float]:
 def study_classes(study: StudyConfig, ot_study: optuna.Study | None = None) -> int:
     """The study's number of classes: as the driver recorded it with ``ot_study``, else from
     the study file (reading the data only for an image folder)."""
-    from scaling_search.data import load_data
+    from scaling_search.data import known_num_classes, load_data
     from scaling_search.ledger import NUM_CLASSES_ATTR
 
     recorded = None if ot_study is None else ot_study.user_attrs.get(NUM_CLASSES_ATTR)
     if isinstance(recorded, int):
         return recorded
-    if study.data.kind == "synthetic":
-        return study.data.num_classes
-    if study.data.kind in _CIFAR_CLASSES:
-        return _CIFAR_CLASSES[study.data.kind]
-    return load_data(study.data).num_classes
+    known = known_num_classes(study.data)
+    return known if known is not None else load_data(study.data).num_classes
 
 
 def study_recipe(study: StudyConfig) -> Recipe:

@@ -132,9 +132,9 @@ class SpaceConfig(_Strict):
 
 
 class RacingConfig(_Strict):
-    """The final stage: the ``top_k`` best networks of the search (each as its representative
-    triple), each trained at the full
-    budget with ``repeats`` new seeds, so that the winner is a mean over seeds."""
+    """The final stage: the ``top_k`` best networks of the search, each as its representative
+    triple trained at the full budget with ``repeats`` new seeds, so that the winner is a mean
+    over seeds."""
 
     top_k: PositiveInt = 3
     repeats: int = Field(default=3, ge=2, le=100)

@@ -33,6 +33,7 @@ __all__ = [
     "DataError",
     "ImageData",
     "hold_out_validation",
+    "known_num_classes",
     "load_cifar",
     "load_data",
     "load_dataset",
@@ -296,12 +297,27 @@ def _load_synthetic(request: _Request) -> ImageData:
     )
 
 
+_CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+def known_num_classes(spec: DataConfig) -> int | None:
+    """The number of classes a ``data`` section names without reading any image: synthetic
+    data's ``num_classes``, CIFAR's 10 or 100; None for an image folder (its subfolders)."""
+    if spec.kind == "synthetic":
+        return spec.num_classes
+    return _CIFAR_CLASSES.get(spec.kind)
+
+
 def _load_cifar10(request: _Request) -> ImageData:
-    return _subset(load_cifar(request.require_path(), num_classes=10), request)
+    return _subset(
+        load_cifar(request.require_path(), num_classes=_CIFAR_CLASSES["cifar10"]), request
+    )
 
 
 def _load_cifar100(request: _Request) -> ImageData:
-    return _subset(load_cifar(request.require_path(), num_classes=100), request)
+    return _subset(
+        load_cifar(request.require_path(), num_classes=_CIFAR_CLASSES["cifar100"]), request
+    )
 
 
 def _load_image_folder(request: _Request) -> ImageData:

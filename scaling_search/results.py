@@ -363,6 +363,7 @@ def best_triple(study: optuna.Study, *, statistics: bool = True) -> BestTriple:
         )
     top = ranked.iloc[0]
     noise, noise_df = pooled_noise(ranked)
+    builtin = not _objective(study)
     return BestTriple(
         coefficients=Coefficients(float(top.alpha), float(top.beta), float(top.gamma)),
         mean_accuracy=float(top.mean_accuracy),
@@ -383,7 +384,7 @@ def best_triple(study: optuna.Study, *, statistics: bool = True) -> BestTriple:
         chosen_on=chosen_on(study),
         product=product,
         # The measured cost is the built-in B0's: no word on an objective's own networks.
-        cost_tracking=None if _objective(study) or not statistics else cost_tracking(ranked),
+        cost_tracking=cost_tracking(ranked) if builtin and statistics else None,
         whole_class=study.user_attrs.get("sampler", "grid") == "grid",
-        builtin=not _objective(study),
+        builtin=builtin,
     )

@@ -300,7 +300,7 @@ def test_another_member_exports_with_the_studys_resolution_classes_and_recipe(
 
     study = load_study(finished_study)
     best = cli("best", str(finished_study), "--format", "json")
-    other = (1.3, 1.15, 1.15)  # any triple: here one outside the tiny grid's bounds
+    other = (1.3, 1.15, 1.15)  # any triple: this one is not a grid candidate (α·β²·γ² = 2.27)
     assert [best["alpha"], best["beta"], best["gamma"]] != list(other)
     chosen = cli("export", str(finished_study), "--phi", "1")
     picked = cli("export", str(finished_study), "--coefficients", "1.3,1.15,1.15", "--phi", "1")
