@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -75,11 +74,13 @@ __all__ = [
     "recover_stale",
     "sampler",
     "seeds",
+    "stage_of",
     "triple_of",
 ]
 
 STAGE_ATTR = "stage"  # "racing" on the trials of the racing stage (scaling_search.racing)
 RACING_STAGE = "racing"
+SEARCH_STAGE = "search"  # trials without a stage attribute
 DUPLICATE_ATTR = "duplicate_of"
 NETWORK_ATTR = "network_key"  # the network a trial's triple builds (space.network_key)
 SHARED_ATTR = "shared_from"  # on a trial that shares trial N's result: same network and seed
@@ -280,32 +281,45 @@ def holder_of(
     return None
 
 
-def claim(ot_study: optuna.Study, *, queued_only: bool, holder: str) -> optuna.Trial | None:
-    """Take the next trial for this driver, or None when there is nothing left to take.
+def stage_of(trial: FrozenTrial) -> str:
+    """The stage a trial belongs to: ``"racing"`` or ``"search"``."""
+    return RACING_STAGE if trial.user_attrs.get(STAGE_ATTR) == RACING_STAGE else SEARCH_STAGE
 
-    ``queued_only`` (the grid): take queued trials only, skipping duplicates; otherwise ask
-    Optuna, which takes a queued trial if any and else samples a new one.
+
+def claim(
+    ot_study: optuna.Study, *, queued_only: bool, holder: str, stage: str = SEARCH_STAGE
+) -> optuna.Trial | None:
+    """Take the next trial of ``stage`` for this driver, or None when there is nothing left.
+
+    ``queued_only`` (the grid, and racing): take queued trials of ``stage`` only, skipping
+    duplicates; otherwise (a sampler's search) start a new trial for the sampler. A queued trial
+    of another stage is never taken: a driver searching and one racing on the same study each
+    train their own stage's trials (Optuna's ``ask`` would take any queued trial, so it is not
+    used here).
     """
     storage = ot_study._storage
-    with warnings.catch_warnings():  # Optuna expects heartbeats with Study.optimize only
-        warnings.simplefilter("ignore", UserWarning)
-        if not queued_only:
-            trial = ot_study.ask()
-            _take(storage, trial._trial_id, holder)
-            return trial
-        for queued in ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            try:
-                if not storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING):
-                    continue  # another driver took it first
-            except UpdateFinishedTrialError:
-                continue
-            _take(storage, queued._trial_id, holder)
-            earlier = _earlier_holder(ot_study, queued)
-            if earlier is not None:
-                storage.set_trial_user_attr(queued._trial_id, DUPLICATE_ATTR, earlier.number)
-                fail_trial(storage, queued._trial_id, f"duplicate of trial {earlier.number}")
-                continue
-            return optuna.Trial(ot_study, queued._trial_id)
+    if not queued_only:
+        # Study.ask without its queue: a fresh trial, and the study's cache of trials (which
+        # the samplers read) dropped so that the sample sees every trial recorded so far.
+        ot_study._thread_local.cached_all_trials = None
+        trial_id = storage.create_new_trial(ot_study._study_id)
+        _take(storage, trial_id, holder)
+        return optuna.Trial(ot_study, trial_id)
+    for queued in ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if stage_of(queued) != stage:
+            continue
+        try:
+            if not storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING):
+                continue  # another driver took it first
+        except UpdateFinishedTrialError:
+            continue
+        _take(storage, queued._trial_id, holder)
+        earlier = _earlier_holder(ot_study, queued)
+        if earlier is not None:
+            storage.set_trial_user_attr(queued._trial_id, DUPLICATE_ATTR, earlier.number)
+            fail_trial(storage, queued._trial_id, f"duplicate of trial {earlier.number}")
+            continue
+        return optuna.Trial(ot_study, queued._trial_id)
     return None
 
 

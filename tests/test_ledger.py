@@ -26,7 +26,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from scaling_search import ledger, liveness
+from scaling_search import ledger, liveness, racing
 from scaling_search.config import StudyConfig, load_study
 from scaling_search.ledger import (
     HEARTBEAT_GRACE_S,
@@ -197,6 +197,52 @@ def test_the_grid_is_queued_in_an_order_seeded_by_the_search_seed(tiny_study: Pa
     assert first != sorted(first)
     assert queue_order(0) == first  # the same seed, the same order
     assert [p[0] for p in queue_order(1)] != [p[0] for p in first]  # another seed: another order
+
+
+def test_a_searching_and_a_racing_driver_never_take_each_others_trials(
+    grid: Ledger, tiny_study: Path
+) -> None:
+    # Both stages queued at once: racing planned after the search, then a failed search point
+    # queued again by a later driver's planning (its worker was killed).
+    study = load_study(tiny_study, ["search.repeats=2", "search.racing={top_k: 2, repeats: 2}"])
+    plan_trials(study, grid.ot_study)
+    trials = [_claim(grid) for _ in range(len(_trials(grid.ot_study, TrialState.WAITING)))]
+    for trial in trials[:-2]:
+        _finish(grid, trial, TrialState.COMPLETE)
+    for trial in trials[-2:]:
+        fail_trial(grid.storage, trial._trial_id, "the worker was killed")
+    racing_queued = racing.plan_racing(study, grid.ot_study)
+    search_queued = plan_trials(study, grid.ot_study)
+    assert (racing_queued, search_queued) == (len(racing.racing_seeds(study)) * 2, 2)
+
+    # A sampler's claim (TPE, random, QMC) starts a new trial: it takes nothing queued.
+    sampled = claim(grid.ot_study, queued_only=False, holder=SOME_DRIVER, stage="search")
+    assert sampled is not None and _frozen(grid, sampled).user_attrs == {}
+    assert len(_trials(grid.ot_study, TrialState.WAITING)) == racing_queued + search_queued
+
+    # Two drivers at once, each with its own storage (PostgreSQL: two connections' locks).
+    stages = ("search", "racing")
+    studies = [
+        optuna.load_study(study_name=study.name, storage=open_storage(grid.url)) for _ in stages
+    ]
+    taken: dict[str, list[FrozenTrial]] = {stage: [] for stage in stages}
+    start = threading.Barrier(len(stages))
+
+    def drive(k: int) -> None:
+        start.wait()
+        holder = f"{stages[k]}-driver:1:1"
+        while trial := claim(studies[k], queued_only=True, holder=holder, stage=stages[k]):
+            taken[stages[k]].append(grid.storage.get_trial(trial._trial_id))
+
+    threads = [threading.Thread(target=drive, args=(k,)) for k in range(len(stages))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [ledger.stage_of(t) for t in taken["search"]] == ["search"] * search_queued
+    assert [ledger.stage_of(t) for t in taken["racing"]] == ["racing"] * racing_queued
+    assert all("seed" in t.user_attrs for t in taken["racing"])  # a racing trial's own seed
+    assert _trials(grid.ot_study, TrialState.WAITING) == []
 
 
 def test_plan_skips_running_and_finished_points_but_queues_failed_ones(grid: Ledger) -> None:

@@ -123,6 +123,7 @@ def _searcher(
         storage=storage,
         budget_epochs=study.train.epochs,
         queued_only=sampler == "grid",
+        stage=ledger.SEARCH_STAGE,
         heartbeat=ledger.Heartbeat(storage, 60.0),
         limit=limit,
         adaptive=sampler == "tpe",

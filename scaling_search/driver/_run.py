@@ -215,6 +215,7 @@ class _Stage:
             storage=self.storage,
             budget_epochs=study.train.epochs,
             queued_only=racing_stage or study.search.sampler == "grid",
+            stage=ledger.RACING_STAGE if racing_stage else ledger.SEARCH_STAGE,
             heartbeat=self.heartbeat,
             limit=count,
             # TPE one trial at a time samples after each result. With more trials at a time it

@@ -65,6 +65,7 @@ class StudySearch(OptunaSearch):
         *args: Any,
         budget_epochs: int,
         queued_only: bool,
+        stage: str,
         heartbeat: Heartbeat,
         limit: int,
         adaptive: bool,
@@ -78,7 +79,7 @@ class StudySearch(OptunaSearch):
         # Sampled trials that share a trial still running, by that trial's number.
         self._sharers: defaultdict[int, list[optuna.Trial]] = defaultdict(list)
         self._budget_epochs = budget_epochs
-        self._queued_only = queued_only
+        self._queued_only, self._stage = queued_only, stage
         self._heartbeat = heartbeat
         self._holder = ledger.driver_id()
         self._limit, self._adaptive = limit, adaptive
@@ -120,7 +121,10 @@ class StudySearch(OptunaSearch):
         self._settle_sharers(others_only=True)
         for _ in range(self.max_untrained_in_a_row):
             ot_trial = ledger.claim(
-                self._ot_study, queued_only=self._queued_only, holder=self._holder
+                self._ot_study,
+                queued_only=self._queued_only,
+                holder=self._holder,
+                stage=self._stage,
             )
             if ot_trial is None:
                 return None
