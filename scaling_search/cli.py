@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from scaling_search.config import StudyConfig, StudyError, load_study
+from scaling_search.interrupt import (
+    INTERRUPTED_LINE,
+    Interrupted,
+    StopRequest,
+    handle_signals,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -137,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
+    except (Interrupted, SystemError) as exc:
+        interrupted = Interrupted.behind(exc)
+        if interrupted is None:
+            raise
+        if interrupted.summary is not None:
+            print(_summary_line(interrupted.summary, "before it was stopped"))
+        print(f"scaling-search: {INTERRUPTED_LINE}", file=sys.stderr)
+        return interrupted.exit_code
     except BrokenPipeError:
         # The reader went away (`scaling-search best … | head`): not an error of ours. Point
         # stdout at /dev/null so that the interpreter's last flush cannot raise again.
@@ -149,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scaling-search: error: {' '.join(str(message).split())}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
-        print(
-            "scaling-search: interrupted; run the same command again to continue", file=sys.stderr
-        )
+        print(f"scaling-search: {INTERRUPTED_LINE}", file=sys.stderr)
         return 130
 
 
@@ -169,6 +181,22 @@ def _emit(data: Any, fmt: str, table: Sequence[str]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    with handle_signals() as stop:
+        return _run_study(args, stop)
+
+
+def _summary_line(summary: Any, when: str = "") -> str:
+    shared = f", {summary.shared} shared a trained network's result" if summary.shared else ""
+    if summary.given_back:
+        shared += f", {summary.given_back} given back (trained again by the next run)"
+    return (
+        f"this run{' ' + when if when else ''}: {summary.launched} launched, "
+        f"{summary.completed} completed, {summary.pruned} stopped early, {summary.failed} "
+        f"failed{shared} in {summary.wall_seconds:.0f} s"
+    )
+
+
+def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
     from scaling_search._startup import collector_paused
 
     with collector_paused():  # the set-up imports torch, Optuna and Ray Tune
@@ -200,13 +228,8 @@ def _run(args: argparse.Namespace) -> int:
         from scaling_search.driver import run_study
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
-    summary = run_study(study, data=data, storage=storage, address=args.address)
-    shared = f", {summary.shared} shared a trained network's result" if summary.shared else ""
-    print(
-        f"this run: {summary.launched} launched, {summary.completed} completed, "
-        f"{summary.pruned} stopped early, {summary.failed} failed{shared} "
-        f"in {summary.wall_seconds:.0f} s"
-    )
+    summary = run_study(study, data=data, storage=storage, address=args.address, stop=stop)
+    print(_summary_line(summary))
     from scaling_search._cli_view import write_report_for
     from scaling_search.results import best_triple
     from scaling_search.verdict import best_view

@@ -35,6 +35,7 @@ from scaling_search.config import StudyConfig
 from scaling_search.liveness import (
     DRIVER_ATTR,
     FAIL_REASON_ATTR,
+    GIVEN_BACK_ATTR,
     HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
     Heartbeat,
@@ -56,6 +57,7 @@ from scaling_search.space import (
 __all__ = [
     "DRIVER_ATTR",
     "FAIL_REASON_ATTR",
+    "GIVEN_BACK_ATTR",
     "HEARTBEAT_GRACE_S",
     "HEARTBEAT_INTERVAL_S",
     "Heartbeat",

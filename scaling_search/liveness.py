@@ -27,6 +27,7 @@ from scaling_search.storage import HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S
 __all__ = [
     "DRIVER_ATTR",
     "FAIL_REASON_ATTR",
+    "GIVEN_BACK_ATTR",
     "HEARTBEAT_GRACE_S",
     "HEARTBEAT_INTERVAL_S",
     "Heartbeat",
@@ -37,6 +38,7 @@ __all__ = [
 
 DRIVER_ATTR = "driver"  # system attribute: the driver holding a RUNNING trial
 FAIL_REASON_ATTR = "fail_reason"
+GIVEN_BACK_ATTR = "given_back"  # on a FAIL trial that the run gave back (see fail_trial)
 Progress = Callable[[str], None]
 
 
@@ -126,9 +128,17 @@ class Heartbeat:
 # --- failing, recovering -------------------------------------------------------------------------
 
 
-def fail_trial(storage: optuna.storages.BaseStorage, trial_id: int, reason: str) -> bool:
-    """Mark a trial FAIL with ``reason`` as its ``fail_reason``; False if it had already ended."""
+def fail_trial(
+    storage: optuna.storages.BaseStorage, trial_id: int, reason: str, *, given_back: bool = False
+) -> bool:
+    """Mark a trial FAIL with ``reason`` as its ``fail_reason``; False if it had already ended.
+
+    ``given_back``: not a failure of the trial but of the run (stopped by a signal, or claimed
+    ahead and never started); marked so, and counted apart from failures.
+    """
     try:
+        if given_back:
+            storage.set_trial_user_attr(trial_id, GIVEN_BACK_ATTR, True)
         storage.set_trial_user_attr(trial_id, FAIL_REASON_ATTR, reason[:500])
         return storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except UpdateFinishedTrialError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from scaling_search.data import ImageData
 from scaling_search.driver._progress import Progress, ProgressCallback
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
+from scaling_search.interrupt import Interrupted, StopRequest
 from scaling_search.ledger import Heartbeat
 from scaling_search.objective import ObjectiveFit
 from scaling_search.report import LiveDashboard
@@ -42,6 +44,7 @@ class RunSummary:
     failed: int
     wall_seconds: float
     shared: int = 0  # triples given the result of a network already trained (no training)
+    given_back: int = 0  # stopped by a signal, or claimed and never started: trained next run
 
 
 def _scheduler(study: StudyConfig) -> TrialScheduler:
@@ -70,9 +73,11 @@ _LOCAL_RAY_CONFIG = {
 }
 
 
-def _init_ray(study: StudyConfig, address: str | None) -> None:
+def _init_ray(study: StudyConfig, address: str | None, stop: StopRequest) -> None:
     if ray.is_initialized():
         return
+    # Ctrl-C is this project's to handle (scaling_search.interrupt), not Tune's.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: our progress lines only
     local = address is None
@@ -85,6 +90,7 @@ def _init_ray(study: StudyConfig, address: str | None) -> None:
         log_to_driver=False,
         configure_logging=True,
     )
+    stop.install()  # ray.init put its own SIGTERM handler in place of the command's
 
 
 def _state_counts(ot_study: optuna.Study) -> Counter[TrialState | str]:
@@ -92,7 +98,9 @@ def _state_counts(ot_study: optuna.Study) -> Counter[TrialState | str]:
     network's result (a sharer whose source failed or never ended is neither)."""
     counts: Counter[TrialState | str] = Counter()
     for trial in ot_study.get_trials(deepcopy=False):
-        if not ledger.is_shared(trial):
+        if trial.user_attrs.get(ledger.GIVEN_BACK_ATTR):
+            counts["given_back"] += 1
+        elif not ledger.is_shared(trial):
             counts[trial.state] += 1
         elif trial.state in ledger.DONE:
             counts["shared"] += 1
@@ -113,14 +121,19 @@ def run_study(
     progress: Progress = print,
     address: str | None = None,
     fit_fn: Fit | None = None,
+    stop: StopRequest | None = None,
 ) -> RunSummary:
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
 
     ``address`` joins a running Ray cluster ("auto" or HOST:PORT); without it a local Ray starts.
     ``fit_fn`` trains one trial (same signature as :func:`scaling_search.train.fit`); by default
-    the study's ``objective`` if it names one, else the built-in trainer.
+    the study's ``objective`` if it names one, else the built-in trainer. ``stop``: set by the
+    command's signal handlers (:mod:`scaling_search.interrupt`); once it is, the running trials
+    are stopped and recorded, no further stage starts, and :class:`Interrupted` is raised with
+    this run's summary.
     """
     started = time.perf_counter()
+    stop = stop or StopRequest()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ot_study = ledger.open_study(study, storage, num_classes=data.num_classes)
     ledger.recover_stale(ot_study, progress)
@@ -138,32 +151,60 @@ def run_study(
             num_classes=data.num_classes,
         )
     to_launch = ledger.plan_trials(study, ot_study, num_classes=data.num_classes, network_key=key)
-    to_race = racing.plan_racing(study, ot_study) if to_launch == 0 else 0
+    to_race = _racing_after_search(study, ot_study, progress) if to_launch == 0 else 0
     if to_launch == 0 and to_race == 0:
         progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
         return _summary(0, before, ot_study, started)
-    _init_ray(study, address)
+    _init_ray(study, address, stop)
     if fit_fn is None:
         fit_fn = ObjectiveFit(study.objective) if study.objective else fit
     live = LiveDashboard(ot_study, progress)
-    with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
-        stage = _Stage(study, data, storage, heartbeat, fit_fn, progress, live, key, classes)
-        if to_launch:
-            progress(
-                f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
-                f"up to {study.search.max_concurrent_trials} at a time"
+    stage: _Stage | None = None
+    try:
+        with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
+            stage = _Stage(
+                study, data, storage, heartbeat, fit_fn, progress, live, key, classes, stop
             )
-            stage.run(to_launch, racing_stage=False)
-            to_race = racing.plan_racing(study, ot_study)
-        if to_race and study.search.racing is not None:
-            progress(
-                f"racing: the top {study.search.racing.top_k} triple(s) of the search, "
-                f"{study.search.racing.repeats} new seed(s) each at the full budget: "
-                f"{to_race} trial(s)"
-            )
-            stage.run(to_race, racing_stage=True)
-        live.update(force=True)  # the figures and note of the finished run
-    return _summary(to_launch + to_race, before, ot_study, started)
+            if to_launch:
+                progress(
+                    f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
+                    f"up to {study.search.max_concurrent_trials} at a time"
+                )
+                stage.run(to_launch, racing_stage=False)
+                to_race = _racing_after_search(study, ot_study, progress)
+            if to_race and study.search.racing is not None:
+                progress(
+                    f"racing: the top {study.search.racing.top_k} triple(s) of the search, "
+                    f"{study.search.racing.repeats} new seed(s) each at the full budget: "
+                    f"{to_race} trial(s)"
+                )
+                stage.run(to_race, racing_stage=True)
+            live.update(force=True)  # the figures and note of the finished run
+    except Interrupted as exc:
+        exc.summary = _summary(stage.launched if stage else 0, before, ot_study, started)
+        raise
+    return _summary(stage.launched if stage else 0, before, ot_study, started)
+
+
+def _racing_after_search(study: StudyConfig, ot_study: optuna.Study, progress: Progress) -> int:
+    """Queue the racing stage once the search has ended: no search trial is queued or held by
+    another driver (racing on a ranking that is still changing would race the wrong networks)."""
+    if study.search.racing is None:
+        return 0
+    pending = [
+        t
+        for t in ot_study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
+        )
+        if ledger.stage_of(t) == ledger.SEARCH_STAGE
+    ]
+    if pending:
+        progress(
+            f"racing waits for the search: {len(pending)} search trial(s) are still queued or "
+            "running under another driver; run the same command again once they end"
+        )
+        return 0
+    return racing.plan_racing(study, ot_study)
 
 
 def _summary(
@@ -177,10 +218,11 @@ def _summary(
         failed=after[TrialState.FAIL] - before[TrialState.FAIL],
         wall_seconds=time.perf_counter() - started,
         shared=after["shared"] - before["shared"],
+        given_back=after["given_back"] - before["given_back"],
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Stage:
     """Runs one stage of a study (the search, or racing) as one Tuner on the shared storage."""
 
@@ -193,6 +235,8 @@ class _Stage:
     live: LiveDashboard
     network_key: NetworkKeyFn
     classes: Classes | None  # the grid's classes, to share each result with
+    stop: StopRequest
+    launched: int = 0  # trials handed to Ray, over the stages run so far
 
     def run(self, count: int, *, racing_stage: bool) -> None:
         study = self.study
@@ -227,15 +271,53 @@ class _Stage:
             and study.search.max_concurrent_trials == 1,
             classes=None if racing_stage else self.classes,
             say=self.progress,
+            stopping=lambda: self.stop.requested,
         )
         scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
         tuner = _tuner(
-            study, self.data, self.fit_fn, searcher, count, self.progress, self.live, scheduler
+            study,
+            self.data,
+            self.fit_fn,
+            searcher,
+            count,
+            self.progress,
+            self.live,
+            scheduler,
+            _StopOnSignal(self.stop),
         )
-        try:
-            tuner.fit()
-        finally:  # also on Ctrl-C: what finished is recorded, what was claimed ahead given back
-            searcher.close()
+        with self.stop.graceful():
+            try:
+                tuner.fit()
+            finally:  # also on a signal: what ended is recorded, what was claimed given back
+                stopped = searcher.unfinished()
+                self.launched += searcher.served
+                searcher.close(unfinished=self._unfinished_reason())
+                if self.stop.requested and stopped:
+                    self.progress(
+                        f"{stopped} running trial(s) stopped and recorded as interrupted; "
+                        "the next run trains them again"
+                    )
+        self.stop.check()  # never another stage after a signal
+
+    def _unfinished_reason(self) -> str:
+        if self.stop.signum is None:
+            return "the run ended before the trial did"
+        return (
+            f"interrupted by {signal.Signals(self.stop.signum).name}; the next run trains it again"
+        )
+
+
+class _StopOnSignal(tune.Stopper):
+    """Stops every trial once a signal asked the run to stop (Tune checks after each event)."""
+
+    def __init__(self, stop: StopRequest) -> None:
+        self._stop = stop
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self._stop.requested
 
 
 def _tuner(
@@ -247,6 +329,7 @@ def _tuner(
     progress: Progress,
     live: LiveDashboard,
     scheduler: TrialScheduler,
+    stopper: tune.Stopper,
 ) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, study=study, shared=SharedData(data), fit_fn=fit_fn),
@@ -266,6 +349,7 @@ def _tuner(
             name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
             storage_path=str((study.out_dir / "ray").resolve()),
             verbose=0,
+            stop=stopper,
             callbacks=[
                 ProgressCallback(study.train.epochs, progress, searcher, live),
                 _KeepNewestCheckpoint(),

@@ -71,9 +71,11 @@ class StudySearch(OptunaSearch):
         adaptive: bool,
         classes: Classes | None = None,
         say: Callable[[str], None] = print,
+        stopping: Callable[[], bool] = lambda: False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._stopping = stopping  # a signal asked the run to stop: launch nothing more
         self._classes, self._say = classes, say
         self.max_untrained_in_a_row = MAX_UNTRAINED_IN_A_ROW
         # Sampled trials that share a trial still running, by that trial's number.
@@ -96,6 +98,8 @@ class StudySearch(OptunaSearch):
         self._recorder.check()  # a storage that stopped taking writes stops the launches
         if trial_id in self._ot_trials:
             return super().suggest(trial_id)
+        if self._stopping():
+            return Searcher.FINISHED  # type: ignore[return-value]
         if not self._ahead:
             self._prepare_next()
         prepared = self._recorder.result(self._ahead.popleft())
@@ -274,14 +278,18 @@ class StudySearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             self._fail(trial_id, reason)
 
-    def _fail(self, trial_id: str, reason: str) -> None:
+    def _fail(self, trial_id: str, reason: str, *, given_back: bool = False) -> None:
         ot_trial = self._ot_trials[trial_id]
-        self._recorder.submit(lambda: self._end_as_failed(ot_trial, reason))
+        self._recorder.submit(lambda: self._end_as_failed(ot_trial, reason, given_back=given_back))
 
-    def _end_as_failed(self, ot_trial: optuna.Trial, reason: str) -> None:
+    def _end_as_failed(
+        self, ot_trial: optuna.Trial, reason: str, *, given_back: bool = False
+    ) -> None:
         assert self._ot_study is not None
         self._heartbeat.release(ot_trial._trial_id)
-        ledger.fail_trial(self._ot_study._storage, ot_trial._trial_id, reason)
+        ledger.fail_trial(
+            self._ot_study._storage, ot_trial._trial_id, reason, given_back=given_back
+        )
         self._share_result(ot_trial)  # those waiting for it fail too
 
     # Tune pickles the searcher into tuner.pkl and its experiment snapshots, for Tuner.restore.
@@ -297,6 +305,7 @@ class StudySearch(OptunaSearch):
         "_ahead",
         "_sharers",
         "_say",
+        "_stopping",
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -306,14 +315,31 @@ class StudySearch(OptunaSearch):
         with open(checkpoint_path, "wb") as file:
             pickle.dump(self.__getstate__(), file)
 
-    def close(self) -> None:
-        """End trials that errored without a reason reaching :meth:`fail`, give back a trial
-        prepared ahead that Tune never asked for, and wait until everything is recorded."""
+    def close(self, *, unfinished: str = "the run ended before the trial did") -> None:
+        """End trials that errored without a reason reaching :meth:`fail`, and those Tune
+        stopped without telling the searcher (a stop of the whole run: FAIL with
+        ``unfinished``, so the next run trains them again); give back a trial prepared ahead
+        that Tune never asked for; wait until everything is recorded."""
         for trial_id in list(self._errored):
             self.fail(trial_id, "the trial raised an error (no message reached the driver)")
+        for trial_id in list(self._ot_trials):
+            if trial_id not in self._completed_trials:
+                self._completed_trials.add(trial_id)
+                epochs = self._epochs.get(trial_id, 0)
+                reason = f"{unfinished} (after {epochs} epoch(s))"
+                self._fail(trial_id, reason, given_back=True)
         ahead, self._ahead = list(self._ahead), deque()
         self._recorder.submit(lambda: self._give_back(ahead))
         self._recorder.close()
+
+    @property
+    def served(self) -> int:
+        """Trials handed to Tune to train."""
+        return self._served
+
+    def unfinished(self) -> int:
+        """Trials handed to Tune that have not ended (as far as this searcher was told)."""
+        return sum(1 for trial_id in self._ot_trials if trial_id not in self._completed_trials)
 
     def after_recorded(self, call: Callable[[], None]) -> None:
         """Run ``call`` on the recorder thread once everything handed over so far is recorded."""
@@ -346,7 +372,9 @@ class StudySearch(OptunaSearch):
         again), and those still waiting for a result another driver's trial will give."""
         for prepared in (future.result() for future in ahead):
             if prepared is not None:
-                self._end_as_failed(prepared[0], "prepared ahead, but the run ended first")
+                self._end_as_failed(
+                    prepared[0], "prepared ahead, but the run ended first", given_back=True
+                )
         assert self._ot_study is not None
         trials = self._ot_study.get_trials(deepcopy=False)
         for number in list(self._sharers):
