@@ -223,9 +223,11 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         data = load_data(study.data)
         if study.space.cost == "measured":  # counts MACs with the data's classes
             _check_measured_space(study, data.num_classes)
+        from scaling_search.driver import check_address, run_study
+
+        check_address(args.address)  # a cluster that does not answer: before anything is written
         url = resolve_url(study)
         storage = open_storage(url)  # everything above is checked before anything is written
-        from scaling_search.driver import run_study
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
     summary = run_study(study, data=data, storage=storage, address=args.address, stop=stop)

@@ -12,14 +12,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from scaling_search.driver._cluster import ClusterError, check_address
     from scaling_search.driver._run import RunSummary, run_study
 
-__all__ = ["RunSummary", "run_study"]
+__all__ = ["ClusterError", "RunSummary", "check_address", "run_study"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazily: a Ray worker imports driver._trainable, and must not pay for the driver's side
     # (Optuna's searcher, pandas, plotly) before its first training step.
+    if name in ("ClusterError", "check_address"):
+        from scaling_search.driver import _cluster
+
+        return getattr(_cluster, name)
     if name in __all__:
         from scaling_search.driver import _run
 

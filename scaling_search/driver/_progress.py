@@ -82,12 +82,46 @@ class ProgressCallback(tune.Callback):
 
 
 def _reason(trial: Any) -> str:
-    """The last line of a Tune trial's error: the exception, without Ray's traceback."""
+    """Why a Tune trial errored, in one line: what took its worker away where Ray says so,
+    else the last line of the error (the exception, without Ray's traceback)."""
     # Tune writes the error next to the trial first (local_path) and syncs it to storage later.
     local = Path(trial.error_file) if trial.error_file else None
     text = local.read_text(errors="replace") if local and local.is_file() else trial.get_error()
-    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"
+    text = str(text or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return worker_lost(text) or (lines[-1] if lines else "unknown error")
+
+
+def worker_lost(error: str) -> str | None:
+    """What took a trial's worker away, from Ray's error text; None for an error that the
+    trial raised itself (the last line says that one best)."""
+    flat = " ".join(error.split())
+    pid = _field(error, "pid")
+    which = f"its worker process (pid {pid})" if pid else "its worker process"
+    if "running low on memory" in flat:
+        return (
+            f"{which} was killed by Ray's memory monitor: the node ran low on memory (lower "
+            "search.max_concurrent_trials, or raise resources.memory_per_trial)"
+        )
+    if "owner has died" in flat or "node has crashed" in flat:
+        return f"{which} was lost with its Ray node (the node's raylet died or was killed)"
+    if "preempted" in flat:
+        return f"{which} was lost: its Ray node was preempted"
+    if "worker process has died" in flat or "worker died unexpectedly" in flat.lower():
+        return (
+            f"{which} died without a Python error: killed (SIGKILL, or the kernel's "
+            "out-of-memory killer) or crashed (e.g. SIGSEGV)"
+        )
+    return None
+
+
+def _field(text: str, name: str) -> str | None:
+    """The value of a ``name: value`` line in Ray's actor error text."""
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(":")
+        if key == name and value.strip():
+            return value.strip()
+    return None
 
 
 def _label(config: dict[str, Any]) -> str:

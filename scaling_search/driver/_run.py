@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from scaling_search import ledger, racing, sharing
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
+from scaling_search.driver._cluster import check_address, check_resources
 from scaling_search.driver._progress import Progress, ProgressCallback
+from scaling_search.driver._ray_compat import trial_failures_for_lost_workers
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
 from scaling_search.interrupt import Interrupted, StopRequest
@@ -70,6 +73,12 @@ _LOCAL_RAY_CONFIG = {
     # default). Retry every 50 ms instead, with the same 10 s of patience in all.
     "raylet_client_connect_timeout_milliseconds": 50,
     "raylet_client_num_connect_attempts": 200,
+    # The GCS checks each node's raylet every 3 s and, by default, declares the node dead after
+    # 5 missed checks: on a busy laptop a local Ray then kills itself, and the whole run with
+    # it. A local Ray is one node on this machine: give it 5 minutes of patience instead.
+    "health_check_period_ms": 3000,
+    "health_check_timeout_ms": 30000,
+    "health_check_failure_threshold": 100,
 }
 
 
@@ -81,6 +90,11 @@ def _init_ray(study: StudyConfig, address: str | None, stop: StopRequest) -> Non
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: our progress lines only
     local = address is None
+    check_address(address)
+    if local:  # the token is this machine's own; its notice is for clusters that others join
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
     ray.init(
         address=address,
         num_cpus=study.resources.num_cpus if local else None,
@@ -156,6 +170,7 @@ def run_study(
         progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
         return _summary(0, before, ot_study, started)
     _init_ray(study, address, stop)
+    check_resources(_resources(study))
     if fit_fn is None:
         fit_fn = ObjectiveFit(study.objective) if study.objective else fit
     live = LiveDashboard(ot_study, progress)
@@ -274,6 +289,7 @@ class _Stage:
             stopping=lambda: self.stop.requested,
         )
         scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
+        trial_failures_for_lost_workers()
         tuner = _tuner(
             study,
             self.data,
@@ -285,7 +301,7 @@ class _Stage:
             scheduler,
             _StopOnSignal(self.stop),
         )
-        with self.stop.graceful():
+        with self.stop.graceful(), _tune_quiet():
             try:
                 tuner.fit()
             finally:  # also on a signal: what ended is recorded, what was claimed given back
@@ -305,6 +321,22 @@ class _Stage:
         return (
             f"interrupted by {signal.Signals(self.stop.signum).name}; the next run trains it again"
         )
+
+
+@contextlib.contextmanager
+def _tune_quiet() -> Iterator[None]:
+    """Keep Tune's own error reports (a traceback per failed trial, "Trials did not complete")
+    off the terminal: each trial's end is one progress line with its reason, and Tune keeps
+    the full error next to the trial."""
+    loggers = [logging.getLogger(name) for name in ("ray.tune", "ray.air", "ray.train")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 class _StopOnSignal(tune.Stopper):

@@ -397,6 +397,8 @@ def _write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt:
         ot_trial.set_user_attr("train_started_at", float(result["started_at"]))
         ot_trial.set_user_attr("node_id", str(result["node_id"]))
         ot_trial.set_user_attr("node_ip", str(result["node_ip"]))
+        if "worker_pid" in result:
+            ot_trial.set_user_attr("worker_pid", int(result["worker_pid"]))
         ot_trial.set_user_attr("data_reused", bool(result["data_reused"]))
         if math.isfinite(result.get("first_step_at", math.nan)):
             ot_trial.set_user_attr("first_step_at", float(result["first_step_at"]))

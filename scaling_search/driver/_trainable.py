@@ -3,6 +3,7 @@ dataset shared with it through the object store."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -73,6 +74,7 @@ def train_trial(
     placement = {
         "node_id": ray.get_runtime_context().get_node_id(),
         "node_ip": ray.util.get_node_ip_address(),
+        "worker_pid": os.getpid(),  # the process to look at (or to stop) while it trains
         "resumed_from_epoch": int(resume["epoch"]) if resume else 0,
         "data_reused": data_reused,
     }
