@@ -1,25 +1,36 @@
-"""Does a study survive its driver being SIGKILLed? Kill the real CLI mid-study and count.
+"""Does a study survive what people and machines do to its driver? Do it to the real CLI, count.
 
-Runs a small grid study (synthetic data, 10 candidates, 2 trials at a time on CPU) with the real
-command ``python -m scaling_search.cli run STUDY``, SIGKILLs the driver's whole process group
-``--kills`` times at random moments (seeded; some kills during start-up, some while trials are
-mid-training), removes the Ray processes it left (they all name a private RAY_TMPDIR), starts it
-again each time, and lets the last run finish. Before and after each kill it snapshots the
-COMPLETE trials. At the end it counts
+Runs a small grid study with a racing stage (synthetic data, 2 trials at a time on CPU) with the
+real command ``python -m scaling_search.cli run STUDY`` and, at random moments (seeded; some
+during start-up, some while trials are mid-training), does one of these to it, in turn:
 
-- completed: grid points (candidate, seed) with a COMPLETE trial; should be the grid size;
+- SIGINT to its whole process group (a terminal's Ctrl-C): it must stop, record, exit 130;
+- SIGKILL of one trial's worker process (the run goes on: the trial is retried from its
+  checkpoint), followed later in the same run by the next event;
+- SIGTERM to the driver alone (a service manager): it must stop, record, exit 143;
+- SIGKILL of the driver's whole process group (then the Ray processes it left are removed).
+
+Each ending is followed by a rerun; the last run finishes the study. Before and after each
+ending it snapshots the COMPLETE trials. At the end it counts
+
+- completed: points (network, seed) of the search and of the race with a COMPLETE trial that
+  trained (not a shared copy); should be the networks × seeds plus top_k × racing seeds;
 - lost: trials COMPLETE in a snapshot that are not COMPLETE with the same number and value at
   the end;
-- rerun: trials (other than queue duplicates, which the ledger skips untrained) started after
-  another trial of the same point had completed, i.e. a finished candidate trained again.
+- rerun: trials (other than queue duplicates, skipped untrained, and shared copies) started
+  after another trial of the same point had completed, i.e. finished work trained again;
+- wrong_stage: trials trained by the wrong stage (a racing trial without its racing seed, a
+  search trial with a racing seed) plus raced networks that are not the search's final top_k
+  (racing planned on a partial ranking).
 
-The last line is ``completed: N lost: L rerun: R``; the exit code is 0 when nothing was lost or
-rerun and every grid point completed, else 1. The storage is a fresh PostgreSQL database
+The last line is ``completed: N lost: L rerun: R wrong_stage: W``; the exit code is 0 when
+nothing was lost, rerun or wrongly staged, every signalled driver exited with 128 + the signal,
+and every point completed, else 1. The storage is a fresh PostgreSQL database
 (``crash_resume_<random>``, dropped at the end unless ``--keep``) or, with ``--sqlite``, a
-SQLite file. About 1.5 minutes on 2 CPU cores:
+SQLite file. About 4 minutes on 2 CPU cores:
 
     .venv/bin/python bench/crash_resume.py [--sqlite]
-    .venv/bin/python bench/crash_resume.py --kills 5 --seed 3 --keep
+    .venv/bin/python bench/crash_resume.py --kills 8 --seed 3 --keep
 """
 
 from __future__ import annotations
@@ -45,9 +56,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
+from scaling_search import racing
 from scaling_search.config import StudyConfig, load_study
-from scaling_search.ledger import Point, point_of, seeds
-from scaling_search.space import grid_candidates
+from scaling_search.ledger import Point, grid_classes, is_shared, point_of, seeds, stage_of
 from scaling_search.storage import StorageError, mask_url, study_exists
 
 PG_ADMIN_URL = os.environ.get(
@@ -60,7 +71,7 @@ output_dir: {out}
 storage: {storage}
 data: {{kind: synthetic, num_classes: 4, train_size: 96, test_size: 48, image_px: 24}}
 space: {{alpha: [1.1, 1.3], beta: [1.05, 1.15], gamma: [1.1, 1.15], tolerance: 0.1}}
-search: {{sampler: grid, max_concurrent_trials: 2}}
+search: {{sampler: grid, max_concurrent_trials: 2, racing: {{top_k: 2, repeats: 2}}}}
 train: {{base_resolution_px: 16, epochs: {epochs}, batch_size: 32}}
 resources: {{cpus_per_trial: 1, num_cpus: 2}}
 """
@@ -68,20 +79,33 @@ _STATES = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialSta
 Snapshot = dict[int, tuple[Point | None, float | None]]  # trial number -> (point, value)
 
 
+# What is done to the driver, in turn: (signal, to whom); "worker" SIGKILLs a trial's worker.
+EVENTS = (("SIGINT", "group"), ("SIGKILL", "worker"), ("SIGTERM", "driver"), ("SIGKILL", "group"))
+
+
 @dataclass(frozen=True)
 class KillPlan:
-    """When to kill one run: ``delay_s`` after its start, or after it is well into training."""
+    """When to act on one run (``delay_s`` after its start, or after it is well into training),
+    and what to do then."""
 
     kind: str  # "early", "mid-trial" or "anywhere"
     delay_s: float
+    signal: str = "SIGKILL"
+    target: str = "group"  # "group": the driver's process group; "driver"; "worker"
 
     @property
     def after_training(self) -> bool:
-        return self.kind == "mid-trial"
+        return self.kind == "mid-trial" or self.target == "worker"
+
+    @property
+    def ends_run(self) -> bool:
+        return self.target != "worker"
 
     def __str__(self) -> str:
         since = "a trial completed and another trained an epoch" if self.after_training else "start"
-        return f"{self.kind}: {self.delay_s:.1f} s after {since}"
+        return (
+            f"{self.signal} to the {self.target}, {self.kind}: {self.delay_s:.1f} s after {since}"
+        )
 
 
 @dataclass
@@ -92,6 +116,8 @@ class RunRecord:
     seconds: float = 0.0
     killed_at_s: float | None = None
     phase: str = ""  # what the study looked like when the kill came
+    ended_by: KillPlan | None = None
+    workers_killed: int = 0
     returncode: int | None = None
     timed_out: bool = False
     after: Counter[TrialState] = field(default_factory=Counter)
@@ -106,7 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="PostgreSQL URL allowed to CREATE/DROP DATABASE (default $SCALING_SEARCH_TEST_PG "
         f"or {mask_url(PG_ADMIN_URL).replace('%', '%%')})",
     )
-    parser.add_argument("--kills", type=int, default=3, help="SIGKILLs before the last run")
+    parser.add_argument(
+        "--kills", type=int, default=4, help="events (signals, worker kills) before the last run"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
     parser.add_argument("--epochs", type=int, default=4, help="training budget of a trial")
     parser.add_argument(
@@ -145,7 +173,8 @@ def plan_kills(
     plans = []
     for k in range(kills):
         kind, low, high = kinds[k % len(kinds)]
-        plans.append(KillPlan(kind, rng.uniform(low, high)))
+        signame, target = EVENTS[k % len(EVENTS)]
+        plans.append(KillPlan(kind, rng.uniform(low, high), signame, target))
     return plans
 
 
@@ -281,33 +310,78 @@ def kill_driver(proc: subprocess.Popen[bytes], ray_tmp: str) -> None:
     print(f"  warning: processes naming {ray_tmp} survived: {left.stdout.split()}", flush=True)
 
 
+def kill_worker(trials: list[FrozenTrial] | None) -> bool:
+    """SIGKILL the worker of a RUNNING trial that has trained an epoch; False if none has."""
+    for trial in trials or []:
+        pid = trial.user_attrs.get("worker_pid")
+        if trial.state == TrialState.RUNNING and pid and trial.user_attrs.get("epochs_completed"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+                return True
+    return False
+
+
+def signal_driver(proc: subprocess.Popen[bytes], plan: KillPlan, ray_tmp: str) -> None:
+    """Do what ``plan`` says to the driver; a signalled driver gets 120 s to stop by itself."""
+    if plan.signal == "SIGKILL":
+        kill_driver(proc, ray_tmp)
+        return
+    signum = getattr(signal, plan.signal)
+    with contextlib.suppress(ProcessLookupError):
+        if plan.target == "group":
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        print(f"  {plan.signal}: the driver had not stopped after 120 s; killed", flush=True)
+        kill_driver(proc, ray_tmp)
+
+
 def run_once(
     number: int,
-    plan: KillPlan | None,
+    plans: list[KillPlan],
     ctx: Context,
     snapshots: list[Snapshot],
 ) -> RunRecord:
-    """Start the driver, kill it as ``plan`` says (None: let it finish), record what happened."""
+    """Start the driver, act on it as ``plans`` say until one ends the run (no plans left: let
+    it finish), and record what happened. The plans used are taken off the list."""
     record = RunRecord(number)
     started = time.monotonic()
     since = datetime.now()  # Optuna's trial times are naive local times of the driver (this host)
-    kill_at = started + plan.delay_s if plan and not plan.after_training else None
     proc = start_driver(ctx.study_file, ctx.work, ctx.ray_tmp, number)
+    plan = plans.pop(0) if plans else None
+    mark = started
+    kill_at = mark + plan.delay_s if plan and not plan.after_training else None
     try:
         while proc.poll() is None and time.monotonic() - started < ctx.timeout_s:
             time.sleep(POLL_S)
             if plan and kill_at is None and well_into_training(ctx.reader.trials(), since):
                 kill_at = time.monotonic() + plan.delay_s
-            if kill_at is not None and time.monotonic() >= kill_at and proc.poll() is None:
-                trials = ctx.reader.trials()
-                snapshots.append(snapshot(trials))
-                record.killed_at_s = time.monotonic() - started
-                record.phase = f"{phase(trials)}; study: {describe(counts(trials))}"
+            if plan is None or kill_at is None or time.monotonic() < kill_at:
+                continue
+            if proc.poll() is not None:
                 break
+            trials = ctx.reader.trials()
+            if not plan.ends_run:
+                if kill_worker(trials):  # else: no trial training yet; try again next poll
+                    record.workers_killed += 1
+                    plan = plans.pop(0) if plans else None
+                    kill_at = time.monotonic() + plan.delay_s if plan else None
+                continue
+            snapshots.append(snapshot(trials))
+            record.killed_at_s = time.monotonic() - started
+            record.phase = f"{phase(trials)}; study: {describe(counts(trials))}"
+            record.ended_by = plan
+            signal_driver(proc, plan, ctx.ray_tmp)
+            break
     finally:
         if proc.poll() is None:
             record.timed_out = record.killed_at_s is None
             kill_driver(proc, ctx.ray_tmp)
+    if plan is not None and record.ended_by is None and plan.ends_run:
+        plans.insert(0, plan)  # the run ended before its moment came: the next run gets it
     record.seconds = time.monotonic() - started
     record.returncode = proc.returncode
     trials = ctx.reader.trials(retries=10)
@@ -337,36 +411,78 @@ def lost_trials(snapshots: list[Snapshot], final: Snapshot) -> set[int]:
 
 def rerun_trials(trials: list[FrozenTrial]) -> set[int]:
     """Trials started after another trial of their point had completed (queue duplicates,
-    which the ledger fails without training, excepted)."""
+    which the ledger fails without training, and shared copies excepted)."""
     completed_at: dict[Point, list[datetime]] = {}
     for trial in trials:
         point = point_of(trial)
-        if trial.state == TrialState.COMPLETE and point and trial.datetime_complete:
+        done = trial.state == TrialState.COMPLETE and not is_shared(trial)
+        if done and point and trial.datetime_complete:
             completed_at.setdefault(point, []).append(trial.datetime_complete)
     rerun = set()
     for trial in trials:
         point = point_of(trial)
-        if "duplicate_of" in trial.user_attrs or point is None or trial.datetime_start is None:
+        if "duplicate_of" in trial.user_attrs or is_shared(trial):
+            continue
+        if point is None or trial.datetime_start is None:
             continue
         if any(done < trial.datetime_start for done in completed_at.get(point, [])):
             rerun.add(trial.number)
     return rerun
 
 
-def grid_size(study: StudyConfig) -> int:
-    return len(grid_candidates(study.space)) * len(seeds(study))
+def wrong_stage(trials: list[FrozenTrial], study: StudyConfig) -> set[str]:
+    """Trials trained by the wrong stage, and raced networks that are not the search's top_k."""
+    assert study.search.racing is not None
+    search_seeds, racing_seeds = set(seeds(study)), set(racing.racing_seeds(study))
+    wrong = set()
+    for trial in trials:
+        point = point_of(trial)
+        if point is None or is_shared(trial) or "duplicate_of" in trial.user_attrs:
+            continue
+        raced = stage_of(trial) == "racing"
+        if raced and ("seed" in trial.params or point[1] not in racing_seeds):
+            wrong.add(f"trial {trial.number}: racing, trained as a search trial")
+        if not raced and point[1] not in search_seeds:
+            wrong.add(f"trial {trial.number}: search, with seed {point[1]}")
+    top = {key for key, _ in racing.search_ranking(trials, study.search.racing.top_k)}
+    for trial in trials:
+        point = point_of(trial)
+        if stage_of(trial) == "racing" and point is not None and point[0] not in top:
+            wrong.add(f"trial {trial.number}: raced network {point[0][:12]}… is not in the top")
+    return wrong
+
+
+def expected_points(study: StudyConfig) -> int:
+    """Networks × search seeds, plus the race: top_k networks × racing seeds."""
+    assert study.search.racing is not None
+    networks = len(grid_classes(study, num_classes=study.data.num_classes))
+    race = study.search.racing.top_k * len(racing.racing_seeds(study))
+    return networks * len(seeds(study)) + race
+
+
+def signalled_badly(records: list[RunRecord]) -> list[str]:
+    """Runs ended by SIGINT or SIGTERM that did not exit with 128 + the signal."""
+    bad = []
+    for r in records:
+        plan = r.ended_by
+        if plan is not None and plan.signal != "SIGKILL":
+            expected = 128 + int(getattr(signal, plan.signal))
+            if r.returncode != expected:
+                bad.append(f"run {r.number}: {plan.signal} gave exit {r.returncode}")
+    return bad
 
 
 def print_runs(records: list[RunRecord]) -> None:
-    print(f"\n{'run':>3}  {'seconds':>7}  {'ended':<22}  states after")
+    print(f"\n{'run':>3}  {'seconds':>7}  {'ended':<30}  workers killed  states after")
     for r in records:
-        if r.killed_at_s is not None:
-            ended = f"SIGKILL at {r.killed_at_s:5.1f} s"
+        if r.killed_at_s is not None and r.ended_by is not None:
+            ended = f"{r.ended_by.signal} at {r.killed_at_s:5.1f} s, exit {r.returncode}"
         elif r.timed_out:
             ended = "timed out, killed"
         else:
             ended = f"exited, code {r.returncode}"
-        print(f"{r.number:>3}  {r.seconds:7.1f}  {ended:<22}  {describe(r.after)}")
+        killed = r.workers_killed
+        print(f"{r.number:>3}  {r.seconds:7.1f}  {ended:<30}  {killed:>14}  {describe(r.after)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,38 +521,54 @@ def _bench(
         STUDY.format(out=work / "runs", storage=url, epochs=args.epochs), encoding="utf-8"
     )
     study = load_study(study_file)
-    expected = grid_size(study)
-    print(f"storage {mask_url(url)}; grid of {expected} points; RAY_TMPDIR {ray_tmp}", flush=True)
+    expected = expected_points(study)
+    print(f"storage {mask_url(url)}; {expected} points to train; RAY_TMPDIR {ray_tmp}", flush=True)
     reader = StudyReader(url, study.name)
     ctx = Context(study_file, work, ray_tmp, reader, args.timeout)
     snapshots: list[Snapshot] = []
     records: list[RunRecord] = []
+    plans = list(plans)
     try:
-        for number, plan in enumerate([*plans, None], start=1):
-            record = run_once(number, plan, ctx, snapshots)
+        for number in range(1, len(plans) + 2 + 4):
+            record = run_once(number, plans, ctx, snapshots)
             records.append(record)
-            if record.killed_at_s is not None:
-                at = f"SIGKILL at {record.killed_at_s:.1f} s (planned {plan})"
-                print(f"run {number}: {at}, {record.phase}", flush=True)
+            if record.ended_by is not None:
+                at = f"{record.ended_by.signal} at {record.killed_at_s:.1f} s"
+                print(
+                    f"run {number}: {at} (planned {record.ended_by}), exit "
+                    f"{record.returncode}; {record.phase}",
+                    flush=True,
+                )
                 continue
             end = "timed out" if record.timed_out else f"exited with code {record.returncode}"
             print(f"run {number}: {end} after {record.seconds:.0f} s", flush=True)
             if record.returncode != 0:
                 log = (work / f"run-{number}.log").read_text(errors="replace")
                 print(f"--- run {number} log (tail) ---\n{log[-3000:]}")
-            break  # the driver finished on its own: the study is done
+            if not plans:
+                break  # the driver finished on its own with nothing left to do to it
         trials = reader.trials(retries=10) or []
     finally:
         reader.close()
     print_runs(records)
-    points = {point_of(t) for t in trials if t.state == TrialState.COMPLETE} - {None}
+    points = {point_of(t) for t in trials if t.state == TrialState.COMPLETE and not is_shared(t)}
+    points.discard(None)
     lost = lost_trials(snapshots, snapshot(trials))
     rerun = rerun_trials(trials)
+    wrong = wrong_stage(trials, study)
+    badly = signalled_badly(records)
     print(f"\nlost trials: {sorted(lost)}; rerun trials: {sorted(rerun)}")
-    print(f"expected: {expected} grid points; total {time.monotonic() - started:.0f} s")
-    print(f"completed: {len(points)} lost: {len(lost)} rerun: {len(rerun)}")
-    ok = records[-1].returncode == 0 and len(points) == expected
-    return 0 if ok and not lost and not rerun else 1
+    print(f"wrong stage: {sorted(wrong)}; signalled drivers that exited wrongly: {badly}")
+    workers = sum(r.workers_killed for r in records)
+    print(
+        f"trial workers killed: {workers}; expected: {expected} points; "
+        f"total {time.monotonic() - started:.0f} s"
+    )
+    print(
+        f"completed: {len(points)} lost: {len(lost)} rerun: {len(rerun)} wrong_stage: {len(wrong)}"
+    )
+    ok = records[-1].returncode == 0 and len(points) == expected and not badly
+    return 0 if ok and not lost and not rerun and not wrong else 1
 
 
 if __name__ == "__main__":

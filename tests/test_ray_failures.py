@@ -180,3 +180,48 @@ def test_an_address_where_no_ray_answers_is_one_line(tiny_study: Path, ray_tmp: 
     assert line.startswith(ERROR + f"--address 127.0.0.1:{port}: no Ray cluster answers there")
     assert "ray start --head" in line
     assert not (tiny_study.parent / "runs" / "optuna.db").exists()  # nothing written
+
+
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of ``pid``'s child processes, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(parent) == pid:
+            found.append((int(entry.name), command))
+    return found
+
+
+def test_the_local_raylet_killed_ends_the_run_with_one_line_and_keeps_rays_logs(
+    tiny_study: Path, tmp_path: Path, ray_tmp: str
+):
+    study = load_study(tiny_study)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scaling_search.cli", "run", str(tiny_study)],
+        env={**cli_env(), "RAY_TMPDIR": ray_tmp},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the first trial is recorded: trials are running
+        if " done, " in line:
+            break
+    (raylet,) = [pid for pid, command in _children(proc.pid) if "raylet/raylet" in command]
+    os.kill(raylet, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    (line,) = err.strip().splitlines()
+    assert line.startswith(ERROR + "the local Ray's raylet at ")
+    assert "stopped answering (killed, or out of memory)" in line
+    assert line.endswith("run the same command again to continue (completed trials are kept)")
+    kept = Path(line.split("Ray's logs: ")[1].split(";")[0])
+    assert kept.is_relative_to(study.out_dir.resolve()) and any(kept.glob("raylet*.out"))
+    assert "[state-dump]" not in err

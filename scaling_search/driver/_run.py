@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from scaling_search.driver._progress import Progress, ProgressCallback
 from scaling_search.driver._ray_compat import trial_failures_for_lost_workers
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
+from scaling_search.driver._watchdog import RayWatchdog, TerminalLines, ray_output_to
 from scaling_search.interrupt import Interrupted, StopRequest
 from scaling_search.ledger import Heartbeat
 from scaling_search.objective import ObjectiveFit
@@ -132,7 +134,7 @@ def run_study(
     *,
     data: ImageData,
     storage: optuna.storages.RDBStorage,
-    progress: Progress = print,
+    progress: Progress | None = None,
     address: str | None = None,
     fit_fn: Fit | None = None,
     stop: StopRequest | None = None,
@@ -148,6 +150,8 @@ def run_study(
     """
     started = time.perf_counter()
     stop = stop or StopRequest()
+    if progress is None:  # the terminal's stdout: Ray's own output goes to the study's logs
+        progress = TerminalLines(sys.stdout)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ot_study = ledger.open_study(study, storage, num_classes=data.num_classes)
     ledger.recover_stale(ot_study, progress)
@@ -169,32 +173,37 @@ def run_study(
     if to_launch == 0 and to_race == 0:
         progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
         return _summary(0, before, ot_study, started)
-    _init_ray(study, address, stop)
-    check_resources(_resources(study))
-    if fit_fn is None:
-        fit_fn = ObjectiveFit(study.objective) if study.objective else fit
-    live = LiveDashboard(ot_study, progress)
+    logs = study.out_dir / "logs"
     stage: _Stage | None = None
     try:
-        with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
-            stage = _Stage(
-                study, data, storage, heartbeat, fit_fn, progress, live, key, classes, stop
-            )
-            if to_launch:
-                progress(
-                    f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
-                    f"up to {study.search.max_concurrent_trials} at a time"
+        with ray_output_to(logs / f"driver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"):
+            _init_ray(study, address, stop)
+            check_resources(_resources(study))
+            if fit_fn is None:
+                fit_fn = ObjectiveFit(study.objective) if study.objective else fit
+            live = LiveDashboard(ot_study, progress)
+            with (
+                RayWatchdog(logs, local=address is None),
+                Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat,
+            ):
+                stage = _Stage(
+                    study, data, storage, heartbeat, fit_fn, progress, live, key, classes, stop
                 )
-                stage.run(to_launch, racing_stage=False)
-                to_race = _racing_after_search(study, ot_study, progress)
-            if to_race and study.search.racing is not None:
-                progress(
-                    f"racing: the top {study.search.racing.top_k} triple(s) of the search, "
-                    f"{study.search.racing.repeats} new seed(s) each at the full budget: "
-                    f"{to_race} trial(s)"
-                )
-                stage.run(to_race, racing_stage=True)
-            live.update(force=True)  # the figures and note of the finished run
+                if to_launch:
+                    progress(
+                        f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
+                        f"up to {study.search.max_concurrent_trials} at a time"
+                    )
+                    stage.run(to_launch, racing_stage=False)
+                    to_race = _racing_after_search(study, ot_study, progress)
+                if to_race and study.search.racing is not None:
+                    progress(
+                        f"racing: the top {study.search.racing.top_k} triple(s) of the search, "
+                        f"{study.search.racing.repeats} new seed(s) each at the full budget: "
+                        f"{to_race} trial(s)"
+                    )
+                    stage.run(to_race, racing_stage=True)
+                live.update(force=True)  # the figures and note of the finished run
     except Interrupted as exc:
         exc.summary = _summary(stage.launched if stage else 0, before, ot_study, started)
         raise
