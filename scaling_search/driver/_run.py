@@ -360,6 +360,14 @@ class _StopOnSignal(tune.Stopper):
     def stop_all(self) -> bool:
         return self._stop.requested
 
+    # Tune pickles its stopper into the experiment's state, for its own restore (unused here);
+    # the request holds the signal handlers it replaced, which need not pickle.
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._stop = StopRequest()
+
 
 def _tuner(
     study: StudyConfig,
