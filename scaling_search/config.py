@@ -68,7 +68,6 @@ class _Strict(BaseModel):
         return data
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
 Images = Annotated[int, Field(gt=0, le=limits.MAX_IMAGES)]
 # Seeds reach numpy's and Optuna's generators, which take 0 … 2**32 - 1.
 Seed = Annotated[int, Field(ge=0, le=limits.MAX_SEED)]
@@ -89,6 +88,10 @@ class Bounds(_Strict):
                 raise ValueError(f"expected [low, high], got {list(value)!r}")
             return {"low": value[0], "high": value[1]}
         return value
+
+    def grid_steps(self, step: float) -> int:
+        """Steps of ``step`` from low that stay within high (the grid has one point more)."""
+        return math.floor((self.high - self.low) / step + 1e-9)
 
     @model_validator(mode="after")
     def _ordered(self) -> Bounds:
@@ -147,10 +150,7 @@ class SpaceConfig(_Strict):
 
     def grid_points(self) -> int:
         """Points of the step grid inside the bounds (before the tolerance keeps some)."""
-        count = 1
-        for bounds in (self.alpha, self.beta, self.gamma):
-            count *= math.floor((bounds.high - bounds.low) / self.step + 1e-9) + 1
-        return count
+        return math.prod(b.grid_steps(self.step) + 1 for b in (self.alpha, self.beta, self.gamma))
 
 
 class RacingConfig(_Strict):
@@ -252,7 +252,7 @@ def _ray_unit_problem(amount: float) -> str | None:
         return None
     return (
         f"{amount:g} is finer than Ray's resource unit {limits.RAY_RESOURCE_UNIT:g}, which "
-        "would round it; give a multiple of 0.0001 (at most 4 decimals)"
+        f"would round it; give a multiple of {limits.RAY_RESOURCE_UNIT:g} (at most 4 decimals)"
     )
 
 
@@ -262,7 +262,9 @@ class StudyConfig(_Strict):
     name: str = Field(pattern=_NAME_PATTERN)
     description: str = ""
     output_dir: Path | None = None  # default: runs/<name>
-    storage: str | None = None  # SQLAlchemy URL; default SCALING_SEARCH_STORAGE or a SQLite file
+    # SQLAlchemy URL; default SCALING_SEARCH_STORAGE or a SQLite file. Not in repr(): it may hold
+    # a password, and a study's repr can reach a log.
+    storage: str | None = Field(default=None, repr=False)
     data: DataConfig = DataConfig()
     space: SpaceConfig = SpaceConfig()
     search: SearchConfig = SearchConfig()

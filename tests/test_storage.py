@@ -65,6 +65,12 @@ def test_default_file_follows_output_dir(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert Path(url.database or "") == tmp_path / "out" / DB_FILENAME
 
 
+def test_a_studys_repr_never_shows_its_storage_url() -> None:
+    study = parse_study({"name": "s", "storage": f"postgresql://u:{SECRET}@h/db"})
+    assert SECRET not in repr(study) and SECRET not in str(study)
+    assert resolve_url(study) == f"postgresql://u:{SECRET}@h/db"
+
+
 # --- mask_url ------------------------------------------------------------------------------------
 
 
