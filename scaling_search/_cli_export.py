@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scaling_search import limits
 from scaling_search.config import StudyConfig, StudyError
 
 if TYPE_CHECKING:
@@ -31,16 +32,16 @@ def export(args: argparse.Namespace) -> int:
     if args.study is None and args.coefficients is None:
         raise StudyError("export needs a study file, --coefficients A,B,G, or both")
     _check_onnx_args(args)
-    for flag, value, low in (
-        ("--base-resolution", args.base_resolution, 1),
-        ("--num-classes", args.num_classes, 2),
+    for flag, value, low, high in (
+        ("--base-resolution", args.base_resolution, 1, limits.MAX_RESOLUTION_PX),
+        ("--num-classes", args.num_classes, 2, limits.MAX_CLASSES),
     ):
-        if value is not None and value < low:  # 0 is a value, not "the default"
-            raise StudyError(f"{flag} must be at least {low}, got {value}")
+        if value is not None:  # 0 is a value, not "the default"
+            limits.check_range(flag, value, low, high)
     base_px, classes = args.base_resolution or 224, args.num_classes or 1000
     recipe = None
     if args.coefficients is not None:
-        coefficients = Coefficients(*_floats(args.coefficients, "--coefficients", count=3))
+        coefficients = Coefficients(*_coefficients(args.coefficients))
     if args.study is not None:
         # With --coefficients too: that triple (another member of the winning class, say) with
         # the study's resolution, classes and training recipe.
@@ -53,7 +54,7 @@ def export(args: argparse.Namespace) -> int:
         base_px = args.base_resolution or study.train.base_resolution_px
         classes = args.num_classes or study_classes(study, ot_study)
         recipe = study_recipe(study)
-    phis = _floats(args.phi, "--phi") if args.phi else None
+    phis = None if args.phi is None else _phis(args.phi)
     budget = _budget(args)
     if budget is not None:
         if phis is not None or args.mode != "formula":
@@ -118,7 +119,7 @@ def _check_onnx_args(args: argparse.Namespace) -> None:
 def _chosen_member(family: Family, name: str | None) -> FamilyMember:
     names = [member.name for member in family.members]
     if name is None and len(names) == 1:
-        return family.members[0]
+        return _buildable(family.members[0])
     if name is None:
         raise StudyError(
             f"--format onnx writes one model: name it with --member ({', '.join(names)})"
@@ -128,7 +129,16 @@ def _chosen_member(family: Family, name: str | None) -> FamilyMember:
             f"--member {name!r} is not in this family ({', '.join(names)}); "
             "--phi chooses the members, e.g. --phi 3 for b3"
         )
-    return family.members[names.index(name)]
+    return _buildable(family.members[names.index(name)])
+
+
+def _buildable(member: FamilyMember) -> FamilyMember:
+    if member.params > limits.MAX_ONNX_PARAMS:  # building it would allocate every weight
+        raise StudyError(
+            f"--member {member.name} has {member.params:,} params; --format onnx builds at most "
+            f"{limits.MAX_ONNX_PARAMS:,} (4 GB of float32 weights; B7 has 66 M)"
+        )
+    return member
 
 
 def _write_onnx(member: FamilyMember, out: Path) -> int:
@@ -165,7 +175,7 @@ def _budget(args: argparse.Namespace) -> tuple[str, float] | None:
         if text is None:
             continue
         number, suffix = text.strip(), ""
-        if number[-1:].upper() in _SUFFIXES:
+        if number[-1:].upper() in _SUFFIXES.keys() - {""}:
             number, suffix = number[:-1], number[-1].upper()
         try:
             value = float(number) * _SUFFIXES[suffix]
@@ -177,6 +187,22 @@ def _budget(args: argparse.Namespace) -> tuple[str, float] | None:
             )
         return kind, value
     return None
+
+
+def _coefficients(text: str) -> list[float]:
+    values = _floats(text, "--coefficients", count=3)
+    for name, value in zip(("alpha", "beta", "gamma"), values, strict=True):
+        limits.check_range(f"--coefficients {name}", value, 1, limits.MAX_COEFFICIENT)
+    return values
+
+
+def _phis(text: str) -> list[float]:
+    values = _floats(text, "--phi")
+    if len(values) > limits.MAX_PHIS:
+        raise StudyError(f"--phi gives {len(values)} values; at most {limits.MAX_PHIS} members")
+    for value in values:
+        limits.check_range("--phi", value, 0, limits.MAX_PHI, note="B7's is 7")
+    return values
 
 
 def _floats(text: str, option: str, count: int | None = None) -> list[float]:

@@ -1,4 +1,5 @@
-"""``scaling-search dashboard``, ``report`` and ``space``: seeing a study and its candidates."""
+"""``scaling-search dashboard``, ``report``, ``space`` and ``model``: seeing a study, its
+candidates and a network."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scaling_search import limits
 from scaling_search.config import StudyConfig, StudyError, load_study
 
 if TYPE_CHECKING:
@@ -24,6 +26,11 @@ def dashboard(args: argparse.Namespace) -> int:
 
     if args.study is not None and args.storage is not None:
         raise StudyError("dashboard takes a study file or --storage URL, not both")
+    # Checked before the storage is opened (which may create a SQLite file).
+    limits.check_range("--port", args.port, 1, limits.MAX_PORT)
+    for flag, value in (("--host", args.host), ("--storage", args.storage)):
+        if value is not None and not value.strip():  # never silently the default
+            raise StudyError(f"{flag} is empty; give a value or leave the option out")
     if args.study is not None:
         study, _ = _existing_study(args)
         url = resolve_url(study)
@@ -134,3 +141,38 @@ def _space_table(data: dict[str, Any], study: StudyConfig) -> list[str]:
         f"within {study.space.tolerance:g} of {study.space.product:g})",
         "* the triple trained for each network; the other triples of its class share its result",
     ]
+
+
+def model(args: argparse.Namespace) -> int:
+    """`scaling-search model`: exact params, MACs and stage shapes of a scaled B0."""
+    from scaling_search.cli import _emit
+    from scaling_search.model import architecture, count_macs, count_params
+
+    top = limits.MAX_MULTIPLIER
+    limits.check_range("--width", args.width, 0, top, low_open=True, note="B7's is 2.0")
+    limits.check_range("--depth", args.depth, 0, top, low_open=True, note="B7's is 3.1")
+    limits.check_range("--resolution", args.resolution, 1, limits.MAX_RESOLUTION_PX)
+    limits.check_range("--num-classes", args.num_classes, 1, limits.MAX_CLASSES)
+    arch = architecture(width=args.width, depth=args.depth, num_classes=args.num_classes)
+    params, macs = count_params(arch), count_macs(arch, resolution_px=args.resolution)
+    data = {
+        "width": args.width,
+        "depth": args.depth,
+        "resolution_px": args.resolution,
+        "num_classes": args.num_classes,
+        "params": params,
+        "macs": macs,
+        **arch.to_dict(),
+    }
+    table = [
+        f"params {params:,}  macs {macs:,} ({macs / 1e9:.3f} G) at {args.resolution} px",
+        f"stem {arch.stem_channels}  head {arch.head_channels}",
+        "stage  expand kernel stride  in  out  repeats",
+    ]
+    table += [
+        f"{i:5d} {s.expand_ratio:6d} {s.kernel:6d} {s.stride:6d} {s.in_channels:4d} "
+        f"{s.out_channels:4d} {s.repeats:8d}"
+        for i, s in enumerate(arch.stages, 1)
+    ]
+    _emit(data, args.format, table)
+    return 0

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from scaling_search import limits
+from scaling_search._redact import redact
 from scaling_search.config import StudyConfig, StudyError, load_study
 from scaling_search.interrupt import (
     INTERRUPTED_LINE,
@@ -160,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"scaling-search: error: {' '.join(str(message).split())}", file=sys.stderr)
+        # Every message that names a storage URL masks it already; this catches any other.
+        print(f"scaling-search: error: {' '.join(redact(str(message)).split())}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print(f"scaling-search: {INTERRUPTED_LINE}", file=sys.stderr)
@@ -178,6 +181,18 @@ def _emit(data: Any, fmt: str, table: Sequence[str]) -> None:
 
 
 # --- run -----------------------------------------------------------------------------------------
+
+
+def _check_address(address: str | None) -> None:
+    """--address names a cluster: never empty (which Ray would take as a new local one), and a
+    HOST:PORT's port is one a server can listen on."""
+    if address is None:
+        return
+    if not address.strip():
+        raise StudyError("--address is empty; give auto or HOST:PORT, or leave it out")
+    _, colon, port = address.rpartition(":")
+    if colon and port.isdigit():
+        limits.check_range(f"--address {address}: the port", int(port), 1, limits.MAX_PORT)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -199,6 +214,7 @@ def _summary_line(summary: Any, when: str = "") -> str:
 def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
     from scaling_search._startup import collector_paused
 
+    _check_address(args.address)
     with collector_paused():  # the set-up imports torch, Optuna and Ray Tune
         from scaling_search.data import load_data
         from scaling_search.sampling import ObjectiveNetworkKey, SimplexCoordinates
@@ -387,33 +403,9 @@ def _space(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from scaling_search.model import architecture, count_macs, count_params
+    from scaling_search import _cli_view
 
-    if args.resolution < 1:
-        raise StudyError(f"--resolution must be a positive number of pixels, got {args.resolution}")
-    arch = architecture(width=args.width, depth=args.depth, num_classes=args.num_classes)
-    params, macs = count_params(arch), count_macs(arch, resolution_px=args.resolution)
-    data = {
-        "width": args.width,
-        "depth": args.depth,
-        "resolution_px": args.resolution,
-        "num_classes": args.num_classes,
-        "params": params,
-        "macs": macs,
-        **arch.to_dict(),
-    }
-    table = [
-        f"params {params:,}  macs {macs:,} ({macs / 1e9:.3f} G) at {args.resolution} px",
-        f"stem {arch.stem_channels}  head {arch.head_channels}",
-        "stage  expand kernel stride  in  out  repeats",
-    ]
-    table += [
-        f"{i:5d} {s.expand_ratio:6d} {s.kernel:6d} {s.stride:6d} {s.in_channels:4d} "
-        f"{s.out_channels:4d} {s.repeats:8d}"
-        for i, s in enumerate(arch.stages, 1)
-    ]
-    _emit(data, args.format, table)
-    return 0
+    return _cli_view.model(args)
 
 
 def _dashboard(args: argparse.Namespace) -> int:

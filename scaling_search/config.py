@@ -16,6 +16,12 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from scaling_search import limits
+from scaling_search._config_errors import describe
+from scaling_search._redact import mask_value
+from scaling_search._yamlfile import MAX_DEPTH, YAMLInputError, check_expansion, load_yaml
+from scaling_search.model import scale_resolution
+
 __all__ = [
     "SAMPLERS",
     "SCHEDULERS",
@@ -37,9 +43,6 @@ SAMPLERS = ("grid", "tpe", "random", "qmc")
 SCHEDULERS = ("fifo", "asha")
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 _OBJECTIVE_PATTERN = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"  # package.module:function
-# A real study holds under 200 values, 3 levels deep; these limits only stop YAML built to hurt.
-_MAX_VALUES = 100_000  # values (keys, items, scalars) once YAML aliases are expanded
-_MAX_DEPTH = 32  # levels of nested mappings and lists
 
 
 class StudyError(ValueError):
@@ -65,14 +68,17 @@ class _Strict(BaseModel):
         return data
 
 
-PositiveInt = Annotated[int, Field(gt=0)]
+Images = Annotated[int, Field(gt=0, le=limits.MAX_IMAGES)]
+# Seeds reach numpy's and Optuna's generators, which take 0 … 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=limits.MAX_SEED)]
+Coefficient = Annotated[float, Field(ge=1.0, le=limits.MAX_COEFFICIENT, allow_inf_nan=False)]
 
 
 class Bounds(_Strict):
-    """Closed interval [low, high] for one coefficient; both ends finite and ≥ 1."""
+    """Closed interval [low, high] for one coefficient; both ends finite, in [1, 64]."""
 
-    low: float = Field(ge=1.0, allow_inf_nan=False)
-    high: float = Field(ge=1.0, allow_inf_nan=False)
+    low: Coefficient
+    high: Coefficient
 
     @model_validator(mode="before")
     @classmethod
@@ -82,6 +88,10 @@ class Bounds(_Strict):
                 raise ValueError(f"expected [low, high], got {list(value)!r}")
             return {"low": value[0], "high": value[1]}
         return value
+
+    def grid_steps(self, step: float) -> int:
+        """Steps of ``step`` from low that stay within high (the grid has one point more)."""
+        return math.floor((self.high - self.low) / step + 1e-9)
 
     @model_validator(mode="after")
     def _ordered(self) -> Bounds:
@@ -96,13 +106,13 @@ class DataConfig(_Strict):
     kind: Literal["synthetic", "cifar10", "cifar100", "image_folder"] = "synthetic"
     path: Path | None = None
     num_classes: int = Field(default=10, ge=2, le=1000)  # synthetic data only
-    train_size: PositiveInt = 2000  # images; a subset is taken from larger datasets
+    train_size: Images = 2000  # images; a subset is taken from larger datasets
     # Images held out of train_size to choose on (stratified by class, fixed by seed); trials
     # train on the rest. Default: 10% of the training images (5,000 of CIFAR's 50,000).
-    validation_size: PositiveInt | None = None
-    test_size: PositiveInt = 500  # evaluated once per full-budget trial, never used to choose
+    validation_size: Images | None = None
+    test_size: Images = 500  # evaluated once per full-budget trial, never used to choose
     image_px: int = Field(default=32, ge=8, le=1024)  # synthetic and image folders
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -112,6 +122,14 @@ class DataConfig(_Strict):
             raise ValueError(
                 f"data.validation_size {self.validation_size} must be below data.train_size "
                 f"{self.train_size}: validation images are held out of the training images"
+            )
+        synthetic_bytes = (self.train_size + self.test_size) * 3 * self.image_px**2
+        if self.kind == "synthetic" and synthetic_bytes > limits.MAX_SYNTHETIC_BYTES:
+            raise ValueError(
+                f"data.train_size + data.test_size: {self.train_size + self.test_size} "
+                f"synthetic images of {self.image_px} px are {synthetic_bytes / 2**30:.3g} GiB "
+                f"in memory; at most {limits.MAX_SYNTHETIC_BYTES // 2**30} GiB are rendered "
+                "(lower either, or data.image_px)"
             )
         return self
 
@@ -128,7 +146,11 @@ class SpaceConfig(_Strict):
     # MACs ratio of the network a triple really builds once repeats, channels and pixels are
     # rounded (README: "What a triple costs").
     cost: Literal["nominal", "measured"] = "nominal"
-    tolerance: float = Field(default=0.1, ge=0.0, allow_inf_nan=False)
+    tolerance: float = Field(default=0.1, ge=0.0, le=64.0, allow_inf_nan=False)
+
+    def grid_points(self) -> int:
+        """Points of the step grid inside the bounds (before the tolerance keeps some)."""
+        return math.prod(b.grid_steps(self.step) + 1 for b in (self.alpha, self.beta, self.gamma))
 
 
 class RacingConfig(_Strict):
@@ -136,19 +158,20 @@ class RacingConfig(_Strict):
     triple trained at the full budget with ``repeats`` new seeds, so that the winner is a mean
     over seeds."""
 
-    top_k: PositiveInt = 3
-    repeats: int = Field(default=3, ge=2, le=100)
+    top_k: int = Field(default=3, gt=0, le=limits.MAX_TOP_K)
+    repeats: int = Field(default=3, ge=2, le=limits.MAX_REPEATS)
 
 
 class SearchConfig(_Strict):
     """How points are chosen and how many trials run at once."""
 
     sampler: Literal["grid", "tpe", "random", "qmc"] = "grid"
-    n_trials: PositiveInt | None = None  # required for tpe/random/qmc; grid runs every candidate
-    repeats: PositiveInt = 1  # seeds per grid candidate
+    # Required for tpe/random/qmc; grid runs every candidate.
+    n_trials: int | None = Field(default=None, gt=0, le=limits.MAX_TRIALS)
+    repeats: int = Field(default=1, gt=0, le=limits.MAX_REPEATS)  # seeds per grid candidate
     scheduler: Literal["fifo", "asha"] = "fifo"
-    max_concurrent_trials: PositiveInt = 2
-    seed: int = 0  # sampler seed
+    max_concurrent_trials: int = Field(default=2, gt=0, le=limits.MAX_CONCURRENT_TRIALS)
+    seed: Seed = 0  # sampler seed; trials use seed, seed + 1, …
     # Times Ray restarts a trial that raised (or whose node died) from its last checkpoint.
     trial_retries: int = Field(default=2, ge=0, le=100)
     racing: RacingConfig | None = None  # no racing stage unless given
@@ -166,17 +189,18 @@ class TrainConfig(_Strict):
     """One trial's recipe; the budget is ``epochs`` at ``base_resolution_px``·γ pixels."""
 
     base_resolution_px: int = Field(default=32, ge=8, le=1024)  # B0's input size in this study
-    epochs: PositiveInt = 3  # full budget of one trial
-    batch_size: PositiveInt = 64
+    epochs: int = Field(default=3, gt=0, le=limits.MAX_EPOCHS)  # full budget of one trial
+    batch_size: int = Field(default=64, gt=0, le=limits.MAX_BATCH_SIZE)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     lr_per_256: float = Field(default=0.012, gt=0.0, le=100.0, allow_inf_nan=False)
     weight_decay: float = Field(default=0.05, ge=0.0, le=1.0, allow_inf_nan=False)
-    warmup_epochs: float = Field(default=0.5, ge=0.0, allow_inf_nan=False)
+    warmup_epochs: float = Field(default=0.5, ge=0.0, le=limits.MAX_EPOCHS, allow_inf_nan=False)
     label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     stochastic_depth: float = Field(default=0.2, ge=0.0, lt=1.0)
     bn_momentum: float = Field(default=0.1, gt=0.0, le=1.0)  # PyTorch convention; short trials
-    bn_recalibration_images: int = Field(default=512, ge=0)  # exact BN statistics before each eval
+    # Exact BN statistics before each eval, from at most this many training images.
+    bn_recalibration_images: int = Field(default=512, ge=0, le=limits.MAX_IMAGES)
     augment: bool = True  # random crop with padding + horizontal flip
     # torch.compile the training step's model. Off by default: on CPU its compile time is not
     # won back within a short trial (bench/trial_speed.py --compile measures both).
@@ -186,11 +210,20 @@ class TrainConfig(_Strict):
 class ResourcesConfig(_Strict):
     """Ray resources of one trial; fractions of a GPU are allowed."""
 
-    cpus_per_trial: float = Field(default=1.0, gt=0.0, le=1024.0, allow_inf_nan=False)
-    gpus_per_trial: float = Field(default=0.0, ge=0.0, le=64.0, allow_inf_nan=False)
-    num_cpus: PositiveInt | None = None  # local Ray only: CPUs to give it (default: all)
+    cpus_per_trial: float = Field(default=1.0, gt=0.0, le=limits.MAX_CPUS, allow_inf_nan=False)
+    gpus_per_trial: float = Field(default=0.0, ge=0.0, le=limits.MAX_GPUS, allow_inf_nan=False)
+    # Local Ray only: CPUs to give it (default: all).
+    num_cpus: int | None = Field(default=None, gt=0, le=int(limits.MAX_CPUS))
     # Ray custom resources per trial, e.g. {"accelerator_type:A100": 0.001} or a node label.
     custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("cpus_per_trial", "gpus_per_trial")
+    @classmethod
+    def _in_ray_units(cls, value: float) -> float:
+        problem = _ray_unit_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("custom")
     @classmethod
@@ -201,11 +234,26 @@ class ResourcesConfig(_Strict):
                     f"resource name {name!r} is not allowed; CPUs and GPUs have their own keys "
                     "(cpus_per_trial, gpus_per_trial), custom names must be non-empty"
                 )
-            if not math.isfinite(amount) or amount <= 0:
+            if not math.isfinite(amount) or not 0 < amount <= limits.RAY_MAX_RESOURCE:
                 raise ValueError(
-                    f"resource {name!r} amount {amount} must be a positive finite number"
+                    f"resource {name!r} amount {amount} must be a positive finite number, at "
+                    f"most {limits.RAY_MAX_RESOURCE:g} (Ray's largest quantity)"
                 )
+            problem = _ray_unit_problem(amount)
+            if problem:
+                raise ValueError(f"resource {name!r}: {problem}")
         return value
+
+
+def _ray_unit_problem(amount: float) -> str | None:
+    """Why Ray would not take ``amount`` as given: it rounds every quantity to 1/10,000."""
+    units = amount / limits.RAY_RESOURCE_UNIT
+    if amount == 0 or abs(units - round(units)) <= 1e-9 * units:
+        return None
+    return (
+        f"{amount:g} is finer than Ray's resource unit {limits.RAY_RESOURCE_UNIT:g}, which "
+        f"would round it; give a multiple of {limits.RAY_RESOURCE_UNIT:g} (at most 4 decimals)"
+    )
 
 
 class StudyConfig(_Strict):
@@ -214,7 +262,9 @@ class StudyConfig(_Strict):
     name: str = Field(pattern=_NAME_PATTERN)
     description: str = ""
     output_dir: Path | None = None  # default: runs/<name>
-    storage: str | None = None  # SQLAlchemy URL; default SCALING_SEARCH_STORAGE or a SQLite file
+    # SQLAlchemy URL; default SCALING_SEARCH_STORAGE or a SQLite file. Not in repr(): it may hold
+    # a password, and a study's repr can reach a log.
+    storage: str | None = Field(default=None, repr=False)
     data: DataConfig = DataConfig()
     space: SpaceConfig = SpaceConfig()
     search: SearchConfig = SearchConfig()
@@ -247,6 +297,24 @@ class StudyConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _computable(self) -> StudyConfig:
+        points = self.space.grid_points()
+        if self.search.sampler == "grid" and points > limits.MAX_GRID_POINTS:
+            raise ValueError(
+                f"space: the step grid of alpha, beta and gamma at step {self.space.step:g} has "
+                f"{points:,} points; at most {limits.MAX_GRID_POINTS:,} are enumerated (raise "
+                "space.step or narrow the bounds)"
+            )
+        px = scale_resolution(self.train.base_resolution_px, self.space.gamma.high)
+        if px > limits.MAX_RESOLUTION_PX:
+            raise ValueError(
+                f"train: base_resolution_px {self.train.base_resolution_px} scaled by "
+                f"space.gamma.high {self.space.gamma.high:g} is {px} px; a network's input is at "
+                f"most {limits.MAX_RESOLUTION_PX} px (lower either)"
+            )
+        return self
+
     @field_validator("storage")
     @classmethod
     def _non_empty(cls, value: str | None) -> str | None:
@@ -270,11 +338,13 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not path.is_file():
         raise StudyError(f"study file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except RecursionError:  # PyYAML composes nested collections recursively
         raise StudyError(
-            f"{path}: not valid YAML (nested too deeply; at most {_MAX_DEPTH} levels are allowed)"
+            f"{path}: not valid YAML (nested too deeply; at most {MAX_DEPTH} levels are allowed)"
         ) from None
+    except YAMLInputError as exc:
+        raise StudyError(f"{path}: {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StudyError(f"{path}: not valid YAML ({first})") from None
@@ -291,64 +361,29 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def parse_study(raw: dict[str, Any]) -> StudyConfig:
     """Validate a plain mapping into a StudyConfig, raising StudyError on the first problem."""
-    _check_expansion(raw)
+    try:
+        check_expansion(raw)
+    except YAMLInputError as exc:
+        raise StudyError(str(exc)) from None
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as exc:
-        raise StudyError(_describe(exc)) from None
-
-
-def _check_expansion(raw: dict[str, Any]) -> None:
-    """Refuse YAML alias bombs ("billion laughs"), recursive aliases and absurd nesting.
-
-    ``yaml.safe_load`` gives an anchor and all its aliases one shared object, so loading is cheap;
-    validation (and any error message that shows a value) walks the expanded tree, which can be
-    exponentially large. Each object is counted once (memoised by id), so this check is linear in
-    the size of the file.
-    """
-    _expanded_size(raw, {}, set(), path=())
-
-
-def _expanded_size(
-    node: Any, sizes: dict[int, int], open_ids: set[int], *, path: tuple[str, ...]
-) -> int:
-    """Values in ``node`` (keys, items, scalars) with each shared object counted every time."""
-    if not isinstance(node, (dict, list)):
-        return 1
-    if id(node) in sizes:
-        return sizes[id(node)]
-    where = ".".join(path) or "the study"
-    if id(node) in open_ids:
-        raise StudyError(f"{where}: a YAML alias refers to a value that contains it (a cycle)")
-    if len(path) > _MAX_DEPTH:
-        raise StudyError(
-            f"{path[0]}: nested more than {_MAX_DEPTH} levels deep; at most {_MAX_DEPTH} are "
-            "allowed"
-        )
-    open_ids.add(id(node))
-    keys = len(node) if isinstance(node, dict) else 0
-    items = node.items() if isinstance(node, dict) else enumerate(node)
-    size = 1 + keys
-    size += sum(_expanded_size(child, sizes, open_ids, path=(*path, str(k))) for k, child in items)
-    if size > _MAX_VALUES:
-        raise StudyError(
-            f"{where}: {size} values once YAML aliases are expanded; at most {_MAX_VALUES} are "
-            "allowed in a study (a real one holds a few dozen)"
-        )
-    open_ids.discard(id(node))
-    sizes[id(node)] = size
-    return size
+        raise StudyError(describe(exc, StudyConfig)) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``a.b.c=value`` set (value parsed as YAML)."""
+    """Return a copy of ``raw`` with each ``a.b.c=value`` set (value parsed as YAML); a key set
+    twice takes the later value, as on any command line."""
     result = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
+        shown = f"--set {mask_value(item)!r}"  # it may hold a storage URL
         if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-            raise StudyError(f"--set {item!r}: expected key.path=value, e.g. train.epochs=5")
+            raise StudyError(f"{shown}: expected key.path=value, e.g. train.epochs=5")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = load_yaml(text, path=tuple(key.split("."))) if text.strip() else None
+        except YAMLInputError as exc:
+            raise StudyError(f"{shown}: {exc}") from None
         except (yaml.YAMLError, RecursionError):
             value = text
         node = result
@@ -356,49 +391,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise StudyError(f"--set {item!r}: {part!r} is not a section")
+                raise StudyError(f"{shown}: {part!r} is not a section")
             node = child
         node[leaf] = value
     return result
-
-
-def _describe(exc: ValidationError) -> str:
-    """The most useful validation error as 'key.path: problem (got value)'."""
-    errors = exc.errors(include_url=False)
-    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = ".".join(str(part) for part in error["loc"])
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1])
-        return f"unknown key {loc!r}; allowed here: {', '.join(allowed)}"
-    if kind == "missing":
-        return f"{loc}: required key is missing"
-    message = error["msg"].removeprefix("Value error, ")
-    if kind == "value_error":  # our own validators name the key themselves
-        if re.match(r"^[a-z_]+: ", message):  # a key of this section
-            return f"{loc}.{message}" if loc else message
-        if not loc or message.startswith(loc.split(".")[0]):  # the study's own: names its keys
-            return message
-        return f"{loc}: {message}"
-    shown = _show(error.get("input"))
-    return f"{loc}: {message}" + (f" (got {shown})" if shown else "")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        return ""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = StudyConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)

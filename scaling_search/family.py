@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from scaling_search import limits
 from scaling_search.model import (
     B0_BN_MOMENTUM,
     B0_RESOLUTION_PX,
@@ -49,6 +50,7 @@ _SCAN_RADIUS_UNITS = 20_000
 _SCAN_STEP_UNITS = 1_000
 _MAX_PHI = 1024.0  # flops-matched search gives up beyond this φ
 _MAX_BUDGET_PHI = 20  # a budget beyond B7 by this much is a typo (2^20 x B0's FLOPs)
+_LARGEST = f"depth or width x{limits.MAX_MULTIPLIER:g}, {limits.MAX_RESOLUTION_PX} px"
 
 
 @dataclass(frozen=True)
@@ -133,16 +135,30 @@ class Family:
         return Coefficients(self.alpha, self.beta, self.gamma)
 
 
-def _check_count(name: str, value: object) -> int:
+def _check_count(name: str, value: object, most: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if most is not None and value > most:
+        raise ValueError(f"{name} must be at most {most}, got {value!r}")
     return value
 
 
 def _check_phi(phi: object) -> float:
-    if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not 0 <= phi < math.inf:
-        raise ValueError(f"phi must be a finite number >= 0, got {phi!r}")
+    if isinstance(phi, bool) or not isinstance(phi, (int, float)) or not 0 <= phi <= limits.MAX_PHI:
+        raise ValueError(
+            f"phi must be a number in [0, {limits.MAX_PHI:g}] (B7's is 7), got {phi!r}"
+        )
     return float(phi)
+
+
+def _limit_units(coefficients: Coefficients, base_px: int, most: float) -> int:
+    """The largest φ (in 1e-6 units, at most ``most``) whose network is within the bounds of
+    scaling_search.limits; one unit inside, so that rounding cannot step over them."""
+    alpha, beta, gamma = coefficients.as_tuple()
+    within = limits.max_phi(alpha, beta, gamma, base_resolution_px=base_px)
+    if within > most:  # infinite where no coefficient grows
+        return round(most * _PHI_UNITS)
+    return max(0, math.floor(within * _PHI_UNITS) - 1)
 
 
 def _dropout_at(phi: float) -> float:
@@ -165,6 +181,13 @@ def _member(
     recipe: Recipe = Recipe(),
 ) -> FamilyMember:
     depth, width, resolution_px = compound_scale(coefficients, phi, base_resolution_px=base_px)
+    problem = limits.network_problem(depth, width, resolution_px)
+    if problem is not None:
+        most = _limit_units(coefficients, base_px, limits.MAX_PHI) / _PHI_UNITS
+        raise ValueError(
+            f"phi={phi:g} is too large for {coefficients.label()} at {base_px} px: {problem}, "
+            f"the largest network this tool builds; phi <= {most:g} stays within"
+        )
     arch = architecture(width=width, depth=depth, num_classes=classes)
     return FamilyMember(
         name=name,
@@ -226,7 +249,7 @@ def phi_for_budget(
 
     Raises:
         ValueError: On an unknown kind, a target that is not a positive finite number, or one
-            these coefficients do not reach by φ = 20.
+            these coefficients do not reach by φ = 20 or within ``scaling_search.limits``.
     """
     if kind not in BUDGET_KINDS:
         raise ValueError(f"kind must be one of {BUDGET_KINDS}, got {kind!r}")
@@ -234,7 +257,7 @@ def phi_for_budget(
         raise ValueError(f"target must be a number, got {target!r}")
     if not math.isfinite(target) or target <= 0:
         raise ValueError(f"target must be a positive finite number, got {target!r}")
-    _check_count("base_resolution_px", base_resolution_px)
+    _check_count("base_resolution_px", base_resolution_px, limits.MAX_RESOLUTION_PX)
     _check_count("num_classes", num_classes)
 
     @functools.cache
@@ -245,13 +268,15 @@ def phi_for_budget(
         arch = architecture(width=width, depth=depth, num_classes=num_classes)
         return count_macs(arch, resolution_px=px) if kind == "macs" else count_params(arch)
 
-    ceiling = count(_MAX_BUDGET_PHI * _PHI_UNITS)
+    limit = _limit_units(coefficients, base_resolution_px, _MAX_BUDGET_PHI)
+    ceiling = count(limit)
     if target > ceiling:
         raise ValueError(
-            f"target {target:.4g} {kind} is beyond phi={_MAX_BUDGET_PHI} "
-            f"({ceiling:.4g} {kind} with these coefficients)"
+            f"target {target:.4g} {kind} is beyond phi={limit / _PHI_UNITS:g} ({ceiling:.4g} "
+            f"{kind} with these coefficients; phi stops at {_MAX_BUDGET_PHI}, or where the "
+            f"network reaches this tool's largest: {_LARGEST})"
         )
-    return _match_phi(count, float(target))
+    return _match_phi(count, float(target), limit)
 
 
 def _official_ratio(official: OfficialModel, classes: int) -> float:
@@ -261,15 +286,17 @@ def _official_ratio(official: OfficialModel, classes: int) -> float:
     return macs / _macs(b0.width, b0.depth, b0.resolution_px, classes)
 
 
-def _bracket(curve: Callable[[int], float], target: float) -> tuple[int, int]:
-    """Grid points low < high with ratio(low) < target <= ratio(high), high - low == 1."""
-    low, high = 0, _PHI_UNITS
+def _bracket(curve: Callable[[int], float], target: float, limit: int) -> tuple[int, int]:
+    """Grid points low < high <= limit with ratio(low) < target <= ratio(high), high - low == 1."""
+    low, high = 0, min(_PHI_UNITS, limit)
     while curve(high) < target:
-        low, high = high, 2 * high
-        if high > _MAX_PHI * _PHI_UNITS:
+        if high >= limit:
             raise ValueError(
-                f"coefficients grow the model too slowly to reach {target:.4g} by phi={_MAX_PHI:g}"
+                f"coefficients grow the model too slowly to reach {target:.4g} by "
+                f"phi={limit / _PHI_UNITS:g} (where phi stops at {_MAX_PHI:g} or the network "
+                f"reaches this tool's largest: {_LARGEST})"
             )
+        low, high = high, min(2 * high, limit)
     while high - low > 1:
         middle = (low + high) // 2
         if curve(middle) >= target:
@@ -279,7 +306,7 @@ def _bracket(curve: Callable[[int], float], target: float) -> tuple[int, int]:
     return low, high
 
 
-def _match_phi(curve: Callable[[int], float], target: float) -> float:
+def _match_phi(curve: Callable[[int], float], target: float, limit: int) -> float:
     """The φ (on the 1e-6 grid) whose MACs ratio is closest to `target`.
 
     Bisection brackets the step of the curve that crosses `target` (exactly optimal where the
@@ -289,9 +316,9 @@ def _match_phi(curve: Callable[[int], float], target: float) -> float:
     if curve(0) >= target:
         low, high = 0, 0
     else:
-        low, high = _bracket(curve, target)
-    start = max(0, high - _SCAN_RADIUS_UNITS)
-    candidates = {low, high, *range(start, high + _SCAN_RADIUS_UNITS + 1, _SCAN_STEP_UNITS)}
+        low, high = _bracket(curve, target, limit)
+    start, stop = max(0, high - _SCAN_RADIUS_UNITS), min(limit, high + _SCAN_RADIUS_UNITS)
+    candidates = {low, high, *range(start, stop + 1, _SCAN_STEP_UNITS)}
     best = min(candidates, key=lambda units: (abs(curve(units) - target), abs(units - high)))
     return best / _PHI_UNITS
 
@@ -344,13 +371,14 @@ def make_family(
         The family, members in the order of `phis`.
 
     Raises:
-        ValueError: On an unknown mode, empty or repeated phis, a negative or non-finite φ, a
-            non-integer or out-of-range φ in flops-matched mode, base_resolution_px < 1 or
+        ValueError: On an unknown mode, empty or repeated phis, a φ outside [0, 64], a
+            non-integer or out-of-range φ in flops-matched mode, a member beyond the largest
+            network of ``scaling_search.limits``, base_resolution_px outside [1, 4096] or
             num_classes < 1.
     """
     if mode not in FAMILY_MODES:
         raise ValueError(f"mode must be one of {FAMILY_MODES}, got {mode!r}")
-    _check_count("base_resolution_px", base_resolution_px)
+    _check_count("base_resolution_px", base_resolution_px, limits.MAX_RESOLUTION_PX)
     _check_count("num_classes", num_classes)
     checked = _check_phis(phis, mode)
     common = (coefficients, base_resolution_px, num_classes)
@@ -381,5 +409,6 @@ def _matched_member(
     common: tuple[Coefficients, int, int],
     recipe: Recipe,
 ) -> FamilyMember:
-    phi = _match_phi(curve, _official_ratio(official, common[2]))
+    limit = _limit_units(common[0], common[1], _MAX_PHI)
+    phi = _match_phi(curve, _official_ratio(official, common[2]), limit)
     return _member(official.name, phi, official.dropout, *common, recipe)

@@ -13,6 +13,8 @@ import numbers
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from scaling_search.limits import MAX_CLASSES, MAX_MULTIPLIER
+
 if TYPE_CHECKING:
     from scaling_search._network import EfficientNet
 
@@ -59,6 +61,11 @@ def _check_positive_finite(name: str, value: float) -> None:
 def _check_int(name: str, value: int, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_at_most(name: str, value: float, maximum: float, why: str) -> None:
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g} ({why}), got {value!r}")
 
 
 def round_channels(channels: float, width: float, *, divisor: int = 8) -> int:
@@ -231,7 +238,9 @@ def architecture(*, width: float, depth: float, num_classes: int = 1000) -> Arch
         The scaled architecture.
 
     Raises:
-        ValueError: If width or depth is not finite and positive, or num_classes < 1.
+        ValueError: If width or depth is not finite and positive or above
+            ``limits.MAX_MULTIPLIER`` (64), or num_classes is below 1 or above
+            ``limits.MAX_CLASSES`` (100,000).
 
     >>> architecture(width=1.1, depth=1.2).head_channels
     1408
@@ -239,6 +248,12 @@ def architecture(*, width: float, depth: float, num_classes: int = 1000) -> Arch
     _check_positive_finite("width", width)
     _check_positive_finite("depth", depth)
     _check_int("num_classes", num_classes, minimum=1)
+    # Counting loops over every block and building allocates every channel: bounded.
+    _check_at_most("width", width, MAX_MULTIPLIER, "B7's is 2.0")
+    _check_at_most(
+        "depth", depth, MAX_MULTIPLIER, f"B7's is 3.1; {MAX_MULTIPLIER:g} is 1,024 blocks"
+    )
+    _check_at_most("num_classes", num_classes, MAX_CLASSES, "ImageNet-21k has 21,841")
     stages = tuple(
         StageShape(
             expand_ratio=row.expand_ratio,

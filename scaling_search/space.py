@@ -30,7 +30,7 @@ from scaling_search.model import (
 )
 
 if TYPE_CHECKING:
-    from scaling_search.config import SpaceConfig
+    from scaling_search.config import Bounds, SpaceConfig
 
 __all__ = [
     "Candidate",
@@ -207,17 +207,16 @@ def representative(members: Iterable[Coefficients], product: float) -> Coefficie
 # --- the grid ----------------------------------------------------------------------------------
 
 
-def _steps(low: float, high: float, step: float) -> list[float]:
-    count = math.floor((high - low) / step + 1e-9)
-    return [round(low + k * step, _DECIMALS) for k in range(count + 1)]
+def _steps(bounds: Bounds, step: float) -> list[float]:
+    return [round(bounds.low + k * step, _DECIMALS) for k in range(bounds.grid_steps(step) + 1)]
 
 
 def _grid(space: SpaceConfig) -> list[Coefficients]:
     return [
         Coefficients(a, b, g)
-        for a in _steps(space.alpha.low, space.alpha.high, space.step)
-        for b in _steps(space.beta.low, space.beta.high, space.step)
-        for g in _steps(space.gamma.low, space.gamma.high, space.step)
+        for a in _steps(space.alpha, space.step)
+        for b in _steps(space.beta, space.step)
+        for g in _steps(space.gamma, space.step)
     ]
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
+from scaling_search._redact import mask_url, redact, url_password
+
 if TYPE_CHECKING:
     import optuna
 
@@ -42,6 +44,7 @@ HEARTBEAT_GRACE_S = 60  # six missed beats: a slow database is not a dead driver
 _LOCK_KEY = 0x5CA11E5  # the advisory lock under which a process creates Optuna's tables
 CONNECT_TIMEOUT_S = 5  # an unreachable host fails in seconds, not after the OS's TCP timeout
 _DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+psycopg")
+_MAX_PORT = 65535
 
 
 class StorageError(ValueError):
@@ -56,20 +59,6 @@ def resolve_url(study: StudyConfig) -> str:
     if from_env:
         return from_env
     return f"sqlite:///{(study.out_dir / DB_FILENAME).as_posix()}"
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password replaced by ***, also where the URL is malformed.
-
-    Works on the text, not on a parse, so a password holding '@' or '/' and a ``password=``
-    query parameter are hidden too.
-    """
-    masked, count = re.subn(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:).*@", r"\1***@", url.strip())
-    if not count and "://" not in masked:
-        # No scheme: hide whatever sits between a ':' and an '@'. (With a scheme and no
-        # "user:" there is no password to hide: postgresql://alice@host/db stays as it is.)
-        masked = re.sub(r":[^:@]*@", ":***@", masked)
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", masked)
 
 
 def check_url(url: str) -> URL:
@@ -105,6 +94,13 @@ def check_url(url: str) -> URL:
             f"storage URL {mask_url(url)!r} names no file; an in-memory SQLite database would "
             "lose the study, use sqlite:///path/to/file.db"
         )
+    if "\0" in (parsed.database or ""):
+        raise StorageError(f"storage URL {mask_url(url)!r}: a file name cannot hold a NUL byte")
+    if parsed.port is not None and not 1 <= parsed.port <= _MAX_PORT:
+        raise StorageError(
+            f"storage URL {mask_url(url)!r}: port {parsed.port} is out of range; a port is 1 to "
+            f"{_MAX_PORT}"
+        )
     return parsed
 
 
@@ -125,16 +121,26 @@ def study_exists(url: str, study_name: str) -> bool:
             query = sqlalchemy.text("SELECT 1 FROM studies WHERE study_name = :name")
             return connection.execute(query, {"name": study_name}).first() is not None
     except SQLAlchemyError as exc:
-        raise StorageError(
-            f"cannot open storage {mask_url(url)!r}: {_reason(exc, parsed)}"
-        ) from None
+        raise StorageError(f"cannot open storage {mask_url(url)!r}: {_reason(exc, url)}") from None
     finally:
         engine.dispose()
 
 
-def _reason(exc: BaseException, parsed: URL) -> str:
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    return reason.replace(str(parsed.password), "***") if parsed.password else reason
+def _reason(exc: BaseException, url: str) -> str:
+    """The first line of a library's error about ``url``, with its password hidden in every
+    form it may take there (as written, decoded, from the query)."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    parsed = make_url(url)  # check_url read it already
+    query_password = parsed.query.get("password")
+    secrets = (parsed.password, url_password(url), *_as_tuple(query_password))
+    hidden = redact(text, *(None if s is None else str(s) for s in secrets))
+    return (hidden.splitlines() or [type(exc).__name__])[0]
+
+
+def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else value
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -169,9 +175,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             _lock_sqlite_transactions(storage.engine, write_ahead_log=new_file)
         return storage
     except (SQLAlchemyError, OSError, ImportError) as exc:
-        raise StorageError(
-            f"cannot open storage {mask_url(url)!r}: {_reason(exc, parsed)}"
-        ) from None
+        raise StorageError(f"cannot open storage {mask_url(url)!r}: {_reason(exc, url)}") from None
     except RuntimeError as exc:  # Optuna's "schema is older/newer than this version" check
         raise StorageError(_schema_message(str(exc), url)) from None
 

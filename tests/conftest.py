@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,39 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[
         timeout=120,
         check=False,
     )
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """How one in-process ``scaling-search`` command ended: its exit code and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli_in_process(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> Callable[..., CliResult]:
+    """``scaling-search ARGS`` run by its entry point, ``main(argv)``, in this process: in the
+    folder ``cwd``, without $SCALING_SEARCH_STORAGE, its output read at the file descriptors.
+    Fast (no interpreter start, no second import of torch) for the many commands that must stop
+    at their first line; tests of whole runs use :func:`run_cli`."""
+    from scaling_search.cli import main
+
+    def run(*args: str, cwd: Path) -> CliResult:
+        monkeypatch.chdir(cwd)
+        monkeypatch.delenv("SCALING_SEARCH_STORAGE", raising=False)
+        capfd.readouterr()  # drop what came before
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capfd.readouterr()
+        return CliResult(code, out, err)
+
+    return run
 
 
 def run_study_cli(

@@ -65,6 +65,12 @@ def test_default_file_follows_output_dir(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert Path(url.database or "") == tmp_path / "out" / DB_FILENAME
 
 
+def test_a_studys_repr_never_shows_its_storage_url() -> None:
+    study = parse_study({"name": "s", "storage": f"postgresql://u:{SECRET}@h/db"})
+    assert SECRET not in repr(study) and SECRET not in str(study)
+    assert resolve_url(study) == f"postgresql://u:{SECRET}@h/db"
+
+
 # --- mask_url ------------------------------------------------------------------------------------
 
 
@@ -127,6 +133,39 @@ def test_mask_url_hides_a_password_with_a_raw_at_sign() -> None:
 
 def test_mask_url_hides_a_password_in_the_query() -> None:
     assert SECRET not in mask_url(f"postgresql://u@h/db?password={SECRET}")
+
+
+# Issue 14: the mask once required a scheme of letters, digits, '+', '.', '-' and stopped at a line
+# break, so these showed the password.
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        (f"mysql+mysql_connector://u:{SECRET}@h/db", "mysql+mysql_connector://u:***@h/db"),
+        (f"my_db+some_driver://u:{SECRET}@h/db", "my_db+some_driver://u:***@h/db"),
+        (f"postgresql://u:{SECRET}\n2@h/db", "postgresql://u:***@h/db"),
+        (f"postgresql://u:{SECRET}\r\x0b\x0c\x1c\x85\u2028@h/db", "postgresql://u:***@h/db"),
+        (f"postgresql://u:\x00\x07\t{SECRET}@h/db", "postgresql://u:***@h/db"),
+        (f"postgresql://u:{SECRET}%40x%3Ay@h/db", "postgresql://u:***@h/db"),
+        (f"postgresql://u:{SECRET}@@x:y@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (f"postgresql://user@server:{SECRET}@h/db", "postgresql://user@server:***@h/db"),
+        (f"postgresql://u:{SECRET}", "postgresql://u:***"),  # no host: 'secret' is no port
+        (f"postgresql://u@h/db?sslmode=require&sslpassword={SECRET}&x=1",
+         "postgresql://u@h/db?sslmode=require&sslpassword=***&x=1"),
+        (f"host=h user=u password={SECRET} dbname=db", "host=h user=u password=***"),
+    ],
+)  # fmt: skip
+def test_mask_url_hides_the_password_whatever_the_driver_and_characters(
+    url: str, masked: str
+) -> None:
+    assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://h:5432/db", "postgresql://[::1]:5432/db", "sqlite:///C:/runs/x.db"],
+)
+def test_mask_url_leaves_ports_and_hosts_alone(url: str) -> None:
+    assert mask_url(url) == url
 
 
 # --- check_url -----------------------------------------------------------------------------------
@@ -270,6 +309,33 @@ def test_unreachable_postgresql_is_one_masked_line(url: str) -> None:
     assert "\n" not in message
     assert SECRET not in message
     assert "127.0.0.1:1" in message and "***" in message
+
+
+@pytest.mark.parametrize(
+    "password",
+    [f"{SECRET}\nline2", f"{SECRET}\x1c\x07tail", f"{SECRET} with space", f"{SECRET}%20x"],
+    ids=["line-break", "control-characters", "space", "percent-encoded"],
+)
+def test_an_unreachable_server_never_shows_the_password(password: str) -> None:
+    """The URL as the user wrote it (raw characters) reaches the driver; whatever the driver
+    says about it, no form of the password is shown."""
+    url = f"postgresql://u:{password}@127.0.0.1:1/db"
+    with pytest.raises(StorageError) as info:
+        open_storage(url)
+    message = str(info.value)
+    assert SECRET not in message, message
+    assert "postgresql://u:***@127.0.0.1:1/db" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("port", [0, 65536, 99999])
+def test_a_port_out_of_range_is_refused_before_connecting(port: int) -> None:
+    message = _check_error(f"postgresql://u:{SECRET}@127.0.0.1:{port}/db")
+    assert f"port {port} is out of range" in message and "1 to 65535" in message
+
+
+def test_a_sqlite_file_name_with_a_nul_byte_is_refused(tmp_path: Path) -> None:
+    assert "NUL" in _check_error(f"sqlite:///{tmp_path}/a\0b.db")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "asyncpg", "pg8000"])
