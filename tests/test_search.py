@@ -321,5 +321,9 @@ def test_trials_waiting_for_a_training_that_never_ends_fail_when_the_run_ends(tm
         assert trial.state == TrialState.FAIL
         reason = trial.user_attrs[ledger.FAIL_REASON_ATTR]
         assert reason == f"shares trial {a_number}, which had not ended when this run did"
-    # Only the trial Tune still runs is RUNNING; nothing this searcher claimed is left behind.
-    assert [t.number for t in trials if t.state == TrialState.RUNNING] == [a_number]
+    # Nothing this searcher claimed is left RUNNING: the trial Tune never ended is given back
+    # (trained again by the next run), not left for the next run to judge dead.
+    assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
+    a_trial = next(t for t in trials if t.number == a_number)
+    assert a_trial.state == TrialState.FAIL and a_trial.user_attrs[ledger.GIVEN_BACK_ATTR]
+    assert a_trial.user_attrs[ledger.FAIL_REASON_ATTR].startswith("the run ended before the trial")

@@ -190,7 +190,9 @@ class StudySearch(OptunaSearch):
                 self._heartbeat.release(sharer._trial_id)
             elif ended_run:
                 self._end_as_failed(
-                    sharer, f"shares trial {source.number}, which had not ended when this run did"
+                    sharer,
+                    f"shares trial {source.number}, which had not ended when this run did",
+                    given_back=True,
                 )
             else:
                 self._sharers[source.number].append(sharer)
@@ -322,14 +324,15 @@ class StudySearch(OptunaSearch):
         that Tune never asked for; wait until everything is recorded."""
         for trial_id in list(self._errored):
             self.fail(trial_id, "the trial raised an error (no message reached the driver)")
+        # Those waiting for a trial that has not ended are given back first, saying so.
+        ahead, self._ahead = list(self._ahead), deque()
+        self._recorder.submit(lambda: self._give_back(ahead))
         for trial_id in list(self._ot_trials):
             if trial_id not in self._completed_trials:
                 self._completed_trials.add(trial_id)
                 epochs = self._epochs.get(trial_id, 0)
                 reason = f"{unfinished} (after {epochs} epoch(s))"
                 self._fail(trial_id, reason, given_back=True)
-        ahead, self._ahead = list(self._ahead), deque()
-        self._recorder.submit(lambda: self._give_back(ahead))
         self._recorder.close()
 
     @property
