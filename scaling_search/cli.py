@@ -323,7 +323,7 @@ def _load_optuna_study(study: StudyConfig, storage: Any) -> optuna.Study:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from scaling_search.ledger import duplicates
+    from scaling_search.ledger import GIVEN_BACK_ATTR, duplicates
     from scaling_search.results import ResultsError, best_triple, trials_frame
     from scaling_search.storage import mask_url, resolve_url
     from scaling_search.verdict import format_accuracy
@@ -339,6 +339,9 @@ def _status(args: argparse.Namespace) -> int:
     except ResultsError:
         best = None
     twice = duplicates(ot_study.get_trials(deepcopy=False))
+    given_back = sum(
+        1 for t in ot_study.get_trials(deepcopy=False) if t.user_attrs.get(GIVEN_BACK_ATTR)
+    )
     best_data = None
     if best is not None:  # as `best --format json` writes it
         from scaling_search._cli_export import study_classes
@@ -355,6 +358,7 @@ def _status(args: argparse.Namespace) -> int:
         "trials": len(frame),
         "states": counts,
         "shared": shared,
+        "given_back": given_back,
         "duplicates": twice,
         "best": best_data,
     }
@@ -362,7 +366,12 @@ def _status(args: argparse.Namespace) -> int:
         f"study {study.name}  storage {data['storage']}",
         f"trials {len(frame)}: "
         + ", ".join(f"{k.lower()} {v}" for k, v in counts.items())
-        + (f", shared {shared} (triples whose network was trained: no training)" if shared else ""),
+        + (f", shared {shared} (triples whose network was trained: no training)" if shared else "")
+        + (
+            f"; of the failed, {given_back} given back by a stopped run (trained again next run)"
+            if given_back
+            else ""
+        ),
     ]
     if twice["skipped_duplicates"] or twice["trained_twice"]:
         table.append(

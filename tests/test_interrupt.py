@@ -4,6 +4,7 @@ one line, and the next run continues where the study stood (scaling_search.inter
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import cli_env
+from conftest import cli_env, run_cli
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search import ledger, racing
@@ -113,6 +114,9 @@ def test_ctrl_c_in_search_sigterm_in_racing_ctrl_c_twice_and_the_rerun_finishes(
     _assert_stopped_cleanly(study, "SIGINT")
     assert not any(ledger.stage_of(t) == "racing" for t in _trials(study))  # no next stage
     searched = _finished(study)
+    status = run_cli("status", str(tiny_study), "--format", "json")
+    given_back = [t for t in _trials(study) if t.user_attrs.get("given_back")]
+    assert json.loads(status.stdout)["given_back"] == len(given_back) >= 1
 
     # 2. The rerun continues; SIGTERM (a service manager, the driver only) during racing.
     run = Run(tiny_study, ray_tmp, tmp_path / "2.log")
