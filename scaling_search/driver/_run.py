@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
 import optuna
 import ray
@@ -16,9 +15,10 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from scaling_search import ledger, racing, sharing
+from scaling_search import ledger, leftovers, racing, sharing
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
+from scaling_search.driver._checkpoints import TrialCheckpoints
 from scaling_search.driver._progress import Progress, ProgressCallback
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
@@ -113,12 +113,17 @@ def run_study(
     progress: Progress = print,
     address: str | None = None,
     fit_fn: Fit | None = None,
+    keep_checkpoints: bool = False,
 ) -> RunSummary:
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
 
     ``address`` joins a running Ray cluster ("auto" or HOST:PORT); without it a local Ray starts.
     ``fit_fn`` trains one trial (same signature as :func:`scaling_search.train.fit`); by default
     the study's ``objective`` if it names one, else the built-in trainer.
+
+    Each trial's checkpoints are removed once its end is recorded, each stage's Ray Tune
+    experiment folder once the stage ends, and at the end what stopped runs left
+    (:mod:`scaling_search.leftovers`); ``keep_checkpoints`` keeps all of it.
     """
     started = time.perf_counter()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -141,13 +146,16 @@ def run_study(
     to_race = racing.plan_racing(study, ot_study) if to_launch == 0 else 0
     if to_launch == 0 and to_race == 0:
         progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
+        _sweep(study, ot_study, progress, keep_checkpoints)
         return _summary(0, before, ot_study, started)
     _init_ray(study, address)
     if fit_fn is None:
         fit_fn = ObjectiveFit(study.objective) if study.objective else fit
     live = LiveDashboard(ot_study, progress)
     with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
-        stage = _Stage(study, data, storage, heartbeat, fit_fn, progress, live, key, classes)
+        stage = _Stage(
+            study, data, storage, heartbeat, fit_fn, progress, live, key, classes, keep_checkpoints
+        )
         if to_launch:
             progress(
                 f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
@@ -163,7 +171,22 @@ def run_study(
             )
             stage.run(to_race, racing_stage=True)
         live.update(force=True)  # the figures and note of the finished run
+    _sweep(study, ot_study, progress, keep_checkpoints)
     return _summary(to_launch + to_race, before, ot_study, started)
+
+
+def _sweep(
+    study: StudyConfig, ot_study: optuna.Study, progress: Progress, keep_checkpoints: bool
+) -> None:
+    """Remove the experiment folders (checkpoints included) that stopped runs left."""
+    if keep_checkpoints:
+        return
+    swept = leftovers.sweep(study, ot_study)
+    if swept.removed:
+        progress(
+            f"removed {len(swept.removed)} Ray Tune folder(s) that stopped runs left, "
+            f"{leftovers.format_bytes(swept.removed_bytes)} (checkpoints included)"
+        )
 
 
 def _summary(
@@ -193,6 +216,7 @@ class _Stage:
     live: LiveDashboard
     network_key: NetworkKeyFn
     classes: Classes | None  # the grid's classes, to share each result with
+    keep_checkpoints: bool  # keep each trial's last checkpoint and Tune's folder after the run
 
     def run(self, count: int, *, racing_stage: bool) -> None:
         study = self.study
@@ -228,13 +252,27 @@ class _Stage:
             say=self.progress,
         )
         scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
+        experiment = leftovers.new_experiment(study, ledger.driver_id())
         tuner = _tuner(
-            study, self.data, self.fit_fn, searcher, count, self.progress, self.live, scheduler
+            study,
+            self.data,
+            self.fit_fn,
+            searcher,
+            count,
+            self.progress,
+            self.live,
+            scheduler,
+            experiment=experiment,
+            keep_checkpoints=self.keep_checkpoints,
         )
         try:
             tuner.fit()
         finally:  # also on Ctrl-C: what finished is recorded, what was claimed ahead given back
             searcher.close()
+        # Nothing in it is needed any more: the study holds every result. (A stage that raised
+        # leaves it, for `scaling-search clean` or the study's next finished run.)
+        if not self.keep_checkpoints:
+            leftovers.remove_experiment(experiment)
 
 
 def _tuner(
@@ -246,6 +284,9 @@ def _tuner(
     progress: Progress,
     live: LiveDashboard,
     scheduler: TrialScheduler,
+    *,
+    experiment: Path,
+    keep_checkpoints: bool,
 ) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, study=study, shared=SharedData(data), fit_fn=fit_fn),
@@ -261,43 +302,17 @@ def _tuner(
             reuse_actors=True,  # a worker process (torch imported, data fetched) runs many trials
         ),
         run_config=tune.RunConfig(
-            # A new experiment each run: the Optuna study, not Tune's state, says what is done.
-            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=str((study.out_dir / "ray").resolve()),
+            # A new experiment each stage: the Optuna study, not Tune's state, says what is done.
+            # A local (or mounted) folder, which TrialCheckpoints and leftovers remove from.
+            name=experiment.name,
+            storage_path=str(experiment.parent),
             verbose=0,
             callbacks=[
+                # First: it hands an errored trial's reason to the searcher, to be recorded
+                # before TrialCheckpoints removes the trial's checkpoints.
                 ProgressCallback(study.train.epochs, progress, searcher, live),
-                _KeepNewestCheckpoint(),
+                TrialCheckpoints(searcher, keep=keep_checkpoints),
             ],
             failure_config=tune.FailureConfig(max_failures=study.search.trial_retries),
         ),
     )
-
-
-class _KeepNewestCheckpoint(tune.Callback):
-    """Keep each trial's newest checkpoint only (a retry resumes from it), removing the one
-    before as soon as a new one is saved.
-
-    Tune's ``CheckpointConfig(num_to_keep=1)`` would do the removing too, but it also snapshots
-    the whole experiment state after every checkpoint, on the event loop (~17 ms per epoch
-    here, bench/orchestration.py), for ``Tuner.restore``; this project resumes from the Optuna
-    study instead.
-    """
-
-    def __init__(self) -> None:
-        self._newest: dict[str, tune.Checkpoint] = {}
-
-    def on_checkpoint(
-        self, iteration: int, trials: list, trial: Any, checkpoint: tune.Checkpoint, **info: Any
-    ) -> None:
-        previous = self._newest.get(trial.trial_id)
-        self._newest[trial.trial_id] = checkpoint
-        if previous is None or previous.path == checkpoint.path or previous.filesystem is None:
-            return
-        with contextlib.suppress(FileNotFoundError):  # removed already: nothing to keep
-            previous.filesystem.delete_dir(previous.path)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._newest.pop(trial.trial_id, None)
-
-    on_trial_error = on_trial_complete
