@@ -94,9 +94,13 @@ def experiments(study: StudyConfig) -> list[Experiment]:
         marker = _read_marker(path / DRIVER_FILE)
         if marker is not None and marker.get("study") == study.name:
             driver = marker.get("driver")
-            found.append(_measure(path, driver if isinstance(driver, str) else None))
+            owner = driver if isinstance(driver, str) else None
         elif marker is None and unnamed.fullmatch(path.name):
-            found.append(_measure(path, None))
+            owner = None
+        else:  # another study's, in a shared output_dir
+            continue
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile: nothing to report
+            found.append(_measure(path, owner))
     return found
 
 
@@ -111,17 +115,17 @@ def _read_marker(path: Path) -> dict[str, object] | None:
 def _measure(path: Path, driver: str | None) -> Experiment:
     size, changed = 0, path.lstat().st_mtime
     for root, dirs, files in os.walk(path):
-        for name in dirs + files:
+        for name, is_file in [(d, False) for d in dirs] + [(f, True) for f in files]:
             try:
                 info = os.lstat(os.path.join(root, name))
             except FileNotFoundError:  # removed meanwhile
                 continue
             changed = max(changed, info.st_mtime)
-            size += info.st_size if name in files else 0
+            size += info.st_size if is_file else 0
     return Experiment(path, driver, size, changed)
 
 
-def sweep(study: StudyConfig, ot_study: optuna.Study | None, *, now: float | None = None) -> Sweep:
+def sweep(study: StudyConfig, ot_study: optuna.Study | None) -> Sweep:
     """Remove the study's experiment folders whose driver is gone; keep the others, saying why.
 
     ``ot_study`` (None if the study has no record) tells which drivers on other hosts still
@@ -129,7 +133,7 @@ def sweep(study: StudyConfig, ot_study: optuna.Study | None, *, now: float | Non
     """
     from scaling_search.liveness import driver_alive
 
-    now = time.time() if now is None else now
+    now = time.time()
     removed: list[Experiment] = []
     kept: list[tuple[Experiment, str]] = []
     for experiment in experiments(study):
