@@ -171,8 +171,8 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 def format_bytes(size: int) -> str:
-    """``1.3 GB``, ``12 MB``, ``980 B``: decimal units, as ``du --si`` writes them."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    """``1.1 GiB``, ``12 MiB``, ``980 B``: binary units, as ``du -h`` counts them."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if size >= scale:
             value = size / scale
             return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
