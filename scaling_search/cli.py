@@ -1,4 +1,5 @@
-"""The ``scaling-search`` command: run, status, best, export, space, model, dashboard, report.
+"""The ``scaling-search`` command: run, status, best, export, space, model, dashboard, report,
+clean.
 
 Every error a user can cause is one line on stderr and exit code 2 (``--debug`` shows the
 traceback). Heavy modules (torch, ray, optuna) are imported by the subcommands that need them.
@@ -58,6 +59,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run or continue a study")
     _study_args(run)
     run.add_argument("--address", help="join a running Ray cluster (auto or HOST:PORT)")
+    run.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each trial's last checkpoint and Ray Tune's files under <output_dir>/ray",
+    )
 
     for name, text in (
         ("status", "trial counts and best so far"),
@@ -127,6 +133,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _study_args(report)
     report.add_argument("--out", type=Path, help="HTML file (default: <output_dir>/report.html)")
+
+    clean = sub.add_parser(
+        "clean", help="remove the checkpoints and Ray Tune files that stopped runs left"
+    )
+    _study_args(clean)
     return parser
 
 
@@ -142,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": _model,
         "dashboard": _dashboard,
         "report": _report,
+        "clean": _clean,
     }
     try:
         return handlers[args.command](args)
@@ -246,7 +258,14 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         storage = open_storage(url)  # everything above is checked before anything is written
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
-    summary = run_study(study, data=data, storage=storage, address=args.address, stop=stop)
+    summary = run_study(
+        study,
+        data=data,
+        storage=storage,
+        address=args.address,
+        stop=stop,
+        keep_checkpoints=args.keep_checkpoints,
+    )
     print(_summary_line(summary))
     from scaling_search._cli_view import write_report_for
     from scaling_search.results import best_triple
@@ -427,6 +446,12 @@ def _report(args: argparse.Namespace) -> int:
     from scaling_search import _cli_view
 
     return _cli_view.report(args)
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from scaling_search import _cli_clean
+
+    return _cli_clean.clean(args)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ __all__ = [
     "HEARTBEAT_GRACE_S",
     "HEARTBEAT_INTERVAL_S",
     "Heartbeat",
+    "driver_alive",
     "driver_id",
     "fail_trial",
     "recover_stale",
@@ -123,6 +124,26 @@ class Heartbeat:
                 # A database hiccup is not fatal: the next beat tries again.
                 with contextlib.suppress(Exception):
                     self._storage.record_heartbeat(trial_id)
+
+
+def driver_alive(ot_study: optuna.Study | None, holder: str) -> bool | None:
+    """Whether the driver ``holder`` (a :func:`driver_id`) still runs, or None where nothing says.
+
+    On this host its process says. On another host the heartbeats of the trials it holds in
+    ``ot_study`` say: alive while one is fresh, gone once all are stale; a driver holding no
+    trial (or no study to ask) gives no answer.
+    """
+    if _on_this_host(holder):
+        return not _driver_is_dead(holder)
+    if ot_study is None:
+        return None
+    stale = _stale_heartbeats(ot_study)
+    held = [
+        trial._trial_id not in stale
+        for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if trial.system_attrs.get(DRIVER_ATTR) == holder
+    ]
+    return any(held) if held else None
 
 
 # --- failing, recovering -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from scaling_search.config import load_study
 from scaling_search.data import load_data
-from scaling_search.ledger import grid_classes, is_shared
+from scaling_search.ledger import driver_id, grid_classes, is_shared
 from scaling_search.report import LIVE_FIGURES
 from scaling_search.space import grid_candidates
 from scaling_search.storage import StorageError, open_storage, resolve_url, study_exists
@@ -41,14 +41,25 @@ DERIVED = (
 )
 
 
-def _run(study_path: Path):
+def _run(study_path: Path, progress=lambda _: None, **options):
     from scaling_search import driver
 
     study = load_study(study_path)
     data = load_data(study.data)
     storage = open_storage(resolve_url(study))
-    summary = driver.run_study(study, data=data, storage=storage, progress=lambda _: None)
+    summary = driver.run_study(study, data=data, storage=storage, progress=progress, **options)
     return study, summary, optuna.load_study(study_name=study.name, storage=storage)
+
+
+def _checkpointed(out_dir: Path) -> set[Path]:
+    """The trial folders that hold a checkpoint, in every Ray Tune folder of the study."""
+    return {checkpoint.parent for checkpoint in (out_dir / "ray").glob("*/*/checkpoint_*")}
+
+
+def _no_weights_left(out_dir: Path) -> None:
+    """A finished run leaves the study's results, not Ray Tune's folder or any checkpoint."""
+    assert not (out_dir / "ray").exists(), sorted((out_dir / "ray").rglob("*"))[:10]
+    assert not list(out_dir.rglob("checkpoint_*")) and not list(out_dir.rglob("*.pt"))
 
 
 def _point(trial: optuna.trial.FrozenTrial) -> tuple[float, float, float, int]:
@@ -61,7 +72,7 @@ def _point(trial: optuna.trial.FrozenTrial) -> tuple[float, float, float, int]:
 
 
 def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_study: Path):
-    study, summary, ot_study = _run(tiny_study)
+    study, summary, ot_study = _run(tiny_study, keep_checkpoints=True)
 
     candidates = grid_candidates(study.space)
     classes = grid_classes(study, num_classes=study.data.num_classes)
@@ -105,12 +116,16 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
         (a, b) for a, b in itertools.combinations(spans, 2) if a[0] < b[1] and b[0] < a[1]
     ]
     assert overlapping, f"no two trials trained at the same time: {spans}"
-    # Each trial keeps its newest checkpoint only: the last epoch's.
+    # --keep-checkpoints: each trial keeps its newest checkpoint only, the last epoch's, in the
+    # run's Ray Tune folder, which names its driver (this process).
     checkpoints = sorted((study.out_dir / "ray").glob("*/*/checkpoint_*"))
     assert len({c.parent for c in checkpoints}) == len(checkpoints) == len(classes)
     for checkpoint in checkpoints:
         state = torch.load(checkpoint / "state.pt", weights_only=False)
         assert state["epoch"] == study.train.epochs
+    (experiment,) = (study.out_dir / "ray").iterdir()
+    marker = json.loads((experiment / "scaling-search-driver.json").read_text())
+    assert marker == {"study": study.name, "driver": driver_id()}
 
     _optuna_cli_lists_the_attributes(study, ot_study)
     _dashboard_serves_the_trials(tiny_study, study.name, len(classes), len(copies))
@@ -122,6 +137,8 @@ def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_st
     assert [
         (t.number, t.state, t.value, t.datetime_complete) for t in ot_again.get_trials()
     ] == before
+    # Its driver (this process) is alive: the run that keeps nothing removed none of it.
+    assert _checkpointed(study.out_dir) == {c.parent for c in checkpoints}
 
 
 def _optuna_cli_lists_the_attributes(study, ot_study) -> None:
@@ -227,7 +244,13 @@ def test_the_quickstart_grid_trains_each_network_once_per_seed(ray_local, tmp_pa
     config["train"].update(epochs=1, batch_size=32, bn_recalibration_images=32)
     path = tmp_path / "quickstart.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
-    study, summary, ot_study = _run(path)
+    holding: list[int] = []  # trial folders with a checkpoint, as each trial's line is written
+
+    def progress(line: str) -> None:
+        if line.startswith("["):  # "[n done, …]": written once the trial's end is recorded
+            holding.append(len(_checkpointed(Path(config["output_dir"]))))
+
+    study, summary, ot_study = _run(path, progress)
 
     every = ot_study.get_trials()
     trained = [t for t in every if not is_shared(t)]
@@ -242,6 +265,12 @@ def test_the_quickstart_grid_trains_each_network_once_per_seed(ray_local, tmp_pa
         assert trial.state == TrialState.COMPLETE
         source = every[trial.user_attrs.get("shared_from", trial.number)]
         assert (trial.value, trial.params["seed"]) == (source.value, source.params["seed"])
+    # A trial's checkpoint is removed right after its end is recorded: at each trial's line its
+    # own is still there, and besides it at most the running trials' (2 at a time), never the
+    # 10 trials' in all.
+    assert len(holding) == 10
+    assert min(holding) >= 1 and max(holding) <= study.search.max_concurrent_trials + 1, holding
+    _no_weights_left(study.out_dir)
 
 
 def test_changed_training_settings_refuse_to_continue(tiny_study: Path):
@@ -300,6 +329,8 @@ def test_killed_driver_resumes_without_retraining(tiny_study: Path, tmp_path: Pa
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _kill_leftovers(ray_tmp)
+    killed_run = list((tmp_path / "runs" / "ray").iterdir())
+    assert len(killed_run) == 1, killed_run  # its Ray Tune folder, left behind
 
     study = load_study(tiny_study)
     ot_study = optuna.load_study(study_name=study.name, storage=resolve_url(study))
@@ -333,6 +364,9 @@ def test_killed_driver_resumes_without_retraining(tiny_study: Path, tmp_path: Pa
                 r"driver \S+:\d+:\d+ stopped mid-trial", trial.user_attrs["fail_reason"]
             )
     assert "best:" in result.stdout
+    # The finished run removed its own Ray Tune folder and the one the killed run left.
+    assert "removed 1 Ray Tune folder(s) that stopped runs left" in result.stdout
+    _no_weights_left(tmp_path / "runs")
     assert (Path(study.out_dir) / "family.json").is_file() or (
         tmp_path / study.out_dir / "family.json"
     ).is_file()
@@ -377,6 +411,8 @@ def test_tpe_on_the_surface_with_asha_never_crowns_an_early_stop(ray_local, tiny
     best = best_triple(ot_study)
     assert best.mean_accuracy == max(t.value for t in full)
     assert best.coefficients.alpha in {round(t.user_attrs["alpha"], 6) for t in full}
+
+    _no_weights_left(study.out_dir)  # PRUNED trials' checkpoints included
 
     again = driver.run_study(study, data=data, storage=storage, progress=lambda _: None)
     assert again.launched == 0

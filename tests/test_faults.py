@@ -100,3 +100,5 @@ def test_failed_trials_are_recorded_with_reasons_and_the_study_goes_on(
     assert (summary.completed, summary.failed, summary.shared) == (3, 3, 1)
     assert sum("FAILED" in line for line in lines) == 3
     assert any("retrying from its last checkpoint" in line for line in lines)
+    # Retried or failed, no trial's checkpoint outlives the run (nor does Ray Tune's folder).
+    assert not (study.out_dir / "ray").exists()

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -19,9 +20,10 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from scaling_search import ledger, racing, sharing
+from scaling_search import ledger, leftovers, racing, sharing
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
+from scaling_search.driver._checkpoints import TrialCheckpoints
 from scaling_search.driver._cluster import check_address, check_resources
 from scaling_search.driver._progress import Progress, ProgressCallback
 from scaling_search.driver._ray_compat import trial_failures_for_lost_workers
@@ -138,6 +140,7 @@ def run_study(
     address: str | None = None,
     fit_fn: Fit | None = None,
     stop: StopRequest | None = None,
+    keep_checkpoints: bool = False,
 ) -> RunSummary:
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
 
@@ -147,6 +150,10 @@ def run_study(
     command's signal handlers (:mod:`scaling_search.interrupt`); once it is, the running trials
     are stopped and recorded, no further stage starts, and :class:`Interrupted` is raised with
     this run's summary.
+
+    Each trial's checkpoints are removed once its end is recorded, each stage's Ray Tune
+    experiment folder once the stage ends, and at the end what stopped runs left
+    (:mod:`scaling_search.leftovers`); ``keep_checkpoints`` keeps all of it.
     """
     started = time.perf_counter()
     stop = stop or StopRequest()
@@ -172,6 +179,7 @@ def run_study(
     to_race = _racing_after_search(study, ot_study, progress) if to_launch == 0 else 0
     if to_launch == 0 and to_race == 0:
         progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
+        _sweep(study, ot_study, progress, keep_checkpoints)
         return _summary(0, before, ot_study, started)
     logs = study.out_dir / "logs"
     stage: _Stage | None = None
@@ -187,7 +195,17 @@ def run_study(
                 Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat,
             ):
                 stage = _Stage(
-                    study, data, storage, heartbeat, fit_fn, progress, live, key, classes, stop
+                    study,
+                    data,
+                    storage,
+                    heartbeat,
+                    fit_fn,
+                    progress,
+                    live,
+                    key,
+                    classes,
+                    stop,
+                    keep_checkpoints,
                 )
                 if to_launch:
                     progress(
@@ -207,7 +225,22 @@ def run_study(
     except Interrupted as exc:
         exc.summary = _summary(stage.launched if stage else 0, before, ot_study, started)
         raise
+    _sweep(study, ot_study, progress, keep_checkpoints)
     return _summary(stage.launched if stage else 0, before, ot_study, started)
+
+
+def _sweep(
+    study: StudyConfig, ot_study: optuna.Study, progress: Progress, keep_checkpoints: bool
+) -> None:
+    """Remove the experiment folders (checkpoints included) that stopped runs left."""
+    if keep_checkpoints:
+        return
+    swept = leftovers.sweep(study, ot_study)
+    if swept.removed:
+        progress(
+            f"removed {len(swept.removed)} Ray Tune folder(s) that stopped runs left, "
+            f"{leftovers.format_bytes(swept.removed_bytes)} (checkpoints included)"
+        )
 
 
 def _racing_after_search(study: StudyConfig, ot_study: optuna.Study, progress: Progress) -> int:
@@ -260,6 +293,7 @@ class _Stage:
     network_key: NetworkKeyFn
     classes: Classes | None  # the grid's classes, to share each result with
     stop: StopRequest
+    keep_checkpoints: bool  # keep each trial's last checkpoint and Tune's folder after the run
     launched: int = 0  # trials handed to Ray, over the stages run so far
 
     def run(self, count: int, *, racing_stage: bool) -> None:
@@ -299,6 +333,7 @@ class _Stage:
         )
         scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
         trial_failures_for_lost_workers()
+        experiment = leftovers.new_experiment(study, ledger.driver_id())
         tuner = _tuner(
             study,
             self.data,
@@ -309,6 +344,8 @@ class _Stage:
             self.live,
             scheduler,
             _StopOnSignal(self.stop),
+            experiment=experiment,
+            keep_checkpoints=self.keep_checkpoints,
         )
         with self.stop.graceful(), _tune_quiet():
             try:
@@ -322,6 +359,11 @@ class _Stage:
                         f"{stopped} running trial(s) stopped and recorded as interrupted; "
                         "the next run trains them again"
                     )
+        # Nothing in it is needed any more: the study holds every result, and an interrupted
+        # trial starts again from scratch. (A stage that raised leaves it, for
+        # `scaling-search clean` or the study's next finished run.)
+        if not self.keep_checkpoints:
+            leftovers.remove_experiment(experiment)
         self.stop.check()  # never another stage after a signal
 
     def _unfinished_reason(self) -> str:
@@ -379,6 +421,9 @@ def _tuner(
     live: LiveDashboard,
     scheduler: TrialScheduler,
     stopper: tune.Stopper,
+    *,
+    experiment: Path,
+    keep_checkpoints: bool,
 ) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, study=study, shared=SharedData(data), fit_fn=fit_fn),
@@ -394,44 +439,18 @@ def _tuner(
             reuse_actors=True,  # a worker process (torch imported, data fetched) runs many trials
         ),
         run_config=tune.RunConfig(
-            # A new experiment each run: the Optuna study, not Tune's state, says what is done.
-            name=f"{study.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=str((study.out_dir / "ray").resolve()),
+            # A new experiment each stage: the Optuna study, not Tune's state, says what is done.
+            # A local (or mounted) folder, which TrialCheckpoints and leftovers remove from.
+            name=experiment.name,
+            storage_path=str(experiment.parent),
             verbose=0,
             stop=stopper,
             callbacks=[
+                # First: it hands an errored trial's reason to the searcher, to be recorded
+                # before TrialCheckpoints removes the trial's checkpoints.
                 ProgressCallback(study.train.epochs, progress, searcher, live),
-                _KeepNewestCheckpoint(),
+                TrialCheckpoints(searcher, keep=keep_checkpoints),
             ],
             failure_config=tune.FailureConfig(max_failures=study.search.trial_retries),
         ),
     )
-
-
-class _KeepNewestCheckpoint(tune.Callback):
-    """Keep each trial's newest checkpoint only (a retry resumes from it), removing the one
-    before as soon as a new one is saved.
-
-    Tune's ``CheckpointConfig(num_to_keep=1)`` would do the removing too, but it also snapshots
-    the whole experiment state after every checkpoint, on the event loop (~17 ms per epoch
-    here, bench/orchestration.py), for ``Tuner.restore``; this project resumes from the Optuna
-    study instead.
-    """
-
-    def __init__(self) -> None:
-        self._newest: dict[str, tune.Checkpoint] = {}
-
-    def on_checkpoint(
-        self, iteration: int, trials: list, trial: Any, checkpoint: tune.Checkpoint, **info: Any
-    ) -> None:
-        previous = self._newest.get(trial.trial_id)
-        self._newest[trial.trial_id] = checkpoint
-        if previous is None or previous.path == checkpoint.path or previous.filesystem is None:
-            return
-        with contextlib.suppress(FileNotFoundError):  # removed already: nothing to keep
-            previous.filesystem.delete_dir(previous.path)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._newest.pop(trial.trial_id, None)
-
-    on_trial_error = on_trial_complete
