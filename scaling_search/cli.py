@@ -1,7 +1,9 @@
 """The ``scaling-search`` command: run, status, best, export, space, model, dashboard, report.
 
 Every error a user can cause is one line on stderr and exit code 2 (``--debug`` shows the
-traceback). Heavy modules (torch, ray, optuna) are imported by the subcommands that need them.
+traceback); the study's database failing (away past a run's patience, or refusing a write) is
+one line and exit code 1. Heavy modules (torch, ray, optuna) are imported by the subcommands that
+need them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from scaling_search.interrupt import (
     StopRequest,
     handle_signals,
 )
+from scaling_search.outage import PATIENCE_S, DatabaseAway, failure_line
 
 if TYPE_CHECKING:
     import optuna
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 USAGE_ERROR = 2
+DATABASE_FAILED = 1
+MAX_PATIENCE_S = 86_400.0
 FAMILY_FILENAME = "family.json"
 
 
@@ -56,6 +61,14 @@ def _build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run or continue a study")
     _study_args(run)
     run.add_argument("--address", help="join a running Ray cluster (auto or HOST:PORT)")
+    run.add_argument(
+        "--database-patience",
+        type=float,
+        default=PATIENCE_S,
+        metavar="SECONDS",
+        help="how long the run waits for the study's database to answer again before it "
+        f"stops (default {PATIENCE_S:.0f})",
+    )
 
     for name, text in (
         ("status", "trial counts and best so far"),
@@ -165,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"scaling-search: {INTERRUPTED_LINE}", file=sys.stderr)
         return 130
+    except DatabaseAway as exc:
+        print(f"scaling-search: error: {exc}", file=sys.stderr)
+        return DATABASE_FAILED
+    except Exception as exc:
+        line = None if args.debug else failure_line(exc)
+        if line is None:
+            raise
+        print(f"scaling-search: error: {line}", file=sys.stderr)
+        return DATABASE_FAILED
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -206,6 +228,11 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         from scaling_search.storage import mask_url, open_storage, resolve_url
 
         study = load_study(args.study, args.overrides)
+        if not 1 <= args.database_patience <= MAX_PATIENCE_S:  # also NaN
+            raise StudyError(
+                f"--database-patience must be 1 to {MAX_PATIENCE_S:.0f} seconds, got "
+                f"{args.database_patience}"
+            )
         if study.objective is not None:
             from scaling_search._hooks import load_function
 
@@ -230,7 +257,14 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         storage = open_storage(url)  # everything above is checked before anything is written
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
-    summary = run_study(study, data=data, storage=storage, address=args.address, stop=stop)
+    summary = run_study(
+        study,
+        data=data,
+        storage=storage,
+        address=args.address,
+        stop=stop,
+        database_patience_s=args.database_patience,
+    )
     print(_summary_line(summary))
     from scaling_search._cli_view import write_report_for
     from scaling_search.results import best_triple

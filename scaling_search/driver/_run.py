@@ -29,9 +29,11 @@ from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_tria
 from scaling_search.interrupt import Interrupted, StopRequest
 from scaling_search.ledger import Heartbeat
 from scaling_search.objective import ObjectiveFit
+from scaling_search.outage import PATIENCE_S, DatabaseWatch
 from scaling_search.report import LiveDashboard
 from scaling_search.sampling import DefineByRun, study_network_key
 from scaling_search.space import NetworkKeyFn
+from scaling_search.storage import mask_url
 from scaling_search.train import fit
 
 __all__ = ["RunSummary", "run_study"]
@@ -136,6 +138,7 @@ def run_study(
     address: str | None = None,
     fit_fn: Fit | None = None,
     stop: StopRequest | None = None,
+    database_patience_s: float = PATIENCE_S,
 ) -> RunSummary:
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
 
@@ -144,7 +147,8 @@ def run_study(
     the study's ``objective`` if it names one, else the built-in trainer. ``stop``: set by the
     command's signal handlers (:mod:`scaling_search.interrupt`); once it is, the running trials
     are stopped and recorded, no further stage starts, and :class:`Interrupted` is raised with
-    this run's summary.
+    this run's summary. The study's database away for ``database_patience_s`` ends the run:
+    :class:`~scaling_search.outage.DatabaseAway` (:mod:`scaling_search.outage`).
     """
     started = time.perf_counter()
     stop = stop or StopRequest()
@@ -174,11 +178,12 @@ def run_study(
     if fit_fn is None:
         fit_fn = ObjectiveFit(study.objective) if study.objective else fit
     live = LiveDashboard(ot_study, progress)
+    watch = DatabaseWatch(mask_url(storage.url), patience_s=database_patience_s, say=progress)
     stage: _Stage | None = None
     try:
-        with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat:
+        with Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S, watch) as heartbeat:
             stage = _Stage(
-                study, data, storage, heartbeat, fit_fn, progress, live, key, classes, stop
+                study, data, storage, heartbeat, fit_fn, progress, live, key, classes, stop, watch
             )
             if to_launch:
                 progress(
@@ -251,10 +256,12 @@ class _Stage:
     network_key: NetworkKeyFn
     classes: Classes | None  # the grid's classes, to share each result with
     stop: StopRequest
+    watch: DatabaseWatch
     launched: int = 0  # trials handed to Ray, over the stages run so far
 
     def run(self, count: int, *, racing_stage: bool) -> None:
         study = self.study
+        searching = not racing_stage and study.search.sampler != "grid"
         define = DefineByRun(
             study.space,
             # Racing trials are queued points, as the grid's are, with their seed as an attribute.
@@ -287,6 +294,8 @@ class _Stage:
             classes=None if racing_stage else self.classes,
             say=self.progress,
             stopping=lambda: self.stop.requested,
+            watch=self.watch,
+            n_trials=study.search.n_trials if searching else None,
         )
         scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
         trial_failures_for_lost_workers()
@@ -299,7 +308,7 @@ class _Stage:
             self.progress,
             self.live,
             scheduler,
-            _StopOnSignal(self.stop),
+            _StopRun(self.stop, self.watch, searcher),
         )
         with self.stop.graceful(), _tune_quiet():
             try:
@@ -313,9 +322,12 @@ class _Stage:
                         f"{stopped} running trial(s) stopped and recorded as interrupted; "
                         "the next run trains them again"
                     )
+        self.watch.check(searcher.lost())  # the database stayed away: one line, no more stages
         self.stop.check()  # never another stage after a signal
 
     def _unfinished_reason(self) -> str:
+        if self.watch.gave_up:
+            return "the study's database stopped answering; the next run trains it again"
         if self.stop.signum is None:
             return "the run ended before the trial did"
         return (
@@ -339,17 +351,18 @@ def _tune_quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-class _StopOnSignal(tune.Stopper):
-    """Stops every trial once a signal asked the run to stop (Tune checks after each event)."""
+class _StopRun(tune.Stopper):
+    """Stops every trial once a signal asked the run to stop or the study's database stayed
+    away past the patience (Tune checks after each event), and a trial another driver failed."""
 
-    def __init__(self, stop: StopRequest) -> None:
-        self._stop = stop
+    def __init__(self, stop: StopRequest, watch: DatabaseWatch, searcher: StudySearch) -> None:
+        self._stop, self._watch, self._searcher = stop, watch, searcher
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return False
+        return self._searcher.taken_over(trial_id)
 
     def stop_all(self) -> bool:
-        return self._stop.requested
+        return self._stop.requested or self._watch.gave_up
 
 
 def _tuner(
