@@ -1,13 +1,58 @@
-"""What the searcher writes on a trial for each epoch it reports (recorder thread)."""
+"""What the searcher writes on a trial for each epoch it reports, and noticing that another
+driver ended the trial meanwhile (recorder thread)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
 
 from scaling_search.driver._trainable import METRIC
+from scaling_search.ledger import FAIL_REASON_ATTR, Heartbeat
+
+
+class Writes:
+    """A trial's epochs, written on it; and the trials of this driver that another driver
+    failed (judging this one dead: its heartbeats had stopped, e.g. while the database was
+    away), each said once, then written no more and stopped by Tune (:meth:`taken_over`)."""
+
+    def __init__(self, heartbeat: Heartbeat, say: Callable[[str], None]) -> None:
+        self._heartbeat, self._say = heartbeat, say
+        self._taken_over: set[str] = set()  # Tune trial ids
+
+    def epoch(
+        self, trial_id: str, ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt: bool
+    ) -> None:
+        if trial_id in self._taken_over:
+            return
+        try:
+            write_epoch(ot_trial, result, new_attempt=new_attempt)
+        except UpdateFinishedTrialError:
+            if not self.ended_elsewhere(trial_id, ot_trial):
+                raise
+
+    def ended_elsewhere(self, trial_id: str, ot_trial: optuna.Trial) -> bool:
+        """Whether another driver failed this driver's trial; said the first time."""
+        if trial_id in self._taken_over:
+            return True
+        ended = ot_trial.study._storage.get_trial(ot_trial._trial_id)
+        if ended.state != TrialState.FAIL:
+            return False
+        self._taken_over.add(trial_id)
+        self._heartbeat.release(ot_trial._trial_id)
+        self._say(
+            f"trial {ot_trial.number} was marked FAIL by another driver "
+            f"({ended.user_attrs.get(FAIL_REASON_ATTR, 'no reason recorded')}): its results "
+            "here are not recorded, and it is stopped"
+        )
+        return True
+
+    def taken_over(self, trial_id: str) -> bool:
+        return trial_id in self._taken_over
 
 
 def write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt: bool) -> None:

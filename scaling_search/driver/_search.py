@@ -17,7 +17,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from scaling_search import ledger
-from scaling_search.driver._epochs import write_epoch
+from scaling_search.driver._epochs import Writes
 from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._trainable import METRIC
 from scaling_search.driver._waiting import Classes, Waiting
@@ -90,7 +90,7 @@ class StudySearch(OptunaSearch):
         self._ahead: deque[Future[Prepared]] = deque()  # claimed and sampled, oldest first
         # Claimed while the database went away, before they were sampled: given back later.
         self._stranded: list[optuna.Trial] = []
-        self._taken_over: set[str] = set()  # this driver's trials that another driver failed
+        self._writes = Writes(heartbeat, say)
         self._recorder = Recorder(watch=self._watch)
         self._epochs: dict[str, int] = {}  # the last epoch recorded (handed to the recorder)
         self._attempts: dict[str, tuple[Any, Any]] = {}  # (started_at, node) last written
@@ -207,43 +207,13 @@ class StudySearch(OptunaSearch):
         self._attempts[trial_id] = attempt
         ot_trial = self._ot_trials[trial_id]
         self._recorder.submit(
-            lambda: self._write_epoch(trial_id, ot_trial, result, new_attempt=new_attempt),
+            lambda: self._writes.epoch(trial_id, ot_trial, result, new_attempt=new_attempt),
             trial=ot_trial.number,
         )
 
-    def _write_epoch(
-        self, trial_id: str, ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt: bool
-    ) -> None:
-        if trial_id in self._taken_over:
-            return
-        try:
-            write_epoch(ot_trial, result, new_attempt=new_attempt)
-        except UpdateFinishedTrialError:
-            if not self._ended_elsewhere(trial_id, ot_trial):
-                raise
-
-    def _ended_elsewhere(self, trial_id: str, ot_trial: optuna.Trial) -> bool:
-        """Whether another driver failed this driver's trial (judging this one dead: its
-        heartbeats had stopped, e.g. while the database was away); said once, and the trial is
-        then stopped (:meth:`taken_over`): its point is free to be trained again."""
-        assert self._ot_study is not None
-        if trial_id in self._taken_over:
-            return True
-        ended = self._ot_study._storage.get_trial(ot_trial._trial_id)
-        if ended.state != TrialState.FAIL:
-            return False
-        self._taken_over.add(trial_id)
-        self._heartbeat.release(ot_trial._trial_id)
-        self._say(
-            f"trial {ot_trial.number} was marked FAIL by another driver "
-            f"({ended.user_attrs.get(FAIL_REASON_ATTR, 'no reason recorded')}): its results "
-            "here are not recorded, and it is stopped"
-        )
-        return True
-
     def taken_over(self, trial_id: str) -> bool:
-        """Whether Tune should stop this trial: another driver failed it (see above)."""
-        return trial_id in self._taken_over
+        """Whether Tune should stop this trial: another driver failed it (:class:`Writes`)."""
+        return self._writes.taken_over(trial_id)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -273,9 +243,9 @@ class StudySearch(OptunaSearch):
             self._prepare_next(soon=True)  # Tune asks for the next trial in a moment
 
     def _tell(self, trial_id: str, ot_trial: optuna.Trial, value: float | None) -> None:
+        # The heartbeat goes on until the end is written: it may wait out an outage.
         assert self._ot_study is not None
-        self._heartbeat.release(ot_trial._trial_id)
-        if self._ended_elsewhere(trial_id, ot_trial):
+        if self._writes.ended_elsewhere(trial_id, ot_trial):
             self._waiting.source_ended(self._ot_study, ot_trial)  # those waiting fail with it
             return
         state = TrialState.PRUNED if value is None else TrialState.COMPLETE
@@ -283,6 +253,10 @@ class StudySearch(OptunaSearch):
             self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
         except ValueError as exc:  # e.g. a NaN value; OptunaSearch logs these too
             logger.warning("trial %d: %s", ot_trial.number, exc)
+        except UpdateFinishedTrialError:  # failed elsewhere since it was read just now
+            if not self._writes.ended_elsewhere(trial_id, ot_trial):
+                raise
+        self._heartbeat.release(ot_trial._trial_id)
         self._waiting.source_ended(self._ot_study, ot_trial)
 
     def fail(self, trial_id: str, reason: str) -> None:
@@ -303,10 +277,10 @@ class StudySearch(OptunaSearch):
         self, ot_trial: optuna.Trial, reason: str, *, given_back: bool = False
     ) -> None:
         assert self._ot_study is not None
-        self._heartbeat.release(ot_trial._trial_id)
         ledger.fail_trial(
             self._ot_study._storage, ot_trial._trial_id, reason, given_back=given_back
         )
+        self._heartbeat.release(ot_trial._trial_id)
         self._waiting.source_ended(self._ot_study, ot_trial)  # those waiting for it fail too
 
     # Tune pickles the searcher into tuner.pkl and its experiment snapshots, for Tuner.restore.
@@ -325,6 +299,7 @@ class StudySearch(OptunaSearch):
         "_stopping",
         "_watch",
         "_stranded",
+        "_writes",
     )
 
     def __getstate__(self) -> dict[str, Any]:
