@@ -355,11 +355,18 @@ class _StopRun(tune.Stopper):
     """Stops every trial once a signal asked the run to stop or the study's database stayed
     away past the patience (Tune checks after each event), and a trial another driver failed."""
 
-    def __init__(self, stop: StopRequest, watch: DatabaseWatch, searcher: StudySearch) -> None:
+    def __init__(
+        self, stop: StopRequest, watch: DatabaseWatch, searcher: StudySearch | None
+    ) -> None:
         self._stop, self._watch, self._searcher = stop, watch, searcher
 
+    # Tune pickles its stopper with the experiment's state, for Tuner.restore (unused here): a
+    # copy stops nothing. The signal request holds the handlers it replaced, which may not pickle.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _StopRun, (StopRequest(), DatabaseWatch(), None)
+
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return self._searcher.taken_over(trial_id)
+        return self._searcher is not None and self._searcher.taken_over(trial_id)
 
     def stop_all(self) -> bool:
         return self._stop.requested or self._watch.gave_up

@@ -22,7 +22,7 @@ from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._trainable import METRIC
 from scaling_search.driver._waiting import Classes, Waiting
 from scaling_search.ledger import FAIL_REASON_ATTR, Heartbeat
-from scaling_search.outage import DatabaseAway, DatabaseWatch
+from scaling_search.outage import DatabaseWatch
 from scaling_search.space import SpaceError
 from scaling_search.storage import describe_error, unreachable
 
@@ -99,7 +99,7 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         self._recorder.busy()
-        if self._watch.gave_up:
+        if self._ending():
             return Searcher.FINISHED  # type: ignore[return-value]
         self._recorder.check()  # a storage that stopped taking writes stops the launches
         if trial_id in self._ot_trials:
@@ -112,8 +112,10 @@ class StudySearch(OptunaSearch):
             self._prepare_next()
         try:
             prepared = self._recorder.result(self._ahead.popleft())
-        except DatabaseAway:
-            return Searcher.FINISHED  # type: ignore[return-value]
+        except Exception:
+            if self._ending():  # the claim waited out the patience
+                return Searcher.FINISHED  # type: ignore[return-value]
+            raise
         if prepared is None:
             # The queue is empty (other drivers took the rest). Tune's sentinel is a string,
             # which Searcher.suggest's annotation leaves out.
@@ -123,6 +125,10 @@ class StudySearch(OptunaSearch):
         if not self._adaptive:
             self._prepare_next()
         return params
+
+    def _ending(self) -> bool:
+        """The study's database stayed away past the patience: the run ends."""
+        return self._watch.gave_up
 
     def _search_is_full(self) -> bool:
         """A sampler's search whose ``n_trials`` are all trained or training (other drivers'
