@@ -2,7 +2,9 @@
 clean.
 
 Every error a user can cause is one line on stderr and exit code 2 (``--debug`` shows the
-traceback). Heavy modules (torch, ray, optuna) are imported by the subcommands that need them.
+traceback); the study's database failing (away past a run's patience, or refusing a write) is
+one line and exit code 1. Heavy modules (torch, ray, optuna) are imported by the subcommands that
+need them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from scaling_search.interrupt import (
     StopRequest,
     handle_signals,
 )
+from scaling_search.outage import PATIENCE_S, DatabaseAway, failure_line
 
 if TYPE_CHECKING:
     import optuna
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 USAGE_ERROR = 2
+DATABASE_FAILED = 1
+MAX_PATIENCE_S = 86_400.0
 FAMILY_FILENAME = "family.json"
 
 
@@ -63,6 +68,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--keep-checkpoints",
         action="store_true",
         help="keep each trial's last checkpoint and Ray Tune's files under <output_dir>/ray",
+    )
+    run.add_argument(
+        "--database-patience",
+        type=float,
+        default=PATIENCE_S,
+        metavar="SECONDS",
+        help="how long the run waits for the study's database to answer again before it "
+        f"stops (default {PATIENCE_S:.0f})",
     )
 
     for name, text in (
@@ -180,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"scaling-search: {INTERRUPTED_LINE}", file=sys.stderr)
         return 130
+    except DatabaseAway as exc:
+        print(f"scaling-search: error: {exc}", file=sys.stderr)
+        return DATABASE_FAILED
+    except Exception as exc:
+        line = None if args.debug else failure_line(exc)
+        if line is None:
+            raise
+        print(f"scaling-search: error: {line}", file=sys.stderr)
+        return DATABASE_FAILED
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -234,6 +256,11 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         from scaling_search.storage import mask_url, open_storage, resolve_url
 
         study = load_study(args.study, args.overrides)
+        if not 1 <= args.database_patience <= MAX_PATIENCE_S:  # also NaN
+            raise StudyError(
+                f"--database-patience must be 1 to {MAX_PATIENCE_S:.0f} seconds, got "
+                f"{args.database_patience}"
+            )
         if study.objective is not None:
             from scaling_search._hooks import load_function
 
@@ -265,6 +292,7 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         address=args.address,
         stop=stop,
         keep_checkpoints=args.keep_checkpoints,
+        database_patience_s=args.database_patience,
     )
     print(_summary_line(summary))
     from scaling_search._cli_view import write_report_for

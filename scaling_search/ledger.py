@@ -75,6 +75,7 @@ __all__ = [
     "point_params",
     "recover_stale",
     "sampler",
+    "search_trials_left",
     "seeds",
     "stage_of",
     "triple_of",
@@ -231,8 +232,7 @@ def plan_trials(
 
     Grid: every (network, seed) not held by a trial (finished, running or queued) is queued
     once, as the triple that stands for the network's class; the answer is the queue's length.
-    Other samplers: n_trials minus the trials of the search that trained (a sampled triple that
-    shares a network already trained costs no training, so it is not counted).
+    Other samplers: :func:`search_trials_left`.
 
     The grid is queued in a random order, seeded by ``search.seed``: asynchronous successive
     halving (ASHA) compares each trial with those that reached a rung before it, so a grid in
@@ -241,11 +241,7 @@ def plan_trials(
     study's (:func:`scaling_search.sampling.study_network_key`).
     """
     if study.search.sampler != "grid":
-        done = ot_study.get_trials(deepcopy=False, states=DONE)
-        searched = [
-            t for t in done if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE and not is_shared(t)
-        ]
-        return max(0, (study.search.n_trials or 0) - len(searched))
+        return search_trials_left(ot_study, study.search.n_trials or 0)
     classes = grid_classes(
         study, num_classes=num_classes or study.data.num_classes, network_key=network_key
     )
@@ -259,6 +255,17 @@ def plan_trials(
             ot_study.enqueue_trial(params, user_attrs={NETWORK_ATTR: key}, skip_if_exists=False)
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     return sum(1 for t in waiting if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE)
+
+
+def search_trials_left(ot_study: optuna.Study, n_trials: int) -> int:
+    """How many more trials a sampler's search may train: ``n_trials`` minus the search's
+    trials that trained and those training now, under this driver or another (a failed trial
+    does not count; nor does a sampled triple that shares a network already trained, which costs
+    no training). Run after :func:`recover_stale`, the RUNNING trials left are live drivers'.
+    Two drivers that ask at the same moment can each start one trial too many."""
+    trials = ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING, *DONE))
+    counted = [t for t in trials if stage_of(t) == SEARCH_STAGE and not is_shared(t)]
+    return max(0, n_trials - len(counted))
 
 
 def _earlier_holder(ot_study: optuna.Study, trial: FrozenTrial) -> FrozenTrial | None:
@@ -289,7 +296,12 @@ def stage_of(trial: FrozenTrial) -> str:
 
 
 def claim(
-    ot_study: optuna.Study, *, queued_only: bool, holder: str, stage: str = SEARCH_STAGE
+    ot_study: optuna.Study,
+    *,
+    queued_only: bool,
+    holder: str,
+    stage: str = SEARCH_STAGE,
+    taken: Callable[[int], None] | None = None,
 ) -> optuna.Trial | None:
     """Take the next trial of ``stage`` for this driver, or None when there is nothing left.
 
@@ -297,14 +309,17 @@ def claim(
     duplicates; otherwise (a sampler's search) start a new trial for the sampler. A queued trial
     of another stage is never taken: a driver searching and one racing on the same study each
     train their own stage's trials (Optuna's ``ask`` would take any queued trial, so it is not
-    used here).
+    used here). ``taken`` is told the trial's id as soon as it is RUNNING, before the holder is
+    named: a caller that loses the database in between can give the trial back later.
     """
     storage = ot_study._storage
+    taken = taken or (lambda _: None)
     if not queued_only:
         # Study.ask without its queue: a fresh trial, and the study's cache of trials (which
         # the samplers read) dropped so that the sample sees every trial recorded so far.
         ot_study._thread_local.cached_all_trials = None
         trial_id = storage.create_new_trial(ot_study._study_id)
+        taken(trial_id)
         _take(storage, trial_id, holder)
         return optuna.Trial(ot_study, trial_id)
     for queued in ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
@@ -315,6 +330,7 @@ def claim(
                 continue  # another driver took it first
         except UpdateFinishedTrialError:
             continue
+        taken(queued._trial_id)
         _take(storage, queued._trial_id, holder)
         earlier = _earlier_holder(ot_study, queued)
         if earlier is not None:

@@ -5,11 +5,13 @@ driver refreshes every :data:`HEARTBEAT_INTERVAL_S`. A driver starting up fails 
 ``fail_reason``) the RUNNING trials whose driver is a dead process on this host, or whose
 heartbeat is older than :data:`HEARTBEAT_GRACE_S` (a driver on another host); planning
 (:mod:`scaling_search.ledger`) then queues their points again.
+
+A heartbeat the database does not answer is tried again with backoff, and reported to the run's
+:class:`~scaling_search.outage.DatabaseWatch` (see :mod:`scaling_search.outage`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import threading
@@ -22,7 +24,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from scaling_search.storage import HEARTBEAT_GRACE_S, HEARTBEAT_INTERVAL_S
+from scaling_search.outage import DatabaseWatch, backoff_s
+from scaling_search.storage import (
+    HEARTBEAT_GRACE_S,
+    HEARTBEAT_INTERVAL_S,
+    describe_error,
+    unreachable,
+)
 
 __all__ = [
     "DRIVER_ATTR",
@@ -82,10 +90,20 @@ def _driver_is_dead(holder: str) -> bool:
 
 
 class Heartbeat:
-    """A daemon thread that refreshes the heartbeat of every trial this driver holds."""
+    """A daemon thread that refreshes the heartbeat of every trial this driver holds.
 
-    def __init__(self, storage: optuna.storages.RDBStorage, interval_s: float) -> None:
-        self._storage, self._interval = storage, interval_s
+    With a ``watch``: a beat the database does not answer is reported to it and tried again
+    after :func:`~scaling_search.outage.backoff_s` (not a whole interval later), and while the
+    database is away the thread probes it even with no trial held, so that its return is seen.
+    """
+
+    def __init__(
+        self,
+        storage: optuna.storages.RDBStorage,
+        interval_s: float,
+        watch: DatabaseWatch | None = None,
+    ) -> None:
+        self._storage, self._interval, self._watch = storage, interval_s, watch
         self._held: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -117,13 +135,46 @@ class Heartbeat:
             self._held.discard(trial_id)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self._interval):
-            with self._lock:
-                held = sorted(self._held)
-            for trial_id in held:
-                # A database hiccup is not fatal: the next beat tries again.
-                with contextlib.suppress(Exception):
-                    self._storage.record_heartbeat(trial_id)
+        failures = 0
+        while not self._stop.wait(self._next_wait(failures)):
+            try:
+                answered = self._beat_once()
+            except Exception as exc:
+                failures += 1
+                self._failed(exc)
+                continue
+            failures = 0
+            if answered and self._watch is not None:
+                self._watch.answered()
+
+    def _next_wait(self, failures: int) -> float:
+        away = failures or (self._watch is not None and self._watch.away)
+        return min(self._interval, backoff_s(failures)) if away else self._interval
+
+    def _beat_once(self) -> bool:
+        """Beat every held trial (with none held while the database is away: probe it);
+        whether the database was asked anything."""
+        with self._lock:
+            held = sorted(self._held)
+        for trial_id in held:
+            self._storage.record_heartbeat(trial_id)
+        if not held and self._watch is not None and self._watch.away:
+            import sqlalchemy
+
+            with self._storage.engine.connect() as connection:
+                connection.execute(sqlalchemy.text("SELECT 1"))
+            return True
+        return bool(held)
+
+    def _failed(self, exc: Exception) -> None:
+        if self._watch is None:
+            return  # no run to tell: the next beat tries again
+        if unreachable(exc):
+            self._watch.failed(exc)
+        else:
+            self._watch.say_once(
+                "heartbeat", f"a trial's heartbeat was not recorded: {describe_error(exc)}"
+            )
 
 
 def driver_alive(ot_study: optuna.Study | None, holder: str) -> bool | None:

@@ -32,6 +32,7 @@ from scaling_search._report_data import (
 from scaling_search.export import write_text_atomic
 from scaling_search.ledger import DONE, NUM_CLASSES_ATTR, is_shared
 from scaling_search.results import BestTriple, ResultsError, best_triple
+from scaling_search.storage import describe_error, unreachable
 
 __all__ = ["LIVE_FIGURES", "PARTS", "LiveDashboard", "publish_live", "report_html", "write_report"]
 
@@ -103,8 +104,10 @@ class LiveDashboard:
         try:
             publish_live(study)
         except Exception as exc:
-            if not self._warned:
-                self._say(f"optuna-dashboard figures not updated: {' '.join(str(exc).split())}")
+            # The database away is said once by the run (scaling_search.outage); the next
+            # publish tries again.
+            if not self._warned and not unreachable(exc):
+                self._say(f"optuna-dashboard figures not updated: {describe_error(exc)}")
                 self._warned = True
         took = time.monotonic() - started
         self._next = time.monotonic() + max(self._interval_s, 20 * took)

@@ -31,10 +31,12 @@ __all__ = [
     "ENV_VAR",
     "StorageError",
     "check_url",
+    "describe_error",
     "mask_url",
     "open_storage",
     "resolve_url",
     "study_exists",
+    "unreachable",
 ]
 
 ENV_VAR = "SCALING_SEARCH_STORAGE"
@@ -127,9 +129,10 @@ def study_exists(url: str, study_name: str) -> bool:
 
 
 def _reason(exc: BaseException, url: str) -> str:
-    """The first line of a library's error about ``url``, with its password hidden in every
-    form it may take there (as written, decoded, from the query)."""
-    text = str(getattr(exc, "orig", None) or exc).strip()
+    """The first line of a library's error about ``url`` (the database's own message, see
+    :func:`describe_error`), with its password hidden in every form it may take there (as
+    written, decoded, from the query)."""
+    text = describe_error(exc)
     parsed = make_url(url)  # check_url read it already
     query_password = parsed.query.get("password")
     secrets = (parsed.password, url_password(url), *_as_tuple(query_password))
@@ -143,14 +146,55 @@ def _as_tuple(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else value
 
 
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or while handling, outermost first."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def describe_error(exc: BaseException) -> str:
+    """What went wrong, in one line: the database's own message where a database error lies
+    behind ``exc`` (Optuna wraps every one in "An exception is raised during the commit …
+    e.g. exceeding max length", whatever it was), else ``exc``'s first line."""
+    from sqlalchemy.exc import DBAPIError
+
+    for error in _chain(exc):
+        if isinstance(error, DBAPIError) and error.orig is not None:
+            exc = error.orig
+            break
+    lines = str(exc).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(exc).__name__
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the database did not answer: a connection refused, lost or
+    timed out, a server shutting down, a transaction it broke off, or a SQLite file locked past
+    its timeout. Errors of the query or the data (a missing table, a bad value) are not."""
+    import sqlite3
+
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    for error in _chain(exc):
+        if not isinstance(error, DBAPIError):
+            continue
+        if error.connection_invalidated:
+            return True
+        if isinstance(error.orig, sqlite3.Error):
+            return "locked" in str(error.orig) or "busy" in str(error.orig)
+        return isinstance(error, OperationalError | InterfaceError)
+    return False
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Open (creating if needed) the Optuna RDB storage at ``url``.
 
-    Creates the SQLite file's folder. Raises StorageError for a bad URL or a database that cannot
-    be reached, with the password masked.
+    Creates the SQLite file's folder. Raises StorageError for a bad URL, a database that cannot
+    be reached, a schema of another Optuna version, or any other error while opening (said as
+    what it is), with the password masked.
     """
-    from sqlalchemy.exc import SQLAlchemyError
-
     parsed = check_url(url)
     engine_kwargs: dict[str, object] = {}
     try:
@@ -174,10 +218,12 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         if sqlite:
             _lock_sqlite_transactions(storage.engine, write_ahead_log=new_file)
         return storage
-    except (SQLAlchemyError, OSError, ImportError) as exc:
+    except StorageError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and _SCHEMA_CHECK in str(exc):
+            raise StorageError(_schema_message(str(exc), url)) from None
         raise StorageError(f"cannot open storage {mask_url(url)!r}: {_reason(exc, url)}") from None
-    except RuntimeError as exc:  # Optuna's "schema is older/newer than this version" check
-        raise StorageError(_schema_message(str(exc), url)) from None
 
 
 @contextlib.contextmanager
@@ -267,6 +313,12 @@ def _lock_sqlite_transactions(engine: Engine, *, write_ahead_log: bool) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     engine.dispose()  # connections opened before the listeners existed are closed
+
+
+# How Optuna's check of the schema's version begins its RuntimeError ("The runtime optuna version
+# X is no longer compatible with the table schema (set up by optuna Y)"): only that one is about
+# versions; any other error while opening is said as it is.
+_SCHEMA_CHECK = "is no longer compatible with the table schema"
 
 
 def _schema_message(optuna_message: str, url: str) -> str:

@@ -54,6 +54,99 @@ def postgres_url() -> Iterator[str]:
         _drop_postgres(name)
 
 
+class PostgresServer:
+    """A PostgreSQL server of the test's own: its own data folder and port, trust auth, on
+    127.0.0.1 only; stopped and started again at will (the machine's server is never touched).
+
+    Run as the ``postgres`` user when the tests run as root (initdb refuses root), so its folder
+    lives under a short /tmp path that user can reach, not in pytest's root-only tmp_path.
+    """
+
+    def __init__(self) -> None:
+        import glob
+        import shutil
+        import socket
+        import tempfile
+
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+        if not found:
+            _no_postgres("no PostgreSQL binaries under /usr/lib/postgresql/*/bin")
+        self._bin = Path(found[-1]).parent
+        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self._as and shutil.which("runuser") is None:
+            _no_postgres("running as root without runuser to start PostgreSQL as postgres")
+        self.folder = Path(tempfile.mkdtemp(prefix="ss-pg-", dir="/tmp"))
+        if self._as:
+            shutil.chown(self.folder, user="postgres")
+        with socket.socket() as probe:  # a free port, picked by the kernel
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def create(self) -> None:
+        """Make the data folder and start the server."""
+        self._pg("initdb", "-D", "data", "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+
+    def _pg(self, tool: str, *args: str) -> None:
+        done = subprocess.run(
+            [*self._as, str(self._bin / tool), *args],
+            cwd=self.folder,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, f"{tool} failed: {done.stdout}{done.stderr}"
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg("pg_ctl", "-D", "data", "-l", "server.log", "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        """Stop at once (pg_ctl's fast mode: clients are disconnected)."""
+        self._pg("pg_ctl", "-D", "data", "-m", "fast", "-w", "stop")
+
+    def database(self) -> str:
+        """The URL of a new, empty database on this server."""
+        import sqlalchemy
+
+        name = f"db_{uuid.uuid4().hex[:12]}"
+        engine = sqlalchemy.create_engine(self.url, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+    def close(self) -> None:
+        import shutil
+
+        subprocess.run(
+            [*self._as, str(self._bin / "pg_ctl"), "-D", "data", "-m", "immediate", "stop"],
+            cwd=self.folder,
+            capture_output=True,
+            check=False,
+        )
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _no_postgres(why: str) -> None:
+    if os.environ.get("SCALING_SEARCH_REQUIRE_POSTGRES"):
+        pytest.fail(f"PostgreSQL required (SCALING_SEARCH_REQUIRE_POSTGRES) but: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server this module starts and stops itself (see PostgresServer)."""
+    server = PostgresServer()
+    try:
+        server.create()
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A storage URL on an empty database: a SQLite file, or a fresh PostgreSQL database."""

@@ -270,9 +270,51 @@ def test_plan_for_a_sampler_counts_the_trials_left(storage_url: str, tiny_study:
         warnings.simplefilter("ignore", UserWarning)
         for _ in range(2):
             ot_study.tell(ot_study.ask(), 0.5)
-        ot_study.ask()  # running: not finished, still counts as left
+        ot_study.tell(ot_study.ask(), state=TrialState.FAIL)  # failed: its place is free again
     assert plan_trials(study, ot_study) == 3
     assert not _trials(ot_study, TrialState.WAITING)  # nothing queued
+
+
+def test_a_sampler_plan_counts_the_trials_running_under_live_drivers(
+    storage_url: str, tiny_study: Path
+) -> None:
+    # Two drivers search with one sampler: n_trials counts what both train, so that the second
+    # to start does not plan the whole n_trials again.
+    study = load_study(tiny_study, ["search.sampler=random", "search.n_trials=8"])
+    storage = open_storage(storage_url)
+    ot_study = open_study(study, storage)
+
+    def sampled(holder: str) -> optuna.Trial:
+        trial = claim(ot_study, queued_only=False, holder=holder)
+        assert trial is not None
+        return trial
+
+    done = sampled(driver_id())
+    ot_study.tell(done, 0.5)
+    mine = [sampled(driver_id()) for _ in range(2)]  # this driver, alive
+    other = sampled(OTHER_HOST)  # a driver on another host, heartbeat just recorded
+    dead = sampled(_dead_local_driver())  # a driver on this host that has exited
+    sharer = sampled(driver_id())  # shares mine[0]'s network: no training of its own
+    sharer.set_user_attr(ledger.SHARED_ATTR, mine[0].number)
+    raced = ledger.point_params(Coefficients(1.1, 1.0, 1.3), seed=7)
+    ot_study.enqueue_trial(raced, user_attrs={ledger.STAGE_ATTR: ledger.RACING_STAGE})
+    racer = claim(ot_study, queued_only=True, holder=OTHER_HOST, stage=ledger.RACING_STAGE)
+    assert racer is not None  # running too, but for the racing stage
+
+    assert recover_stale(ot_study, lambda _: None) == 1  # the dead driver's trial
+    assert _frozen_state(storage, dead) == TrialState.FAIL
+    # 8 - 1 trained - 3 training under live drivers (the dead one's, the sharer's and the
+    # racing trial do not count).
+    assert plan_trials(study, ot_study) == 4
+    ot_study.tell(other, 0.6)  # trained now: counted all the same
+    assert plan_trials(study, ot_study) == 4
+    fail_trial(storage, mine[1]._trial_id, "diverged")  # failed: its place is free again
+    assert plan_trials(study, ot_study) == 5
+    storage.engine.dispose()
+
+
+def _frozen_state(storage: optuna.storages.BaseStorage, trial: optuna.Trial) -> TrialState:
+    return storage.get_trial(trial._trial_id).state
 
 
 # --- claim ---------------------------------------------------------------------------------------

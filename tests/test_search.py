@@ -129,6 +129,7 @@ def _searcher(
         adaptive=sampler == "tpe",
         classes=classes,
         say=(says if says is not None else []).append,
+        n_trials=None if sampler == "grid" else study.search.n_trials,
     )
     return searcher, ot_study
 
@@ -238,12 +239,38 @@ def test_an_adaptive_search_samples_the_next_trial_after_the_last_result(tmp_pat
     assert len(ot_study.get_trials(deepcopy=False)) == 3  # the limit: nothing more claimed
 
 
+def test_two_drivers_searching_with_a_sampler_train_n_trials_between_them(tmp_path: Path):
+    # Both planned the study's 6 trials before either claimed one: each claim counts what the
+    # other trains too, so that together they train 6, not 12.
+    one, ot_study = _searcher(tmp_path, "random", limit=6)
+    two, _ = _searcher(tmp_path, "random", limit=6)
+    served: dict[str, int] = {"one": 0, "two": 0}
+    active = {"one": one, "two": two}
+    for k in range(12):
+        for name, searcher in list(active.items()):
+            trial_id = f"{name}{k}"
+            if searcher.suggest(trial_id) == Searcher.FINISHED:
+                del active[name]
+                continue
+            served[name] += 1
+            searcher.on_trial_result(trial_id, _result(1, 0.5))
+            searcher.on_trial_complete(trial_id, _result(2, 0.6))
+    assert not active
+    for searcher in (one, two):
+        searcher.close()
+    trials = ot_study.get_trials(deepcopy=False)
+    trained = [t for t in trials if t.state == TrialState.COMPLETE and not ledger.is_shared(t)]
+    assert len(trained) == served["one"] + served["two"] == 6
+    assert served["one"] and served["two"]
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
 # --- one network, one training -------------------------------------------------------------------
 
 
 def test_a_grid_result_is_shared_with_the_other_triples_of_its_class(tmp_path: Path):
     searcher, ot_study = _searcher(tmp_path, "grid", limit=6)
-    classes = searcher._classes
+    classes = searcher._waiting._classes
     assert classes is not None and len(classes.members) == 6
     for k in range(6):
         searcher.suggest(f"t{k}")

@@ -33,9 +33,11 @@ from scaling_search.driver._watchdog import RayWatchdog, TerminalLines, ray_outp
 from scaling_search.interrupt import Interrupted, StopRequest
 from scaling_search.ledger import Heartbeat
 from scaling_search.objective import ObjectiveFit
+from scaling_search.outage import PATIENCE_S, DatabaseWatch
 from scaling_search.report import LiveDashboard
 from scaling_search.sampling import DefineByRun, study_network_key
 from scaling_search.space import NetworkKeyFn
+from scaling_search.storage import mask_url
 from scaling_search.train import fit
 
 __all__ = ["RunSummary", "run_study"]
@@ -141,6 +143,7 @@ def run_study(
     fit_fn: Fit | None = None,
     stop: StopRequest | None = None,
     keep_checkpoints: bool = False,
+    database_patience_s: float = PATIENCE_S,
 ) -> RunSummary:
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
 
@@ -149,7 +152,8 @@ def run_study(
     the study's ``objective`` if it names one, else the built-in trainer. ``stop``: set by the
     command's signal handlers (:mod:`scaling_search.interrupt`); once it is, the running trials
     are stopped and recorded, no further stage starts, and :class:`Interrupted` is raised with
-    this run's summary.
+    this run's summary. The study's database away for ``database_patience_s`` ends the run:
+    :class:`~scaling_search.outage.DatabaseAway` (:mod:`scaling_search.outage`).
 
     Each trial's checkpoints are removed once its end is recorded, each stage's Ray Tune
     experiment folder once the stage ends, and at the end what stopped runs left
@@ -190,9 +194,12 @@ def run_study(
             if fit_fn is None:
                 fit_fn = ObjectiveFit(study.objective) if study.objective else fit
             live = LiveDashboard(ot_study, progress)
+            watch = DatabaseWatch(
+                mask_url(storage.url), patience_s=database_patience_s, say=progress
+            )
             with (
                 RayWatchdog(logs, local=address is None),
-                Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S) as heartbeat,
+                Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S, watch) as heartbeat,
             ):
                 stage = _Stage(
                     study,
@@ -206,6 +213,7 @@ def run_study(
                     classes,
                     stop,
                     keep_checkpoints,
+                    watch,
                 )
                 if to_launch:
                     progress(
@@ -294,10 +302,12 @@ class _Stage:
     classes: Classes | None  # the grid's classes, to share each result with
     stop: StopRequest
     keep_checkpoints: bool  # keep each trial's last checkpoint and Tune's folder after the run
+    watch: DatabaseWatch
     launched: int = 0  # trials handed to Ray, over the stages run so far
 
     def run(self, count: int, *, racing_stage: bool) -> None:
         study = self.study
+        searching = not racing_stage and study.search.sampler != "grid"
         define = DefineByRun(
             study.space,
             # Racing trials are queued points, as the grid's are, with their seed as an attribute.
@@ -330,6 +340,8 @@ class _Stage:
             classes=None if racing_stage else self.classes,
             say=self.progress,
             stopping=lambda: self.stop.requested,
+            watch=self.watch,
+            n_trials=study.search.n_trials if searching else None,
         )
         scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
         trial_failures_for_lost_workers()
@@ -343,7 +355,7 @@ class _Stage:
             self.progress,
             self.live,
             scheduler,
-            _StopOnSignal(self.stop),
+            _StopRun(self.stop, self.watch, searcher),
             experiment=experiment,
             keep_checkpoints=self.keep_checkpoints,
         )
@@ -364,9 +376,12 @@ class _Stage:
         # `scaling-search clean` or the study's next finished run.)
         if not self.keep_checkpoints:
             leftovers.remove_experiment(experiment)
+        self.watch.check(searcher.lost())  # the database stayed away: one line, no more stages
         self.stop.check()  # never another stage after a signal
 
     def _unfinished_reason(self) -> str:
+        if self.watch.gave_up:
+            return "the study's database stopped answering; the next run trains it again"
         if self.stop.signum is None:
             return "the run ended before the trial did"
         return (
@@ -390,25 +405,25 @@ def _tune_quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-class _StopOnSignal(tune.Stopper):
-    """Stops every trial once a signal asked the run to stop (Tune checks after each event)."""
+class _StopRun(tune.Stopper):
+    """Stops every trial once a signal asked the run to stop or the study's database stayed
+    away past the patience (Tune checks after each event), and a trial another driver failed."""
 
-    def __init__(self, stop: StopRequest) -> None:
-        self._stop = stop
+    def __init__(
+        self, stop: StopRequest, watch: DatabaseWatch, searcher: StudySearch | None
+    ) -> None:
+        self._stop, self._watch, self._searcher = stop, watch, searcher
+
+    # Tune pickles its stopper with the experiment's state, for Tuner.restore (unused here): a
+    # copy stops nothing. The signal request holds the handlers it replaced, which may not pickle.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _StopRun, (StopRequest(), DatabaseWatch(), None)
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return False
+        return self._searcher is not None and self._searcher.taken_over(trial_id)
 
     def stop_all(self) -> bool:
-        return self._stop.requested
-
-    # Tune pickles its stopper into the experiment's state, for its own restore (unused here);
-    # the request holds the signal handlers it replaced, which need not pickle.
-    def __getstate__(self) -> dict[str, Any]:
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._stop = StopRequest()
+        return self._stop.requested or self._watch.gave_up
 
 
 def _tuner(

@@ -3,42 +3,34 @@ ledger and recording what happened to each on its Optuna trial."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import pickle
-from collections import defaultdict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from scaling_search import ledger, sharing
+from scaling_search import ledger
+from scaling_search.driver._epochs import Writes
 from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._trainable import METRIC
-from scaling_search.ledger import FAIL_REASON_ATTR, SHARED_ATTR, Heartbeat
-from scaling_search.space import Coefficients, SpaceError
+from scaling_search.driver._waiting import Classes, Waiting
+from scaling_search.ledger import FAIL_REASON_ATTR, Heartbeat
+from scaling_search.outage import DatabaseWatch
+from scaling_search.space import SpaceError
+from scaling_search.storage import describe_error, unreachable
 
 logger = logging.getLogger(__name__)
 Prepared = tuple[optuna.Trial, dict[str, Any]] | None  # a claimed trial and its point, or none
 # Sampled triples in a row that need no training (their network was trained with this seed, or
 # no γ makes them cost c) before the search stops: the sampler has nothing new left to propose.
 MAX_UNTRAINED_IN_A_ROW = 200
-
-
-@dataclass(frozen=True)
-class Classes:
-    """The grid's triples by network key, to share each trained result with its class."""
-
-    members: Mapping[str, Sequence[Coefficients]]
-    base_resolution_px: int
-    num_classes: int
 
 
 class StudySearch(OptunaSearch):
@@ -58,6 +50,12 @@ class StudySearch(OptunaSearch):
     (one whose network is in flight gets it when that trial ends), and the sampler is asked
     again; with ``classes`` (the grid), each trained result is shared with the other triples of
     its class.
+
+    The study's database away (``watch``, :mod:`scaling_search.outage`): nothing more is
+    launched until it answers, and every write is retried; a trial that another driver failed
+    meanwhile (it judged this one dead) is said so and stopped (:meth:`taken_over`). With
+    ``n_trials`` (a sampler's search), a claim is made only while the search's trials, trained
+    or training under any driver, number fewer.
     """
 
     def __init__(
@@ -72,14 +70,17 @@ class StudySearch(OptunaSearch):
         classes: Classes | None = None,
         say: Callable[[str], None] = print,
         stopping: Callable[[], bool] = lambda: False,
+        watch: DatabaseWatch | None = None,
+        n_trials: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._waiting = Waiting(heartbeat, classes, self._end_as_failed)
         self._stopping = stopping  # a signal asked the run to stop: launch nothing more
-        self._classes, self._say = classes, say
+        self._watch = watch or DatabaseWatch(say=say)
+        self._n_trials = n_trials
+        self._say = say
         self.max_untrained_in_a_row = MAX_UNTRAINED_IN_A_ROW
-        # Sampled trials that share a trial still running, by that trial's number.
-        self._sharers: defaultdict[int, list[optuna.Trial]] = defaultdict(list)
         self._budget_epochs = budget_epochs
         self._queued_only, self._stage = queued_only, stage
         self._heartbeat = heartbeat
@@ -87,7 +88,10 @@ class StudySearch(OptunaSearch):
         self._limit, self._adaptive = limit, adaptive
         self._served = 0
         self._ahead: deque[Future[Prepared]] = deque()  # claimed and sampled, oldest first
-        self._recorder = Recorder()
+        # Claimed while the database went away, before they were sampled: given back later.
+        self._stranded: list[optuna.Trial] = []
+        self._writes = Writes(heartbeat, say)
+        self._recorder = Recorder(watch=self._watch)
         self._epochs: dict[str, int] = {}  # the last epoch recorded (handed to the recorder)
         self._attempts: dict[str, tuple[Any, Any]] = {}  # (started_at, node) last written
         self._errored: set[str] = set()
@@ -95,14 +99,23 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         self._recorder.busy()
+        if self._ending():
+            return Searcher.FINISHED  # type: ignore[return-value]
         self._recorder.check()  # a storage that stopped taking writes stops the launches
         if trial_id in self._ot_trials:
             return super().suggest(trial_id)
         if self._stopping():
             return Searcher.FINISHED  # type: ignore[return-value]
+        if self._watch.away:
+            return None  # launch nothing until the database answers; Tune asks again
         if not self._ahead:
             self._prepare_next()
-        prepared = self._recorder.result(self._ahead.popleft())
+        try:
+            prepared = self._recorder.result(self._ahead.popleft())
+        except Exception:
+            if self._ending():  # the claim waited out the patience
+                return Searcher.FINISHED  # type: ignore[return-value]
+            raise
         if prepared is None:
             # The queue is empty (other drivers took the rest). Tune's sentinel is a string,
             # which Searcher.suggest's annotation leaves out.
@@ -113,6 +126,18 @@ class StudySearch(OptunaSearch):
             self._prepare_next()
         return params
 
+    def _ending(self) -> bool:
+        """The study's database stayed away past the patience: the run ends."""
+        return self._watch.gave_up
+
+    def _search_is_full(self) -> bool:
+        """A sampler's search whose ``n_trials`` are all trained or training (other drivers'
+        trials included)."""
+        assert self._ot_study is not None
+        if self._n_trials is None:
+            return False
+        return ledger.search_trials_left(self._ot_study, self._n_trials) <= 0
+
     def _prepare_next(self, *, soon: bool = False) -> None:
         if self._served + len(self._ahead) < self._limit:
             self._ahead.append(self._recorder.submit(self._prepare, soon=soon))
@@ -122,27 +147,29 @@ class StudySearch(OptunaSearch):
         thread); sampled triples that need no training are ended here and the sampler is asked
         again."""
         assert self._ot_study is not None  # set up by OptunaSearch before any suggestion
-        self._settle_sharers(others_only=True)
+        self._give_back_stranded()
+        mine = {trial.number for trial in list(self._ot_trials.values())}
+        self._waiting.settle(self._ot_study, except_sources=mine)
         for _ in range(self.max_untrained_in_a_row):
-            ot_trial = ledger.claim(
-                self._ot_study,
-                queued_only=self._queued_only,
-                holder=self._holder,
-                stage=self._stage,
-            )
+            if self._search_is_full():
+                return None
+            ot_trial = self._claim()
             if ot_trial is None:
                 return None
-            self._heartbeat.hold(ot_trial._trial_id)
             try:
+                self._heartbeat.hold(ot_trial._trial_id)
                 params = self._suggest_from_define_by_run_func(self._space, ot_trial)
+                if self._queued_only or not self._waiting.share(self._ot_study, ot_trial):
+                    return ot_trial, params
             except Exception as exc:  # ended here, not left RUNNING
+                if unreachable(exc):  # the recorder tries again; this claim is given back
+                    self._stranded.append(ot_trial)
+                    raise
                 self._end_as_failed(ot_trial, str(exc))
                 # space.cost measured: no network near these coordinates costs c; sample again.
                 if isinstance(exc, SpaceError) and not self._queued_only:
                     continue
                 raise
-            if self._queued_only or not self._shares(ot_trial):
-                return ot_trial, params
         self._say(
             f"the sampler proposed {self.max_untrained_in_a_row} triples in a row that need no "
             "training (their networks were trained with this seed, or cost too much): the "
@@ -150,72 +177,23 @@ class StudySearch(OptunaSearch):
         )
         return None
 
-    def _shares(self, ot_trial: optuna.Trial) -> bool:
-        """Whether a sampled trial's network and seed are trained (or training) already; if so
-        it gets that result, now or when the training ends, instead of a training."""
+    def _claim(self) -> optuna.Trial | None:
+        """:func:`ledger.claim`; a trial taken as the database went away, before its holder
+        was named, is given back once the database answers."""
         assert self._ot_study is not None
-        point = ledger.point_of(self._ot_study._storage.get_trial(ot_trial._trial_id))
-        source = None if point is None else ledger.holder_of(self._ot_study, point)
-        if source is None or source.number == ot_trial.number:
-            return False
-        # Marked at once, so that no later sample takes it for the network's training.
-        ot_trial.set_user_attr(SHARED_ATTR, source.number)
-        if sharing.copy_result(self._ot_study, ot_trial, source):
-            self._heartbeat.release(ot_trial._trial_id)
-        else:
-            self._sharers[source.number].append(ot_trial)
-        return True
-
-    def _settle_sharers(self, *, others_only: bool) -> None:
-        """Give the trials waiting for another trial's result that result, where it has ended
-        (``others_only``: those waiting for another driver's trials; this driver's own end
-        through :meth:`_share_result`)."""
-        assert self._ot_study is not None
-        if not self._sharers:
-            return
-        mine = {trial.number for trial in self._ot_trials.values()}
-        trials = self._ot_study.get_trials(deepcopy=False)
-        for number in list(self._sharers):
-            if not (others_only and number in mine):
-                self._give_result(trials[number], self._sharers.pop(number), ended_run=False)
-
-    def _give_result(
-        self, source: FrozenTrial, sharers: list[optuna.Trial], *, ended_run: bool
-    ) -> None:
-        """End ``sharers`` with ``source``'s result; one whose source has not ended goes back to
-        waiting, or, once nothing more will end it (``ended_run``), fails saying so."""
-        assert self._ot_study is not None
-        for sharer in sharers:
-            if sharing.copy_result(self._ot_study, sharer, source):
-                self._heartbeat.release(sharer._trial_id)
-            elif ended_run:
-                self._end_as_failed(
-                    sharer,
-                    f"shares trial {source.number}, which had not ended when this run did",
-                    given_back=True,
-                )
-            else:
-                self._sharers[source.number].append(sharer)
-
-    def _share_result(self, ot_trial: optuna.Trial) -> None:
-        """Give a trial's ended result to those that share its network (recorder thread)."""
-        assert self._ot_study is not None
-        waiting = self._sharers.pop(ot_trial.number, [])
-        if not waiting and self._classes is None:
-            return
-        source = self._ot_study._storage.get_trial(ot_trial._trial_id)
-        # Told or failed just now: if it is still RUNNING (its tell refused), nothing will end
-        # it, and those waiting for it fail too.
-        self._give_result(source, waiting, ended_run=True)
-        point = ledger.point_of(source)
-        if self._classes is not None and point is not None and point[0] in self._classes.members:
-            sharing.share_with_class(
+        taken: list[int] = []
+        try:
+            return ledger.claim(
                 self._ot_study,
-                source,
-                self._classes.members[point[0]],
-                base_resolution_px=self._classes.base_resolution_px,
-                num_classes=self._classes.num_classes,
+                queued_only=self._queued_only,
+                holder=self._holder,
+                stage=self._stage,
+                taken=taken.append,
             )
+        except Exception as exc:
+            if taken and unreachable(exc):
+                self._stranded.append(optuna.Trial(self._ot_study, taken[-1]))
+            raise
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self._recorder.busy()
@@ -234,7 +212,14 @@ class StudySearch(OptunaSearch):
         new_attempt = self._attempts.get(trial_id) != attempt
         self._attempts[trial_id] = attempt
         ot_trial = self._ot_trials[trial_id]
-        self._recorder.submit(lambda: _write_epoch(ot_trial, result, new_attempt=new_attempt))
+        self._recorder.submit(
+            lambda: self._writes.epoch(trial_id, ot_trial, result, new_attempt=new_attempt),
+            trial=ot_trial.number,
+        )
+
+    def taken_over(self, trial_id: str) -> bool:
+        """Whether Tune should stop this trial: another driver failed it (:class:`Writes`)."""
+        return self._writes.taken_over(trial_id)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -259,19 +244,26 @@ class StudySearch(OptunaSearch):
         # A result short of the budget was stopped early by the scheduler: a lower-fidelity
         # score that must never win.
         value = result.get(METRIC) if result and epochs >= self._budget_epochs else None
-        self._recorder.submit(lambda: self._tell(ot_trial, value))
+        self._recorder.submit(lambda: self._tell(trial_id, ot_trial, value), trial=ot_trial.number)
         if self._adaptive:
             self._prepare_next(soon=True)  # Tune asks for the next trial in a moment
 
-    def _tell(self, ot_trial: optuna.Trial, value: float | None) -> None:
+    def _tell(self, trial_id: str, ot_trial: optuna.Trial, value: float | None) -> None:
+        # The heartbeat goes on until the end is written: it may wait out an outage.
         assert self._ot_study is not None
-        self._heartbeat.release(ot_trial._trial_id)
+        if self._writes.ended_elsewhere(trial_id, ot_trial):
+            self._waiting.source_ended(self._ot_study, ot_trial)  # those waiting fail with it
+            return
         state = TrialState.PRUNED if value is None else TrialState.COMPLETE
         try:
             self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
         except ValueError as exc:  # e.g. a NaN value; OptunaSearch logs these too
             logger.warning("trial %d: %s", ot_trial.number, exc)
-        self._share_result(ot_trial)
+        except UpdateFinishedTrialError:  # failed elsewhere since it was read just now
+            if not self._writes.ended_elsewhere(trial_id, ot_trial):
+                raise
+        self._heartbeat.release(ot_trial._trial_id)
+        self._waiting.source_ended(self._ot_study, ot_trial)
 
     def fail(self, trial_id: str, reason: str) -> None:
         """Record why an errored trial failed (its retries used up) and end it as FAIL."""
@@ -282,17 +274,20 @@ class StudySearch(OptunaSearch):
 
     def _fail(self, trial_id: str, reason: str, *, given_back: bool = False) -> None:
         ot_trial = self._ot_trials[trial_id]
-        self._recorder.submit(lambda: self._end_as_failed(ot_trial, reason, given_back=given_back))
+        self._recorder.submit(
+            lambda: self._end_as_failed(ot_trial, reason, given_back=given_back),
+            trial=None if given_back else ot_trial.number,
+        )
 
     def _end_as_failed(
         self, ot_trial: optuna.Trial, reason: str, *, given_back: bool = False
     ) -> None:
         assert self._ot_study is not None
-        self._heartbeat.release(ot_trial._trial_id)
         ledger.fail_trial(
             self._ot_study._storage, ot_trial._trial_id, reason, given_back=given_back
         )
-        self._share_result(ot_trial)  # those waiting for it fail too
+        self._heartbeat.release(ot_trial._trial_id)
+        self._waiting.source_ended(self._ot_study, ot_trial)  # those waiting for it fail too
 
     # Tune pickles the searcher into tuner.pkl and its experiment snapshots, for Tuner.restore.
     # The Optuna study, not Tune, is what this project resumes from; and the storage inside
@@ -305,9 +300,12 @@ class StudySearch(OptunaSearch):
         "_sampler",
         "_recorder",
         "_ahead",
-        "_sharers",
+        "_waiting",
         "_say",
         "_stopping",
+        "_watch",
+        "_stranded",
+        "_writes",
     )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -340,6 +338,10 @@ class StudySearch(OptunaSearch):
         """Trials handed to Tune to train."""
         return self._served
 
+    def lost(self) -> list[int]:
+        """The trials whose results could not be recorded (the database stayed away)."""
+        return self._recorder.lost()
+
     def unfinished(self) -> int:
         """Trials handed to Tune that have not ended (as far as this searcher was told)."""
         return sum(1 for trial_id in self._ot_trials if trial_id not in self._completed_trials)
@@ -364,46 +366,41 @@ class StudySearch(OptunaSearch):
             self._best_line = ""
             return ""
         except Exception as exc:  # a progress line must never stop the search
-            logger.warning("best so far not computed: %s", exc)
-            return ""
+            if not unreachable(exc):  # the database away is said once, by the watch
+                logger.warning("best so far not computed: %s", describe_error(exc))
+            return self._best_line or ""
         accuracy = format_accuracy(best.mean_accuracy, best.std_accuracy, best.n_seeds)
         self._best_line = f" | best so far {best.coefficients.label()} {accuracy}"
         return self._best_line
 
     def _give_back(self, ahead: list[Future[Prepared]]) -> None:
         """End the trials claimed ahead that no Ray trial took (planning queues their points
-        again), and those still waiting for a result another driver's trial will give."""
-        for prepared in (future.result() for future in ahead):
-            if prepared is not None:
-                self._end_as_failed(
-                    prepared[0], "prepared ahead, but the run ended first", given_back=True
-                )
+        again), and those still waiting for a result another driver's trial will give. An error
+        on one (other than the database's absence, which the recorder waits out) does not stop
+        the others; those left are said, and the next run recovers them."""
         assert self._ot_study is not None
-        trials = self._ot_study.get_trials(deepcopy=False)
-        for number in list(self._sharers):
-            self._give_result(trials[number], self._sharers.pop(number), ended_run=True)
+        failures: list[str] = []
+        # A claim whose preparing failed was ended there, or is stranded (given back below).
+        claimed = [f.result() for f in ahead if f.exception() is None]
+        for ot_trial in [p[0] for p in claimed if p is not None] + self._stranded:
+            try:
+                reason = "prepared ahead, but the run ended first"
+                self._end_as_failed(ot_trial, reason, given_back=True)
+            except Exception as exc:
+                if unreachable(exc):
+                    raise
+                failures.append(f"trial {ot_trial.number}: {describe_error(exc)}")
+        self._stranded.clear()
+        self._waiting.end_all(self._ot_study, failures)
+        if failures:
+            self._say(
+                f"{len(failures)} trial(s) claimed by this run could not be given back "
+                f"({'; '.join(failures)}); the next run recovers them"
+            )
 
-
-def _write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt: bool) -> None:
-    """An epoch's value and attributes; those that hold for a whole attempt (where, since when,
-    resumed from which epoch) on the attempt's first epoch only. Another driver may have ended
-    the trial (it judged this one dead): then nothing is written."""
-    with contextlib.suppress(UpdateFinishedTrialError):
-        ot_trial.report(float(result[METRIC]), int(result["epoch"]))
-        ot_trial.set_user_attr("epochs_completed", int(result["epoch"]))
-        ot_trial.set_user_attr("train_reported_at", float(result["reported_at"]))
-        ot_trial.set_user_attr("images_per_second", round(float(result["images_per_second"]), 1))
-        if math.isfinite(result.get("test_accuracy", math.nan)):
-            ot_trial.set_user_attr("test_accuracy", float(result["test_accuracy"]))
-        if not new_attempt:
-            return
-        ot_trial.set_user_attr("train_started_at", float(result["started_at"]))
-        ot_trial.set_user_attr("node_id", str(result["node_id"]))
-        ot_trial.set_user_attr("node_ip", str(result["node_ip"]))
-        if "worker_pid" in result:
-            ot_trial.set_user_attr("worker_pid", int(result["worker_pid"]))
-        ot_trial.set_user_attr("data_reused", bool(result["data_reused"]))
-        if math.isfinite(result.get("first_step_at", math.nan)):
-            ot_trial.set_user_attr("first_step_at", float(result["first_step_at"]))
-        if int(result["resumed_from_epoch"]):
-            ot_trial.set_user_attr("resumed_from_epoch", int(result["resumed_from_epoch"]))
+    def _give_back_stranded(self) -> None:
+        """Give back the trials claimed while the database went away (recorder thread)."""
+        while self._stranded:
+            reason = "claimed as the study's database stopped answering; given back"
+            self._end_as_failed(self._stranded[0], reason, given_back=True)
+            self._stranded.pop(0)
