@@ -95,9 +95,9 @@ def _assert_stopped_cleanly(study: StudyConfig, signame: str) -> list[FrozenTria
 def test_ctrl_c_in_search_sigterm_in_racing_ctrl_c_twice_and_the_rerun_finishes(
     tiny_study: Path, tmp_path: Path, ray_tmp: str
 ) -> None:
-    text = tiny_study.read_text().replace("epochs: 2", "epochs: 4")
+    text = tiny_study.read_text().replace("epochs: 2", "epochs: 3")
     text = text.replace(
-        "max_concurrent_trials: 2}", "max_concurrent_trials: 2, racing: {top_k: 2, repeats: 2}}"
+        "max_concurrent_trials: 2}", "max_concurrent_trials: 2, racing: {top_k: 1, repeats: 2}}"
     )
     tiny_study.write_text(text)
     study = load_study(tiny_study)
