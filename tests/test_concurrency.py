@@ -55,6 +55,9 @@ def test_two_drivers_share_one_grid_study_without_losing_or_repeating_a_candidat
     assert [proc.returncode for proc in drivers] == [0, 0], logs
 
     study = load_study(tiny_study)
+    # One output folder for both: the first to finish kept the other's Ray Tune folder (its
+    # driver was running), which that one removed when it finished.
+    assert not (study.out_dir / "ray").exists(), logs
     trials = optuna.load_study(study_name=study.name, storage=postgres_url).get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     trained = [t for t in complete if not is_shared(t)]
@@ -91,7 +94,8 @@ def test_the_database_password_appears_in_no_output_and_no_file(
     env = _env(_with_password(postgres_url), ray_tmp)
     outputs = []
     for args in (
-        ["run", str(tiny_study)],
+        # Tune's files kept, to be searched below: its pickles hold the searcher.
+        ["run", str(tiny_study), "--keep-checkpoints"],
         ["status", str(tiny_study)],
         ["status", str(tiny_study), "--format", "json"],
         ["best", str(tiny_study)],
