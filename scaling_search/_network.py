@@ -6,8 +6,10 @@ Kept apart from model.py so that the counters, which space, family and the CLI u
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from scaling_search.model import (
@@ -24,6 +26,79 @@ from scaling_search.model import (
 __all__ = ["EfficientNet"]
 
 
+class _BatchNormSiLUFunction(torch.autograd.Function):
+    """silu(batch_norm(x)) in training, keeping only x for the backward pass.
+
+    Autograd would keep both the normalised tensor (for SiLU's gradient) and x (for batch norm's):
+    two activations of the block's full size. This keeps x and recomputes the normalised tensor
+    in the backward pass with the same kernel, so values and gradients are the ones the separate
+    modules give, bit for bit (tests/test_model.py), for about a quarter less activation memory.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        # Training mode: batch statistics, running averages updated in place.
+        normed, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return F.silu(normed, inplace=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        # The same computation as the forward pass's (batch statistics, no running averages).
+        normed = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, ctx.eps)[0]
+        grad_normed = torch.ops.aten.silu_backward(grad, normed)
+        del normed
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_normed,
+            x,
+            weight,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            ctx.eps,
+            ctx.needs_input_grad[:3],
+        )
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+class _BatchNormSiLU(nn.BatchNorm2d):
+    """BatchNorm2d followed by SiLU, with the training pass's memory of one activation, not two.
+
+    A BatchNorm2d subclass: its parameters, buffers and state-dict keys are BatchNorm2d's. The
+    fused function runs where host memory is what limits how many trials a node holds (training
+    on CPU); elsewhere (CUDA, evaluation, no gradient) it is the two modules' own code.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled() and x.device.type == "cpu"):
+            return F.silu(super().forward(x))
+        # _BatchNorm.forward's bookkeeping in training mode (a momentum of None: a cumulative
+        # average over the batches seen).
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return _BatchNormSiLUFunction.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps
+        )
+
+
 def _conv_bn_act(
     in_channels: int, out_channels: int, kernel: int, *, stride: int = 1, groups: int = 1
 ) -> nn.Sequential:
@@ -31,8 +106,7 @@ def _conv_bn_act(
         nn.Conv2d(
             in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False
         ),
-        nn.BatchNorm2d(out_channels, eps=_BN_EPS, momentum=_BN_MOMENTUM),
-        nn.SiLU(),
+        _BatchNormSiLU(out_channels, eps=_BN_EPS, momentum=_BN_MOMENTUM),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator
@@ -334,3 +335,86 @@ def test_channels_last_gives_the_same_logits() -> None:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in stubs
         actual = model(images.to(memory_format=torch.channels_last))
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def _two_training_steps(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    for _ in range(2):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_batch_norm_silu_trains_bit_for_bit_as_the_two_modules(
+    momentum: float | None, monkeypatch: pytest.MonkeyPatch
+):
+    # The memory-saving BatchNorm+SiLU against BatchNorm2d then SiLU, on the same weights.
+    from scaling_search import _network
+
+    arch = architecture(width=1.1, depth=1.2, num_classes=5)
+    torch.manual_seed(0)
+    fused = build_model(arch, dropout=0.0, stochastic_depth=0.0)
+    for norm in fused.modules():
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.momentum = momentum
+    fused = fused.to(memory_format=torch.channels_last)
+    separate = copy.deepcopy(fused)
+    images = torch.randn(6, 3, 36, 36).to(memory_format=torch.channels_last)
+    labels = torch.randint(0, 5, (6,))
+
+    _two_training_steps(fused, images, labels)
+    monkeypatch.setattr(
+        _network._BatchNormSiLU,
+        "forward",
+        lambda self, x: nn.functional.silu(nn.BatchNorm2d.forward(self, x)),
+    )
+    _two_training_steps(separate, images, labels)
+
+    assert sum(isinstance(m, _network._BatchNormSiLU) for m in fused.modules()) > 40
+    for (name, a), (_, b) in zip(
+        fused.named_parameters(), separate.named_parameters(), strict=True
+    ):
+        assert a.grad is not None and torch.equal(a.grad, b.grad), name
+    for (name, a), (_, b) in zip(fused.named_buffers(), separate.named_buffers(), strict=True):
+        assert torch.equal(a, b), name  # running statistics and batch counts
+    fused.eval(), separate.eval()
+    with torch.no_grad():
+        assert torch.equal(fused(images), separate(images))
+
+
+def test_fused_batch_norm_silu_keeps_less_for_the_backward_pass():
+    # What autograd keeps for one training step's backward pass, fused and not.
+    from scaling_search import _network
+
+    model = build_model(architecture(width=1.0, depth=1.0, num_classes=10))
+    model = model.to(memory_format=torch.channels_last).train()
+    images = torch.randn(8, 3, 64, 64).to(memory_format=torch.channels_last)
+
+    def kept_bytes() -> int:
+        storages: dict[int, int] = {}
+
+        def keep(tensor: torch.Tensor) -> torch.Tensor:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(images)
+        return sum(storages.values())
+
+    fused = kept_bytes()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            _network._BatchNormSiLU,
+            "forward",
+            lambda self, x: nn.functional.silu(nn.BatchNorm2d.forward(self, x)),
+        )
+        separate = kept_bytes()
+    assert fused < 0.8 * separate, (fused, separate)
+
+
+def test_state_dict_keys_are_those_of_batchnorm2d_then_silu():
+    # Checkpoints and exported weights name the fused module's tensors as BatchNorm2d's at the
+    # same index of each conv-BN-activation Sequential, the activation having none.
+    model = build_model(architecture(width=1.0, depth=1.0, num_classes=10))
+    keys = set(model.state_dict())
+    assert {"stem.1.weight", "stem.1.running_mean", "stem.1.num_batches_tracked"} <= keys
+    assert "head.1.running_var" in keys and not any(key.startswith("stem.2") for key in keys)
