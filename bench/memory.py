@@ -31,8 +31,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 LOG_ENV = "SCALING_SEARCH_BENCH_MEMORY_LOG"
-# What the driver sets in its trial workers' environment (driver/_memory.py), shown as they saw it.
-_WORKER_ENV_NAMES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "THP_MEM_ALLOC_ENABLE")
 
 
 def _status_kb() -> dict[str, int]:
@@ -48,6 +46,7 @@ def _status_kb() -> dict[str, int]:
 
 def measured_fit(*args: Any, **kwargs: Any) -> Any:
     """The built-in trainer, with this worker's memory read before and after (in the worker)."""
+    from scaling_search.memory import WORKER_ENV, tune_allocator
     from scaling_search.train import fit
 
     before = _status_kb()
@@ -58,7 +57,9 @@ def measured_fit(*args: Any, **kwargs: Any) -> Any:
     after = _status_kb()
     line = {
         "pid": os.getpid(),
-        "env": {name: os.environ.get(name) for name in _WORKER_ENV_NAMES},
+        # The trainable tuned the allocator before calling this; the call only reads it back.
+        "allocator": tune_allocator(),
+        "env": {name: os.environ.get(name) for name in WORKER_ENV},  # as the worker started
         "started": started,
         "seconds": time.time() - started,
         "resolution_px": result.resolution_px,
@@ -100,14 +101,18 @@ def main() -> None:
     from scaling_search.config import load_study
     from scaling_search.data import load_data
     from scaling_search.driver import run_study
+    from scaling_search.memory import trial_memory_bytes
     from scaling_search.storage import open_storage
 
     overrides = ["search.max_concurrent_trials=1", f"output_dir={folder / 'runs'}", *args.set]
     study = load_study(args.study, overrides)
     storage = open_storage(f"sqlite:///{folder / 'optuna.db'}")
+    data = load_data(study.data)
+    estimate = trial_memory_bytes(study, data)  # what `run` reserves per trial with Ray
+    print(f"estimated peak of a trial (resources.memory_per_trial): {estimate / 2**30:.2f} GiB")
     run_study(
         study,
-        data=load_data(study.data),
+        data=data,
         storage=storage,
         progress=lambda line: None,
         fit_fn=measured_fit,
@@ -132,7 +137,10 @@ def summarise(log: Path) -> None:
             f"{after['VmRSS'] / 1024:>10.0f} {after['RssAnon'] / 1024:>11.0f} "
             f"{after['VmHWM'] / 1024:>14.0f}"
         )
-    env = trials[0].get("env", {})
+    allocator = trials[0].get("allocator")
+    shown = " ".join(f"{k}={v}" for k, v in (allocator or {}).items())
+    print("worker allocator: " + (shown or "glibc defaults (not tuned)"))
+    env = trials[0].get("env") or {}
     print("worker environment: " + (" ".join(f"{k}={v}" for k, v in env.items()) or "not logged"))
     # VmHWM before a worker's first trial: its start (imports, data); after a trial: the trial's
     # own peak; before a later trial: the time between (checkpoint, report).

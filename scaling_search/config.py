@@ -214,8 +214,18 @@ class ResourcesConfig(_Strict):
     gpus_per_trial: float = Field(default=0.0, ge=0.0, le=limits.MAX_GPUS, allow_inf_nan=False)
     # Local Ray only: CPUs to give it (default: all).
     num_cpus: int | None = Field(default=None, gt=0, le=int(limits.MAX_CPUS))
+    # Host memory per trial, handed to Ray as the trial's "memory" resource so that a node runs
+    # no more trials than it holds: bytes, or a size such as "1.5GiB" or "800MB". Default: for the
+    # built-in trainer, estimated at the study's sizes (scaling_search.memory); with an
+    # objective, nothing is reserved.
+    memory_per_trial: int | None = Field(default=None, ge=2**20, le=limits.MAX_MEMORY_BYTES)
     # Ray custom resources per trial, e.g. {"accelerator_type:A100": 0.001} or a node label.
     custom: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("memory_per_trial", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("cpus_per_trial", "gpus_per_trial")
     @classmethod
@@ -243,6 +253,23 @@ class ResourcesConfig(_Strict):
             if problem:
                 raise ValueError(f"resource {name!r}: {problem}")
         return value
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, **{f"{p}B": 1000**k for k, p in enumerate("KMGT", 1)}}
+_UNITS.update({f"{p}IB": 1024**k for k, p in enumerate("KMGT", 1)})
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "1.5GiB", "800MB" or "2147483648" (binary and decimal units)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a size; give bytes (e.g. 2147483648) or a number with a unit: "
+            "B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
+        )
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").upper()])
 
 
 def _ray_unit_problem(amount: float) -> str | None:

@@ -22,6 +22,7 @@ __all__ = [
     "MAX_GPUS",
     "MAX_GRID_POINTS",
     "MAX_IMAGES",
+    "MAX_MEMORY_BYTES",
     "MAX_MULTIPLIER",
     "MAX_ONNX_PARAMS",
     "MAX_PHI",
@@ -61,6 +62,7 @@ MAX_TOP_K = 1_000  # networks raced
 MAX_CONCURRENT_TRIALS = 1_024
 MAX_CPUS = 1_024.0  # CPUs per trial, or CPUs given to a local Ray
 MAX_GPUS = 64.0  # GPUs per trial
+MAX_MEMORY_BYTES = 64 * 2**40  # host memory per trial: 64 TiB (Ray counts up to 100e12)
 MAX_SEED = 2**32 - 1  # Optuna's samplers take seeds up to 2**32 - 1 (numpy's RandomState)
 RAY_RESOURCE_UNIT = 0.0001  # Ray counts resources in steps of 1/10,000
 MAX_PORT = 65_535

@@ -65,6 +65,9 @@ class FitResult:
 Report = Callable[[EpochMetrics, Mapping[str, Any]], None]
 
 
+EVAL_BATCH = 256  # images per evaluation step (inference mode: nothing kept for a backward pass)
+
+
 def failure_reason(exc: BaseException) -> str | None:
     """Why a trial failed, when a retry would fail the same way; None for any other error.
 
@@ -150,7 +153,7 @@ def _evaluate(
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.int64)
     loss_sum = torch.zeros((), device=device)
-    batch = 256
+    batch = EVAL_BATCH
     with torch.inference_mode(), _autocast(device):
         for start in range(0, len(split_labels), batch):
             images = split_images[start : start + batch].to(device, non_blocking=True)

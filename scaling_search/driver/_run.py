@@ -32,6 +32,7 @@ from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_tria
 from scaling_search.driver._watchdog import RayWatchdog, TerminalLines, ray_output_to
 from scaling_search.interrupt import Interrupted, StopRequest
 from scaling_search.ledger import Heartbeat
+from scaling_search.memory import WORKER_ENV, trial_memory_bytes
 from scaling_search.objective import ObjectiveFit
 from scaling_search.outage import PATIENCE_S, DatabaseWatch
 from scaling_search.report import LiveDashboard
@@ -106,6 +107,7 @@ def _init_ray(study: StudyConfig, address: str | None, stop: StopRequest) -> Non
         num_cpus=study.resources.num_cpus if local else None,
         _system_config=_LOCAL_RAY_CONFIG if local else None,
         include_dashboard=False,
+        runtime_env={"env_vars": WORKER_ENV},  # the trial workers' allocator (memory.py)
         logging_level=logging.WARNING,
         log_to_driver=False,
         configure_logging=True,
@@ -127,10 +129,28 @@ def _state_counts(ot_study: optuna.Study) -> Counter[TrialState | str]:
     return counts
 
 
-def _resources(study: StudyConfig) -> dict[str, float]:
-    """One trial's Ray resource request: CPUs, (fractions of) GPUs, and custom resources."""
+def _resources(study: StudyConfig, memory_bytes: int) -> dict[str, float]:
+    """One trial's Ray resource request: CPUs, (fractions of) GPUs, memory (bytes, 0 for none)
+    and custom resources."""
     wanted = {"cpu": study.resources.cpus_per_trial, "gpu": study.resources.gpus_per_trial}
+    if memory_bytes:
+        wanted["memory"] = float(memory_bytes)
     return {**wanted, **study.resources.custom}
+
+
+def _memory_per_trial(study: StudyConfig, data: ImageData, builtin: bool, say: Progress) -> int:
+    """Bytes of host memory to reserve per trial: the study's, else the built-in trainer's
+    estimate (scaling_search.memory), else (an objective's trials) none."""
+    if study.resources.memory_per_trial is not None:
+        return study.resources.memory_per_trial
+    if not builtin:
+        return 0
+    estimate = trial_memory_bytes(study, data)
+    say(
+        f"memory per trial: {estimate / 2**30:.2f} GiB reserved, estimated for the built-in "
+        "trainer at this study's sizes (resources.memory_per_trial sets it)"
+    )
+    return estimate
 
 
 def run_study(
@@ -190,7 +210,9 @@ def run_study(
     try:
         with ray_output_to(logs / f"driver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"):
             _init_ray(study, address, stop)
-            check_resources(_resources(study))
+            builtin = fit_fn is None and study.objective is None
+            wanted = _resources(study, _memory_per_trial(study, data, builtin, progress))
+            check_resources(wanted)
             if fit_fn is None:
                 fit_fn = ObjectiveFit(study.objective) if study.objective else fit
             live = LiveDashboard(ot_study, progress)
@@ -214,6 +236,7 @@ def run_study(
                     stop,
                     keep_checkpoints,
                     watch,
+                    wanted,
                 )
                 if to_launch:
                     progress(
@@ -303,6 +326,7 @@ class _Stage:
     stop: StopRequest
     keep_checkpoints: bool  # keep each trial's last checkpoint and Tune's folder after the run
     watch: DatabaseWatch
+    resources: dict[str, float]  # one trial's Ray resource request
     launched: int = 0  # trials handed to Ray, over the stages run so far
 
     def run(self, count: int, *, racing_stage: bool) -> None:
@@ -358,6 +382,7 @@ class _Stage:
             _StopRun(self.stop, self.watch, searcher),
             experiment=experiment,
             keep_checkpoints=self.keep_checkpoints,
+            resources=self.resources,
         )
         with self.stop.graceful(), _tune_quiet():
             try:
@@ -439,10 +464,11 @@ def _tuner(
     *,
     experiment: Path,
     keep_checkpoints: bool,
+    resources: dict[str, float],
 ) -> tune.Tuner:
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, study=study, shared=SharedData(data), fit_fn=fit_fn),
-        _resources(study),
+        resources,
     )
     return tune.Tuner(
         trainable,

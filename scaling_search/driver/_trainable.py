@@ -19,6 +19,7 @@ with collector_paused():  # a worker imports torch and the trainer here, before 
 
     from scaling_search.config import StudyConfig
     from scaling_search.data import ImageData
+    from scaling_search.memory import release_memory, tune_allocator
     from scaling_search.objective import ObjectiveError
     from scaling_search.space import Coefficients
     from scaling_search.train import EpochMetrics, failure_reason, pick_device
@@ -62,6 +63,16 @@ def train_trial(
     ``fail_reason`` result; any other error propagates, and Tune restarts the trial from its
     last checkpoint up to ``search.trial_retries`` times.
     """
+    tune_allocator()  # once per worker: freed activations go back to the system
+    try:
+        _train_trial(config, study=study, shared=shared, fit_fn=fit_fn)
+    finally:
+        release_memory()  # the worker is reused: the next trial starts from what this one freed
+
+
+def _train_trial(
+    config: dict[str, Any], *, study: StudyConfig, shared: SharedData, fit_fn: Fit
+) -> None:
     coefficients = Coefficients(config["alpha"], config["beta"], config["gamma"])
     torch.set_num_threads(max(1, int(study.resources.cpus_per_trial)))
     device = pick_device()
@@ -105,8 +116,6 @@ def train_trial(
         reason = str(exc) if isinstance(exc, ObjectiveError) else failure_reason(exc)
         if reason is None:
             raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the actor is reused for the next trial
         # Imported here: the ledger brings Optuna, which a worker needs only on this path.
         from scaling_search.ledger import FAIL_REASON_ATTR
 

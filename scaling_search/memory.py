@@ -1,0 +1,231 @@
+"""A trial's host memory: what the built-in trainer needs, and a worker's memory given back.
+
+A Ray worker trains many trials in turn (Tune reuses its actors). Measured with
+``bench/memory.py`` on the quickstart, its resident memory grew by about 950 MB per trial (7 GB
+after six trials, 2026-12-07), with no Python object left behind: glibc's allocator kept what
+the trials freed, in per-thread arenas that Ray's many threads multiply, and a trial's large
+activations came back to a heap that could not be trimmed. Two things hold a worker at what one
+trial needs:
+
+- :func:`tune_allocator`, once per worker: large blocks (activations, gradients) are mapped and
+  unmapped by the kernel, so freeing them gives them back, and threads share two arenas;
+- :func:`release_memory`, after each trial: garbage collection, then the allocator's free pages
+  (and CUDA's cached blocks) returned.
+
+:func:`trial_memory_bytes` estimates the peak of one trial of the built-in trainer, measured for
+the study's networks at its batch size (a forward pass of the largest ones, counting what autograd
+keeps for the backward pass), so that Ray is asked for that much memory per trial
+(``resources.memory_per_trial`` overrides it) and never schedules more trials than a node holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import math
+import sys
+from typing import Any
+
+import torch
+
+from scaling_search.config import StudyConfig
+from scaling_search.data import ImageData
+from scaling_search.model import Architecture, build_model
+from scaling_search.space import Coefficients, grid_candidates, network_key, scaled_network
+from scaling_search.train import EVAL_BATCH
+
+__all__ = [
+    "ALLOCATOR_SETTINGS",
+    "WORKER_ENV",
+    "data_bytes",
+    "largest_networks",
+    "release_memory",
+    "trial_memory_bytes",
+    "tune_allocator",
+]
+
+# glibc's mallopt parameters (malloc.h) and the values a trial worker runs with.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+ALLOCATOR_SETTINGS = {
+    # Blocks of at least this size (a step's larger activations and their gradients) are mapped
+    # on their own and unmapped when freed, so they never fragment a heap. A fixed value also
+    # stops glibc raising the threshold (up to 32 MiB) after each large free, which is what let
+    # a trial's activations pile up in the heaps. 1 MiB held a trial's peak lowest but halved
+    # its speed (every step maps its activations anew); 4 MiB, with huge pages (WORKER_ENV),
+    # keeps most of the saving for about a tenth of the speed (measured with the quickstart's
+    # networks on this project's CPU machine, 2026-12-07; see the README).
+    "mmap_threshold": 4 << 20,
+    # Free memory at the top of a heap above this is given back at once.
+    "trim_threshold": 4 << 20,
+    # Arenas: glibc allows 8 per core, one per thread that allocates while others hold theirs;
+    # a Ray worker has dozens of threads, and each arena keeps its own free memory.
+    "arena_max": 2,
+}
+# The environment of a trial worker's process, read as it starts (driver: ray.init's runtime
+# environment). torch then asks the kernel for transparent huge pages for its blocks of 2 MiB or
+# more, which the settings above map on their own: a 2 MiB page fault instead of 512 small ones
+# each time a step maps its activations anew (where THP is "never", a no-op).
+WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+_MALLOPT = {
+    "mmap_threshold": _M_MMAP_THRESHOLD,
+    "trim_threshold": _M_TRIM_THRESHOLD,
+    "arena_max": _M_ARENA_MAX,
+}
+
+# A Ray trial worker that has imported torch and the trainer, before its first trial's data:
+# bench/memory.py measured 482 MB resident at the start of the first trial, data included
+# (21 MB), on this project's 2-core CPU machine (2026-12-07).
+WORKER_BYTES = 460 * 2**20
+# Host memory of a CUDA context with its libraries loaded (cuDNN, cuBLAS): an allowance, not a
+# measurement of this project (no GPU machine has been available to measure it on).
+CUDA_CONTEXT_BYTES = 2**30
+# What the estimate adds for what it does not count: allocator overhead, the gradients in flight
+# during the backward pass, optimizer temporaries, a checkpoint being written.
+HEADROOM = 1.2
+_BYTES_PER_PARAMETER = 4 * 4  # float32 weights, their gradients, AdamW's two moments
+_PROBE_BATCHES = (2, 4)  # the forward passes that measure activations per image
+_MEASURED_NETWORKS = 3  # networks measured: the largest by depth·width·pixels²
+
+_libc: Any = None
+
+
+def _glibc() -> Any:
+    """The C library if it is glibc (mallopt and malloc_trim are glibc's), else None."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        name = ctypes.util.find_library("c")
+        if sys.platform.startswith("linux") and name:
+            with contextlib.suppress(OSError):
+                library = ctypes.CDLL(name)
+                if hasattr(library, "mallopt") and hasattr(library, "malloc_trim"):
+                    _libc = library
+    return _libc or None
+
+
+_tuned = False
+
+
+def tune_allocator() -> dict[str, int]:
+    """Apply :data:`ALLOCATOR_SETTINGS` to this process's allocator (once; glibc only).
+
+    Returns the settings applied, empty where the C library is not glibc.
+    """
+    global _tuned
+    libc = _glibc()
+    if libc is None:
+        return {}
+    if not _tuned:
+        for name, value in ALLOCATOR_SETTINGS.items():
+            libc.mallopt(_MALLOPT[name], value)
+        _tuned = True
+    return dict(ALLOCATOR_SETTINGS)
+
+
+def release_memory() -> None:
+    """Give back what a finished trial freed: collect garbage, trim the allocator's heaps and
+    return CUDA's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def data_bytes(data: ImageData) -> int:
+    """Bytes of every tensor the dataset holds (a worker keeps one copy of it)."""
+    total = 0
+    for field in dataclasses.fields(data):
+        value = getattr(data, field.name)
+        if isinstance(value, torch.Tensor):
+            total += value.nbytes
+    return total
+
+
+def trial_memory_bytes(study: StudyConfig, data: ImageData) -> int:
+    """Host memory one trial of the built-in trainer needs at its peak, in bytes.
+
+    The worker itself, the dataset, and for the largest of the study's networks: weights,
+    gradients and optimizer state, plus, on CPU, the activations autograd keeps at the study's
+    batch size (or an evaluation batch's, if larger), measured by forward passes. With GPUs the
+    activations are on the device and a CUDA context's allowance is counted instead. Times
+    :data:`HEADROOM`.
+    """
+    on_gpu = study.resources.gpus_per_trial > 0
+    need = 0.0
+    for _, arch, resolution_px in largest_networks(study, data.num_classes):
+        params, per_image, fixed, largest = _measure(arch, resolution_px)
+        network = float(params * _BYTES_PER_PARAMETER)
+        if on_gpu:
+            network += CUDA_CONTEXT_BYTES
+        else:
+            training = fixed + per_image * study.train.batch_size
+            evaluation = 4 * largest * EVAL_BATCH  # a few live tensors, nothing kept
+            network += max(training, evaluation)
+        need = max(need, network)
+    return math.ceil((WORKER_BYTES + data_bytes(data) + need) * HEADROOM)
+
+
+def largest_networks(
+    study: StudyConfig, num_classes: int
+) -> list[tuple[Coefficients, Architecture, int]]:
+    """The space's networks with the most activations, each with a triple that builds it: the
+    step grid's feasible points (or, if none, the bounds' upper corner), ranked by
+    depth · width · pixels²."""
+    space = study.space
+    base_px = study.train.base_resolution_px
+    try:
+        points = grid_candidates(space, base_resolution_px=base_px, num_classes=num_classes)
+    except ValueError:  # no feasible grid point: a continuous search off the grid
+        points = [Coefficients(space.alpha.high, space.beta.high, space.gamma.high)]
+    networks: dict[str, tuple[Coefficients, Architecture, int]] = {}
+    for point in points:
+        arch, px = scaled_network(point, base_resolution_px=base_px, num_classes=num_classes)
+        networks.setdefault(network_key(arch, px), (point, arch, px))
+
+    def size(network: tuple[Coefficients, Architecture, int]) -> float:
+        _, arch, px = network
+        return arch.depth * arch.width * px * px
+
+    return sorted(networks.values(), key=size, reverse=True)[:_MEASURED_NETWORKS]
+
+
+def _measure(arch: Architecture, resolution_px: int) -> tuple[int, float, float, int]:
+    """Parameters, activation bytes kept per image and per pass, and the largest activation of
+    one image, from training-mode forward passes of the network on CPU in channels_last."""
+    model = build_model(arch, dropout=0.0, stochastic_depth=0.0)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model.train()
+    kept: list[int] = []
+    largest = 0
+    for batch in _PROBE_BATCHES:
+        storages: dict[int, int] = {}
+        activations: list[int] = []  # [B, C, H, W] tensors, weights left out
+
+        def keep(
+            tensor: torch.Tensor,
+            storages: dict[int, int] = storages,
+            activations: list[int] = activations,
+            batch: int = batch,
+        ) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            if tensor.dim() == 4 and tensor.shape[0] == batch:
+                activations.append(tensor.nbytes)
+            return tensor
+
+        images = torch.zeros(batch, 3, resolution_px, resolution_px)
+        images = images.to(memory_format=torch.channels_last)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model(images)
+        kept.append(sum(storages.values()))
+        largest = max(largest, max(activations, default=0) // batch)
+    (small, low), (large, high) = zip(_PROBE_BATCHES, kept, strict=True)
+    per_image = (high - low) / (large - small)
+    fixed = max(0.0, low - per_image * small)
+    params = sum(parameter.numel() for parameter in model.parameters())
+    return params, per_image, fixed, largest
