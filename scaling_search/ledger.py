@@ -38,9 +38,12 @@ from scaling_search.liveness import (
     GIVEN_BACK_ATTR,
     HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
+    RAY_JOB_ATTR,
     Heartbeat,
     driver_id,
     fail_trial,
+    held_by_ray_jobs,
+    recover_ended_jobs,
     recover_stale,
 )
 from scaling_search.sampling import study_network_key
@@ -60,6 +63,7 @@ __all__ = [
     "GIVEN_BACK_ATTR",
     "HEARTBEAT_GRACE_S",
     "HEARTBEAT_INTERVAL_S",
+    "RAY_JOB_ATTR",
     "Heartbeat",
     "LedgerError",
     "claim",
@@ -67,12 +71,14 @@ __all__ = [
     "duplicates",
     "fail_trial",
     "grid_classes",
+    "held_by_ray_jobs",
     "holder_of",
     "is_shared",
     "open_study",
     "plan_trials",
     "point_of",
     "point_params",
+    "recover_ended_jobs",
     "recover_stale",
     "sampler",
     "search_trials_left",
@@ -302,6 +308,7 @@ def claim(
     holder: str,
     stage: str = SEARCH_STAGE,
     taken: Callable[[int], None] | None = None,
+    ray_job: str | None = None,
 ) -> optuna.Trial | None:
     """Take the next trial of ``stage`` for this driver, or None when there is nothing left.
 
@@ -311,6 +318,8 @@ def claim(
     train their own stage's trials (Optuna's ``ask`` would take any queued trial, so it is not
     used here). ``taken`` is told the trial's id as soon as it is RUNNING, before the holder is
     named: a caller that loses the database in between can give the trial back later.
+    ``ray_job``: the holder's Ray job, recorded with it, so that a driver on the same cluster
+    can ask whether it still runs (:func:`scaling_search.liveness.recover_ended_jobs`).
     """
     storage = ot_study._storage
     taken = taken or (lambda _: None)
@@ -320,7 +329,7 @@ def claim(
         ot_study._thread_local.cached_all_trials = None
         trial_id = storage.create_new_trial(ot_study._study_id)
         taken(trial_id)
-        _take(storage, trial_id, holder)
+        _take(storage, trial_id, holder, ray_job)
         return optuna.Trial(ot_study, trial_id)
     for queued in ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if stage_of(queued) != stage:
@@ -331,7 +340,7 @@ def claim(
         except UpdateFinishedTrialError:
             continue
         taken(queued._trial_id)
-        _take(storage, queued._trial_id, holder)
+        _take(storage, queued._trial_id, holder, ray_job)
         earlier = _earlier_holder(ot_study, queued)
         if earlier is not None:
             storage.set_trial_user_attr(queued._trial_id, DUPLICATE_ATTR, earlier.number)
@@ -341,11 +350,15 @@ def claim(
     return None
 
 
-def _take(storage: optuna.storages.BaseStorage, trial_id: int, holder: str) -> None:
+def _take(
+    storage: optuna.storages.BaseStorage, trial_id: int, holder: str, ray_job: str | None
+) -> None:
     """Name ``holder`` on a trial it has just set RUNNING; the first heartbeat goes first, so a
     named trial is never without one (see :func:`scaling_search.liveness.recover_stale`)."""
     if isinstance(storage, BaseHeartbeat):
         storage.record_heartbeat(trial_id)
+    if ray_job is not None:
+        storage.set_trial_system_attr(trial_id, RAY_JOB_ATTR, ray_job)
     storage.set_trial_system_attr(trial_id, DRIVER_ATTR, holder)
 
 

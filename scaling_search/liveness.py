@@ -22,7 +22,7 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.outage import DatabaseWatch, backoff_s
 from scaling_search.storage import (
@@ -38,14 +38,19 @@ __all__ = [
     "GIVEN_BACK_ATTR",
     "HEARTBEAT_GRACE_S",
     "HEARTBEAT_INTERVAL_S",
+    "RAY_JOB_ATTR",
     "Heartbeat",
     "driver_alive",
     "driver_id",
     "fail_trial",
+    "held_by_ray_jobs",
+    "recover_ended_jobs",
     "recover_stale",
 ]
 
 DRIVER_ATTR = "driver"  # system attribute: the driver holding a RUNNING trial
+# System attribute: that driver's Ray job, "JOB_ID@GCS_ADDRESS", where it runs on a Ray cluster.
+RAY_JOB_ATTR = "ray_job"
 FAIL_REASON_ATTR = "fail_reason"
 GIVEN_BACK_ATTR = "given_back"  # on a FAIL trial that the run gave back (see fail_trial)
 Progress = Callable[[str], None]
@@ -255,4 +260,45 @@ def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
         failed += fail_trial(ot_study._storage, trial._trial_id, reason)
     if failed:
         progress(f"marked {failed} trial(s) left running by a stopped driver as FAIL")
+    return failed
+
+
+def _held_by_ray_jobs(ot_study: optuna.Study) -> list[tuple[FrozenTrial, str]]:
+    """RUNNING trials of drivers on other hosts that named their Ray job, with that job."""
+    held = []
+    for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        holder, job = trial.system_attrs.get(DRIVER_ATTR), trial.system_attrs.get(RAY_JOB_ATTR)
+        if isinstance(holder, str) and isinstance(job, str) and not _on_this_host(holder):
+            held.append((trial, job))
+    return held
+
+
+def held_by_ray_jobs(ot_study: optuna.Study) -> bool:
+    """Whether drivers on other hosts hold RUNNING trials and named their Ray jobs: a driver
+    on the same cluster can ask Ray whether they still run (:func:`recover_ended_jobs`)."""
+    return bool(_held_by_ray_jobs(ot_study))
+
+
+def recover_ended_jobs(
+    ot_study: optuna.Study, progress: Progress, ended: Callable[[set[str]], set[str]]
+) -> int:
+    """Fail RUNNING trials whose driver's Ray job has ended, without waiting for the heartbeat
+    grace: on a cluster (a ``docker compose run`` per driver) every driver has a host of its own,
+    so no process can be looked up, but the cluster knows its jobs.
+
+    ``ended`` is given the jobs named by such trials and returns those the cluster says have
+    ended (a job of another cluster is never among them). Returns the number of trials failed.
+    """
+    held = _held_by_ray_jobs(ot_study)
+    if not held:
+        return 0
+    gone = ended({job for _, job in held})
+    failed = 0
+    for trial, job in held:
+        if job in gone:
+            holder = trial.system_attrs[DRIVER_ATTR]
+            reason = f"driver {holder} stopped mid-trial (its Ray job {job} has ended)"
+            failed += fail_trial(ot_study._storage, trial._trial_id, reason)
+    if failed:
+        progress(f"marked {failed} trial(s) of a driver whose Ray job has ended as FAIL")
     return failed

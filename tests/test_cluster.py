@@ -141,3 +141,90 @@ def test_custom_resources_from_the_study_place_trials(cluster, tiny_study: Path,
     assert trials and all(t.state == TrialState.COMPLETE for t in trials)
     # Only the worker node offers "trainer": every trial ran there.
     assert {t.user_attrs["node_id"] for t in trials if not is_shared(t)} == {worker.node_id}
+
+
+def _other_host_works() -> bool:
+    """Whether a process can be given a hostname of its own (a UTS namespace: root, Linux)."""
+    try:
+        subprocess.run(
+            ["unshare", "--uts", "hostname", "elsewhere"], check=True, capture_output=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+def test_a_dead_driver_of_another_host_is_recovered_at_once_by_asking_ray(
+    cluster, tiny_study: Path, tmp_path: Path
+):
+    # As under `docker compose run`, where each driver has a new hostname: driver A runs with a
+    # hostname of its own (a UTS namespace), so its process cannot be looked up from here, and
+    # its trials' heartbeats stay fresh for HEARTBEAT_GRACE_S (60 s) after it dies. Driver B,
+    # started at once on the same cluster, asks Ray about A's job and takes its trials back now.
+    if not _other_host_works():
+        pytest.skip("cannot give a process a hostname of its own here (unshare --uts)")
+    # Two networks of 12 short epochs: A is killed mid-trial, B trains what is left.
+    text = tiny_study.read_text().replace("epochs: 2", "epochs: 12")
+    tiny_grid = "alpha: [1.0, 1.3], beta: [1.0, 1.15], gamma: [1.1, 1.15]"
+    assert tiny_grid in text
+    text = text.replace(tiny_grid, "alpha: [1.2, 1.2], beta: [1.1, 1.15], gamma: [1.15, 1.15]")
+    tiny_study.write_text(text)
+    log_a = tmp_path / "a.log"
+    driver_a = subprocess.Popen(
+        [
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname compose-driver-1 && exec "$@"',
+            "sh",
+            sys.executable,
+            "-m",
+            "scaling_search.cli",
+            "run",
+            str(tiny_study),
+            "--address",
+            cluster.address,
+        ],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "SCALING_SEARCH_STORAGE"},
+        stdout=log_a.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+    def held_by_a() -> list[optuna.trial.FrozenTrial]:
+        return [
+            t
+            for t in _trials(tiny_study)
+            if t.state == TrialState.RUNNING
+            and str(t.system_attrs.get("driver", "")).startswith("compose-driver-1:")
+            and t.user_attrs.get("epochs_completed", 0) >= 1
+        ]
+
+    deadline = time.monotonic() + 300
+    while not held_by_a():
+        assert driver_a.poll() is None, log_a.read_text()[-3000:]
+        assert time.monotonic() < deadline, "driver A trained no epoch"
+        time.sleep(0.3)
+    os.killpg(driver_a.pid, 9)
+    driver_a.wait()
+    orphaned = {t.number: t.system_attrs["ray_job"] for t in held_by_a()}
+    assert orphaned, "A's trials ended before it was killed"
+
+    log_b = tmp_path / "b.log"
+    driver_b = _launch(tiny_study, cluster.address, tmp_path, log_b)
+    assert driver_b.wait(timeout=600) == 0, log_b.read_text()[-3000:]
+
+    output = log_b.read_text()
+    assert "of a driver whose Ray job has ended as FAIL" in output, output[-3000:]
+    trials = {t.number: t for t in _trials(tiny_study)}
+    for number, job in orphaned.items():
+        reason = trials[number].user_attrs["fail_reason"]
+        assert trials[number].state == TrialState.FAIL
+        assert (
+            reason.startswith("driver compose-driver-1:") and f"Ray job {job} has ended" in reason
+        )
+    # B trained their networks again: every network of the grid has a complete trial.
+    done = [t for t in trials.values() if t.state == TrialState.COMPLETE and not is_shared(t)]
+    assert len(done) == 2, output[-3000:]

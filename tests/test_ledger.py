@@ -612,3 +612,32 @@ def test_a_study_recorded_before_validation_splits_is_refused_for_continuing(
     with pytest.raises(ledger.LedgerError, match=r"chosen on the test split.*new name"):
         open_study(study, storage)
     storage.engine.dispose()
+
+
+def test_trials_of_an_ended_ray_job_on_another_host_are_failed_at_once(grid: Ledger) -> None:
+    # Drivers on other hosts of one Ray cluster (each `docker compose run` has its own host):
+    # the cluster's answer about their jobs decides, not the heartbeat grace.
+    plan_trials(grid.study, grid.ot_study)
+    ended_job, live_job = "01000000@10.0.0.2:6379", "02000000@10.0.0.2:6379"
+    dead = ledger.claim(grid.ot_study, queued_only=True, holder=OTHER_HOST, ray_job=ended_job)
+    live = ledger.claim(grid.ot_study, queued_only=True, holder=OTHER_HOST, ray_job=live_job)
+    unnamed = _claim(grid, OTHER_HOST)  # a driver that named no job: the heartbeat decides
+    mine = ledger.claim(grid.ot_study, queued_only=True, holder=driver_id(), ray_job=ended_job)
+    assert dead and live and mine
+    asked: list[set[str]] = []
+
+    def ended(jobs: set[str]) -> set[str]:
+        asked.append(jobs)
+        return jobs & {ended_job}
+
+    assert ledger.held_by_ray_jobs(grid.ot_study)
+    messages: list[str] = []
+    assert ledger.recover_ended_jobs(grid.ot_study, messages.append, ended) == 1
+    assert asked == [{ended_job, live_job}]  # this host's drivers are judged by their process
+    failed = _frozen(grid, dead)
+    assert failed.state == TrialState.FAIL
+    reason = failed.user_attrs[ledger.FAIL_REASON_ATTR]
+    assert reason == f"driver {OTHER_HOST} stopped mid-trial (its Ray job {ended_job} has ended)"
+    for trial in (live, unnamed, mine):
+        assert _frozen(grid, trial).state == TrialState.RUNNING
+    assert messages == ["marked 1 trial(s) of a driver whose Ray job has ended as FAIL"]

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import optuna
@@ -27,7 +28,12 @@ from ray.exceptions import OutOfMemoryError
 from scaling_search import driver
 from scaling_search.config import load_study
 from scaling_search.data import load_data
-from scaling_search.driver._ray_compat import LostWorker, trial_failures_for_lost_workers
+from scaling_search.driver._ray_compat import (
+    LostWorker,
+    ended_jobs,
+    this_job,
+    trial_failures_for_lost_workers,
+)
 from scaling_search.storage import open_storage, resolve_url
 
 pytestmark = pytest.mark.slow
@@ -70,6 +76,34 @@ def test_ray_tune_private_actor_manager_is_as_the_compat_module_expects(ray_loca
     assert len(errors) == 1 and isinstance(errors[0], LostWorker)
     assert errors[0].cause is oom
     assert manager.num_live_actors == 0  # handled as the actor's death
+
+
+def test_rays_job_table_says_which_drivers_jobs_have_ended(ray_local: None):
+    """tests the private job table read by driver/_ray_compat.ended_jobs: a driver that
+    connected to this cluster and exited has ended; this one has not; a job named on another
+    cluster is never said to have ended."""
+    address = ray.get_runtime_context().gcs_address
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import ray; from scaling_search.driver._ray_compat import this_job; "
+            f"ray.init(address={address!r}, log_to_driver=False); print(this_job())",
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    finished = other.stdout.strip().splitlines()[-1]
+    here = this_job()
+    assert here is not None and here.endswith("@" + address) and finished.endswith("@" + address)
+    elsewhere = finished.split("@")[0] + "@192.0.2.1:6379"
+    deadline = time.monotonic() + 30  # the raylet tells the cluster as the driver disconnects
+    while not ended_jobs({finished}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ended_jobs({finished, here, elsewhere}) == {finished}
 
 
 def _kill_workers(url: str, name: str, kills: dict[int, int], done: threading.Event) -> None:

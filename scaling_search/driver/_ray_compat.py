@@ -1,17 +1,19 @@
-"""The one private name of Ray Tune this project cannot avoid, and why.
+"""The private names of Ray this project cannot avoid, and why.
 
-It lives in the driver, the only package that imports Ray; tests/test_ray_compat.py fails loudly
-if the name disappears or changes shape in a new release.
+They live in the driver, the only package that imports Ray; tests/test_ray_failures.py fails
+loudly if a name disappears or changes shape in a new release.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import ray
 from ray.air.execution._internal.actor_manager import RayActorManager
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-__all__ = ["LostWorker", "trial_failures_for_lost_workers"]
+__all__ = ["LostWorker", "ended_jobs", "this_job", "trial_failures_for_lost_workers"]
 
 
 class LostWorker(RayActorError):
@@ -50,3 +52,32 @@ def trial_failures_for_lost_workers() -> None:
 
     _actor_task_failed._scaling_search = True  # type: ignore[attr-defined]
     RayActorManager._actor_task_failed = _actor_task_failed  # type: ignore[method-assign]
+
+
+def this_job() -> str | None:
+    """This driver's Ray job as ``JOB_ID@GCS_ADDRESS`` (public runtime context), or None
+    without Ray."""
+    if not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    return f"{context.get_job_id()}@{context.gcs_address}"
+
+
+def ended_jobs(jobs: Iterable[str]) -> set[str]:
+    """Of ``jobs`` (other drivers' :func:`this_job`), those that this cluster says have ended.
+
+    A job of another cluster (another GCS address), or one the cluster does not know, is never
+    said to have ended. Ray's job table is read with ``ray._private.state.jobs`` (private, "for
+    debugging"): the public ``ray.util.state.list_jobs`` needs the cluster's dashboard, which a
+    cluster need not run, and the job submission client knows submitted jobs only, not drivers.
+    """
+    from ray._private.state import jobs as job_table
+
+    here = ray.get_runtime_context().gcs_address
+    dead = {job["JobID"] for job in job_table() if job["IsDead"]}
+    ended = set()
+    for name in jobs:
+        job_id, _, address = name.partition("@")
+        if address == here and job_id in dead:
+            ended.add(name)
+    return ended

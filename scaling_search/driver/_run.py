@@ -26,7 +26,7 @@ from scaling_search.data import ImageData
 from scaling_search.driver._checkpoints import TrialCheckpoints
 from scaling_search.driver._cluster import check_address, check_resources
 from scaling_search.driver._progress import Progress, ProgressCallback
-from scaling_search.driver._ray_compat import trial_failures_for_lost_workers
+from scaling_search.driver._ray_compat import ended_jobs, trial_failures_for_lost_workers
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
 from scaling_search.driver._watchdog import RayWatchdog, TerminalLines, ray_output_to
@@ -199,9 +199,18 @@ def run_study(
             base_resolution_px=study.train.base_resolution_px,
             num_classes=data.num_classes,
         )
-    to_launch = ledger.plan_trials(study, ot_study, num_classes=data.num_classes, network_key=key)
-    to_race = _racing_after_search(study, ot_study, progress) if to_launch == 0 else 0
-    if to_launch == 0 and to_race == 0:
+
+    def plan() -> tuple[int, int]:
+        to_launch = ledger.plan_trials(
+            study, ot_study, num_classes=data.num_classes, network_key=key
+        )
+        to_race = _racing_after_search(study, ot_study, progress) if to_launch == 0 else 0
+        return to_launch, to_race
+
+    to_launch, to_race = plan()
+    # Drivers on other hosts of a Ray cluster hold trials: once on the cluster, ask it about them.
+    ask_ray = ledger.held_by_ray_jobs(ot_study)
+    if to_launch == 0 and to_race == 0 and not ask_ray:
         progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
         _sweep(study, ot_study, progress, keep_checkpoints)
         return _summary(0, before, ot_study, started)
@@ -210,6 +219,8 @@ def run_study(
     try:
         with ray_output_to(logs / f"driver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"):
             _init_ray(study, address, stop)
+            if ask_ray and ledger.recover_ended_jobs(ot_study, progress, ended_jobs):
+                to_launch, to_race = plan()  # the points of those trials are queued again
             builtin = fit_fn is None and study.objective is None
             wanted = _resources(study, _memory_per_trial(study, data, builtin, progress))
             check_resources(wanted)

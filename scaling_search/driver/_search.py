@@ -18,6 +18,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from scaling_search import ledger
 from scaling_search.driver._epochs import Writes
+from scaling_search.driver._ray_compat import this_job
 from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._trainable import METRIC
 from scaling_search.driver._waiting import Classes, Waiting
@@ -85,6 +86,7 @@ class StudySearch(OptunaSearch):
         self._queued_only, self._stage = queued_only, stage
         self._heartbeat = heartbeat
         self._holder = ledger.driver_id()
+        self._ray_job = this_job()  # named with each claim (ledger.recover_ended_jobs)
         self._limit, self._adaptive = limit, adaptive
         self._served = 0
         self._ahead: deque[Future[Prepared]] = deque()  # claimed and sampled, oldest first
@@ -189,6 +191,7 @@ class StudySearch(OptunaSearch):
                 holder=self._holder,
                 stage=self._stage,
                 taken=taken.append,
+                ray_job=self._ray_job,
             )
         except Exception as exc:
             if taken and unreachable(exc):
