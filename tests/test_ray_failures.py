@@ -204,6 +204,16 @@ def test_more_cpus_per_trial_than_any_node_has_is_one_line(tiny_study: Path, ray
     assert "the most any node offers: 2 CPU(s)" in line
 
 
+def test_more_memory_per_trial_than_any_node_has_is_one_line(tiny_study: Path, ray_tmp: str):
+    result = _cli(tiny_study, "--set", "resources.memory_per_trial=60TiB", ray_tmp=ray_tmp)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        ERROR + "resources.memory_per_trial: a trial asks for 61440.00 GiB of memory, but no node"
+    ), line
+    assert "GiB of memory; 1 node(s)" in line
+
+
 def test_an_address_where_no_ray_answers_is_one_line(tiny_study: Path, ray_tmp: str):
     with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
         sock.bind(("127.0.0.1", 0))
