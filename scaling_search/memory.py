@@ -75,19 +75,22 @@ _MALLOPT = {
     "arena_max": _M_ARENA_MAX,
 }
 
-# A Ray trial worker that has imported torch and the trainer, before its first trial's data:
-# bench/memory.py measured 482 MB resident at the start of the first trial, data included
-# (21 MB), on this project's 2-core CPU machine (2026-12-07).
-WORKER_BYTES = 460 * 2**20
+# A Ray trial worker between trials, once it has run one (torch, the trainer, the dataset and
+# what a first trial imports for good, such as torch._dynamo for its first optimizer):
+# bench/memory.py measured 572 MB resident before the quickstart's second trial (482 MB before
+# the first), on this project's 2-core CPU machine (2026-12-07).
+WORKER_BYTES = 580 * 2**20
 # Host memory of a CUDA context with its libraries loaded (cuDNN, cuBLAS): an allowance, not a
 # measurement of this project (no GPU machine has been available to measure it on).
 CUDA_CONTEXT_BYTES = 2**30
-# What the estimate adds for what it does not count: allocator overhead, the gradients in flight
-# during the backward pass, optimizer temporaries, a checkpoint being written.
-HEADROOM = 1.2
+# A trial's own memory at its peak over what is counted (weights, optimizer state, activations
+# kept for the backward pass): the allocator's overhead, the gradients in flight during the
+# backward pass, a checkpoint being written. bench/memory.py: the quickstart's widest network
+# (62 px) peaked 1,050 MB above the worker's resting size for 780 MB counted (x1.35).
+HEADROOM = 1.4
 _BYTES_PER_PARAMETER = 4 * 4  # float32 weights, their gradients, AdamW's two moments
 _PROBE_BATCHES = (2, 4)  # the forward passes that measure activations per image
-_MEASURED_NETWORKS = 3  # networks measured: the largest by depth·width·pixels²
+_MEASURED_NETWORKS = 3  # networks measured: the largest by activation elements per image
 
 _libc: Any = None
 
@@ -151,9 +154,9 @@ def trial_memory_bytes(study: StudyConfig, data: ImageData) -> int:
 
     The worker itself, the dataset, and for the largest of the study's networks: weights,
     gradients and optimizer state, plus, on CPU, the activations autograd keeps at the study's
-    batch size (or an evaluation batch's, if larger), measured by forward passes. With GPUs the
-    activations are on the device and a CUDA context's allowance is counted instead. Times
-    :data:`HEADROOM`.
+    batch size (or an evaluation batch's, if larger), measured by forward passes; the trial's part
+    times :data:`HEADROOM`. With GPUs the activations are on the device and a CUDA context's
+    allowance is counted instead.
     """
     on_gpu = study.resources.gpus_per_trial > 0
     need = 0.0
@@ -167,15 +170,15 @@ def trial_memory_bytes(study: StudyConfig, data: ImageData) -> int:
             evaluation = 4 * largest * EVAL_BATCH  # a few live tensors, nothing kept
             network += max(training, evaluation)
         need = max(need, network)
-    return math.ceil((WORKER_BYTES + data_bytes(data) + need) * HEADROOM)
+    return math.ceil(WORKER_BYTES + data_bytes(data) + need * HEADROOM)
 
 
 def largest_networks(
     study: StudyConfig, num_classes: int
 ) -> list[tuple[Coefficients, Architecture, int]]:
     """The space's networks with the most activations, each with a triple that builds it: the
-    step grid's feasible points (or, if none, the bounds' upper corner), ranked by
-    depth · width · pixels²."""
+    step grid's feasible points (or, if none, the bounds' upper corner), ranked by the
+    activation elements their blocks keep per image."""
     space = study.space
     base_px = study.train.base_resolution_px
     try:
@@ -187,11 +190,28 @@ def largest_networks(
         arch, px = scaled_network(point, base_resolution_px=base_px, num_classes=num_classes)
         networks.setdefault(network_key(arch, px), (point, arch, px))
 
-    def size(network: tuple[Coefficients, Architecture, int]) -> float:
-        _, arch, px = network
-        return arch.depth * arch.width * px * px
+    def size(network: tuple[Coefficients, Architecture, int]) -> int:
+        return _activation_elements(network[1], network[2])
 
     return sorted(networks.values(), key=size, reverse=True)[:_MEASURED_NETWORKS]
+
+
+def _activation_elements(arch: Architecture, resolution_px: int) -> int:
+    """Roughly the activation elements of one image that a training step keeps, to rank
+    networks by: each block's expanded tensors at its input and output sides."""
+
+    def strided(size_px: int, stride: int) -> int:
+        return -(-size_px // stride)
+
+    size_px = strided(resolution_px, 2)  # the stem's stride
+    total = 2 * arch.stem_channels * size_px**2
+    for stage in arch.stages:
+        for index, block_in in enumerate(stage.block_inputs()):
+            out_px = strided(size_px, stage.stride if index == 0 else 1)
+            hidden = block_in * stage.expand_ratio
+            total += hidden * (2 * size_px**2 + 3 * out_px**2) + stage.out_channels * out_px**2
+            size_px = out_px
+    return total
 
 
 def _measure(arch: Architecture, resolution_px: int) -> tuple[int, float, float, int]:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,11 +219,14 @@ def run_study(
     stage: _Stage | None = None
     try:
         with ray_output_to(logs / f"driver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"):
-            _init_ray(study, address, stop)
+            builtin = fit_fn is None and study.objective is None
+            # The estimate (forward passes, ~1 s) runs while Ray starts.
+            with ThreadPoolExecutor(1, thread_name_prefix="memory-estimate") as pool:
+                memory = pool.submit(_memory_per_trial, study, data, builtin, progress)
+                _init_ray(study, address, stop)
+                wanted = _resources(study, memory.result())
             if ask_ray and ledger.recover_ended_jobs(ot_study, progress, ended_jobs):
                 to_launch, to_race = plan()  # the points of those trials are queued again
-            builtin = fit_fn is None and study.objective is None
-            wanted = _resources(study, _memory_per_trial(study, data, builtin, progress))
             check_resources(wanted)
             if fit_fn is None:
                 fit_fn = ObjectiveFit(study.objective) if study.objective else fit
