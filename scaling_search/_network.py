@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from scaling_search.model import (
     _BN_EPS,
@@ -55,6 +56,7 @@ class _BatchNormSiLUFunction(torch.autograd.Function):
         return F.silu(normed, inplace=True)
 
     @staticmethod
+    @once_differentiable  # no gradient of this gradient (nothing here takes one)
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, bias, mean, invstd = ctx.saved_tensors
         # The same computation as the forward pass's (batch statistics, no running averages).
@@ -87,6 +89,9 @@ class _BatchNormSiLU(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled() and x.device.type == "cpu"):
             return F.silu(super().forward(x))
+        # _BatchNorm.forward's checks: a 4-D input, more than one value per channel.
+        self._check_input_dim(x)
+        F._verify_batch_size(x.size())  # type: ignore[attr-defined]
         # _BatchNorm.forward's bookkeeping in training mode (a momentum of None: a cumulative
         # average over the batches seen).
         momentum = 0.0 if self.momentum is None else self.momentum

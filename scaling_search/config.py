@@ -217,8 +217,8 @@ class ResourcesConfig(_Strict):
     # Host memory per trial, handed to Ray as the trial's "memory" resource so that a node runs
     # no more trials than it holds: bytes, or a size such as "1.5GiB" or "800MB". Default: for the
     # built-in trainer, estimated at the study's sizes (scaling_search.memory); with an
-    # objective, nothing is reserved.
-    memory_per_trial: int | None = Field(default=None, ge=2**20, le=limits.MAX_MEMORY_BYTES)
+    # objective, nothing is reserved. 0: reserve nothing.
+    memory_per_trial: int | None = Field(default=None, ge=0, le=limits.MAX_MEMORY_BYTES)
     # Ray custom resources per trial, e.g. {"accelerator_type:A100": 0.001} or a node label.
     custom: dict[str, float] = Field(default_factory=dict)
 
@@ -226,6 +226,15 @@ class ResourcesConfig(_Strict):
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("memory_per_trial")
+    @classmethod
+    def _none_or_enough(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < 2**20:
+            raise ValueError(
+                f"{value} bytes cannot hold a trial; give 0 (reserve nothing) or at least 1MiB"
+            )
+        return value
 
     @field_validator("cpus_per_trial", "gpus_per_trial")
     @classmethod

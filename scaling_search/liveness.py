@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 DRIVER_ATTR = "driver"  # system attribute: the driver holding a RUNNING trial
-# System attribute: that driver's Ray job, "JOB_ID@GCS_ADDRESS", where it runs on a Ray cluster.
+# System attribute: that driver's Ray job, "JOB_ID@GCS_ADDRESS/HEAD_NODE_ID", on a Ray cluster.
 RAY_JOB_ATTR = "ray_job"
 FAIL_REASON_ATTR = "fail_reason"
 GIVEN_BACK_ATTR = "given_back"  # on a FAIL trial that the run gave back (see fail_trial)

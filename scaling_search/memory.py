@@ -1,11 +1,11 @@
 """A trial's host memory: what the built-in trainer needs, and a worker's memory given back.
 
 A Ray worker trains many trials in turn (Tune reuses its actors). Measured with
-``bench/memory.py`` on the quickstart, its resident memory grew by about 950 MB per trial (7 GB
-after six trials, 2026-12-07), with no Python object left behind: glibc's allocator kept what
-the trials freed, in per-thread arenas that Ray's many threads multiply, and a trial's large
-activations came back to a heap that could not be trimmed. Two things hold a worker at what one
-trial needs:
+``bench/memory.py`` on the quickstart, its resident memory grew by about 950 MB per trial (a
+peak of 7.0 GiB in the sixth trial, 2026-12-07), with no Python object left behind: glibc's
+allocator kept what the trials freed, in per-thread arenas that Ray's many threads multiply, and
+a trial's large activations came back to heaps that could not be trimmed. Two things hold a
+worker at what one trial needs:
 
 - :func:`tune_allocator`, once per worker: large blocks (activations, gradients) are mapped and
   unmapped by the kernel, so freeing them gives them back, and threads share two arenas;
@@ -33,7 +33,7 @@ import torch
 
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
-from scaling_search.model import Architecture, build_model
+from scaling_search.model import Architecture, build_model, count_params
 from scaling_search.space import Coefficients, grid_candidates, network_key, scaled_network
 from scaling_search.train import EVAL_BATCH
 
@@ -55,8 +55,8 @@ ALLOCATOR_SETTINGS = {
     # stops glibc raising the threshold (up to 32 MiB) after each large free, which is what let
     # a trial's activations pile up in the heaps. 1 MiB held a trial's peak lowest but halved
     # its speed (every step maps its activations anew); 4 MiB, with huge pages (WORKER_ENV),
-    # keeps most of the saving for about a tenth of the speed (measured with the quickstart's
-    # networks on this project's CPU machine, 2026-12-07; see the README).
+    # keeps most of the saving and trains about 10% slower than glibc's defaults (the
+    # quickstart's networks on this project's CPU machine, 2026-12-07; the README has the table).
     "mmap_threshold": 4 << 20,
     # Free memory at the top of a heap above this is given back at once.
     "trim_threshold": 4 << 20,
@@ -75,19 +75,21 @@ _MALLOPT = {
     "arena_max": _M_ARENA_MAX,
 }
 
-# A Ray trial worker between trials, once it has run one (torch, the trainer, the dataset and
-# what a first trial imports for good, such as torch._dynamo for its first optimizer):
-# bench/memory.py measured 572 MB resident before the quickstart's second trial (482 MB before
-# the first), on this project's 2-core CPU machine (2026-12-07).
-WORKER_BYTES = 580 * 2**20
+# A Ray trial worker between trials, once it has run some (torch, the trainer, the dataset, and
+# what trials leave for good: torch._dynamo, imported for the first optimizer; oneDNN's kernels
+# for each network's shapes): bench/memory.py measured 455 MB resident before the quickstart's
+# first trial and 617 MB before each of its last four (2026-12-07, this project's 2-core CPU
+# machine).
+WORKER_BYTES = 620 * 2**20
 # Host memory of a CUDA context with its libraries loaded (cuDNN, cuBLAS): an allowance, not a
 # measurement of this project (no GPU machine has been available to measure it on).
 CUDA_CONTEXT_BYTES = 2**30
 # A trial's own memory at its peak over what is counted (weights, optimizer state, activations
 # kept for the backward pass): the allocator's overhead, the gradients in flight during the
-# backward pass, a checkpoint being written. bench/memory.py: the quickstart's widest network
-# (62 px) peaked 1,050 MB above the worker's resting size for 780 MB counted (x1.35).
-HEADROOM = 1.4
+# backward pass, a checkpoint being written. bench/memory.py: the quickstart's trials peaked at
+# most 1,147 MB above the worker's resting size, 1.5 times what is counted for its largest
+# network (762 MB).
+HEADROOM = 1.6
 _BYTES_PER_PARAMETER = 4 * 4  # float32 weights, their gradients, AdamW's two moments
 _PROBE_BATCHES = (2, 4)  # the forward passes that measure activations per image
 _MEASURED_NETWORKS = 3  # networks measured: the largest by activation elements per image
@@ -161,14 +163,15 @@ def trial_memory_bytes(study: StudyConfig, data: ImageData) -> int:
     on_gpu = study.resources.gpus_per_trial > 0
     need = 0.0
     for _, arch, resolution_px in largest_networks(study, data.num_classes):
+        if on_gpu:  # no forward pass: only the weights count on the host
+            network = float(count_params(arch) * _BYTES_PER_PARAMETER + CUDA_CONTEXT_BYTES)
+            need = max(need, network)
+            continue
         params, per_image, fixed, largest = _measure(arch, resolution_px)
         network = float(params * _BYTES_PER_PARAMETER)
-        if on_gpu:
-            network += CUDA_CONTEXT_BYTES
-        else:
-            training = fixed + per_image * study.train.batch_size
-            evaluation = 4 * largest * EVAL_BATCH  # a few live tensors, nothing kept
-            network += max(training, evaluation)
+        training = fixed + per_image * study.train.batch_size
+        evaluation = 4 * largest * EVAL_BATCH  # a few live tensors, nothing kept
+        network += max(training, evaluation)
         need = max(need, network)
     return math.ceil(WORKER_BYTES + data_bytes(data) + need * HEADROOM)
 
@@ -220,6 +223,8 @@ def _measure(arch: Architecture, resolution_px: int) -> tuple[int, float, float,
     model = build_model(arch, dropout=0.0, stochastic_depth=0.0)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
+    # Weights are counted apart (with their gradients and optimizer state), not as activations.
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
     kept: list[int] = []
     largest = 0
     for batch in _PROBE_BATCHES:
@@ -233,6 +238,8 @@ def _measure(arch: Architecture, resolution_px: int) -> tuple[int, float, float,
             batch: int = batch,
         ) -> torch.Tensor:
             storage = tensor.untyped_storage()
+            if storage.data_ptr() in weights:
+                return tensor
             storages[storage.data_ptr()] = storage.nbytes()
             if tensor.dim() == 4 and tensor.shape[0] == batch:
                 activations.append(tensor.nbytes)

@@ -98,12 +98,14 @@ def test_rays_job_table_says_which_drivers_jobs_have_ended(ray_local: None):
     )
     finished = other.stdout.strip().splitlines()[-1]
     here = this_job()
-    assert here is not None and here.endswith("@" + address) and finished.endswith("@" + address)
-    elsewhere = finished.split("@")[0] + "@192.0.2.1:6379"
+    cluster = here.partition("@")[2] if here else ""
+    assert cluster.startswith(address + "/") and finished.endswith("@" + cluster)
+    elsewhere = finished.split("@")[0] + "@192.0.2.1:6379/" + cluster.partition("/")[2]
+    restarted = finished.split("@")[0] + f"@{address}/another-head-node"
     deadline = time.monotonic() + 30  # the raylet tells the cluster as the driver disconnects
     while not ended_jobs({finished}) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ended_jobs({finished, here, elsewhere}) == {finished}
+    assert ended_jobs({finished, here, elsewhere, restarted}) == {finished}
 
 
 def _kill_workers(url: str, name: str, kills: dict[int, int], done: threading.Event) -> None:

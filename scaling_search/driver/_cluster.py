@@ -11,7 +11,7 @@ import socket
 import time
 from typing import Any
 
-__all__ = ["ClusterError", "check_address", "check_resources"]
+__all__ = ["ClusterError", "check_address", "check_resources", "largest_offer"]
 
 ADDRESS_PATIENCE_S = 15.0  # how long an address may take to accept a connection
 
@@ -82,6 +82,14 @@ def check_resources(wanted: dict[str, float]) -> None:
         f"{len(nodes)} node(s): {_summary(nodes)})"
         + ("" if short else "; no single node has all of it at once")
     )
+
+
+def largest_offer(name: str) -> float:
+    """The most of resource ``name`` (as in a trial's request) that one live node offers."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    return max((node.get(_ray_name(name), 0.0) for node in nodes), default=0.0)
 
 
 def _ray_name(name: str) -> str:

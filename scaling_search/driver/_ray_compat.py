@@ -54,30 +54,40 @@ def trial_failures_for_lost_workers() -> None:
     RayActorManager._actor_task_failed = _actor_task_failed  # type: ignore[method-assign]
 
 
+def _cluster() -> str:
+    """This cluster as ``GCS_ADDRESS/HEAD_NODE_ID``: a head started again at the same address
+    is another cluster (its job ids start over), and its head node has a new id."""
+    head = next(
+        (node["NodeID"] for node in ray.nodes() if "node:__internal_head__" in node["Resources"]),
+        "?",
+    )
+    return f"{ray.get_runtime_context().gcs_address}/{head}"
+
+
 def this_job() -> str | None:
-    """This driver's Ray job as ``JOB_ID@GCS_ADDRESS`` (public runtime context), or None
+    """This driver's Ray job as ``JOB_ID@GCS_ADDRESS/HEAD_NODE_ID`` (public APIs), or None
     without Ray."""
     if not ray.is_initialized():
         return None
-    context = ray.get_runtime_context()
-    return f"{context.get_job_id()}@{context.gcs_address}"
+    return f"{ray.get_runtime_context().get_job_id()}@{_cluster()}"
 
 
 def ended_jobs(jobs: Iterable[str]) -> set[str]:
     """Of ``jobs`` (other drivers' :func:`this_job`), those that this cluster says have ended.
 
-    A job of another cluster (another GCS address), or one the cluster does not know, is never
-    said to have ended. Ray's job table is read with ``ray._private.state.jobs`` (private, "for
-    debugging"): the public ``ray.util.state.list_jobs`` needs the cluster's dashboard, which a
-    cluster need not run, and the job submission client knows submitted jobs only, not drivers.
+    A job of another cluster (another address or head node), or one the cluster does not know,
+    is never said to have ended. Ray's job table is read with ``ray._private.state.jobs``
+    (private, "for debugging"): the public ``ray.util.state.list_jobs`` needs the cluster's
+    dashboard, which a cluster need not run, and the job submission client knows submitted jobs
+    only, not drivers.
     """
     from ray._private.state import jobs as job_table
 
-    here = ray.get_runtime_context().gcs_address
+    here = _cluster()
     dead = {job["JobID"] for job in job_table() if job["IsDead"]}
     ended = set()
     for name in jobs:
-        job_id, _, address = name.partition("@")
-        if address == here and job_id in dead:
+        job_id, _, cluster = name.partition("@")
+        if cluster == here and job_id in dead:
             ended.add(name)
     return ended

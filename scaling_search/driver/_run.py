@@ -25,7 +25,7 @@ from scaling_search import ledger, leftovers, racing, sharing
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
 from scaling_search.driver._checkpoints import TrialCheckpoints
-from scaling_search.driver._cluster import check_address, check_resources
+from scaling_search.driver._cluster import check_address, check_resources, largest_offer
 from scaling_search.driver._progress import Progress, ProgressCallback
 from scaling_search.driver._ray_compat import ended_jobs, trial_failures_for_lost_workers
 from scaling_search.driver._search import Classes, StudySearch
@@ -139,6 +139,19 @@ def _resources(study: StudyConfig, memory_bytes: int) -> dict[str, float]:
     return {**wanted, **study.resources.custom}
 
 
+def _estimate_within_nodes(wanted: dict[str, float], say: Progress) -> None:
+    """An estimate above what any node offers would refuse a run that may well fit (Ray counts
+    a node's memory as what was free when it started): reserve the most a node offers."""
+    most = largest_offer("memory")
+    if 0 < most < wanted.get("memory", 0.0):
+        say(
+            f"memory per trial: the estimate ({wanted['memory'] / 2**30:.2f} GiB) is more than "
+            f"any node offers; reserving {most / 2**30:.2f} GiB, one trial at a time on such a "
+            "node (resources.memory_per_trial sets it)"
+        )
+        wanted["memory"] = most
+
+
 def _memory_per_trial(study: StudyConfig, data: ImageData, builtin: bool, say: Progress) -> int:
     """Bytes of host memory to reserve per trial: the study's, else the built-in trainer's
     estimate (scaling_search.memory), else (an objective's trials) none."""
@@ -208,11 +221,13 @@ def run_study(
         to_race = _racing_after_search(study, ot_study, progress) if to_launch == 0 else 0
         return to_launch, to_race
 
-    to_launch, to_race = plan()
-    # Drivers on other hosts of a Ray cluster hold trials: once on the cluster, ask it about them.
-    ask_ray = ledger.held_by_ray_jobs(ot_study)
-    if to_launch == 0 and to_race == 0 and not ask_ray:
-        progress(f"study {study.name!r}: every trial is already done or held; nothing to train")
+    nothing = f"study {study.name!r}: every trial is already done or held; nothing to train"
+    # Drivers on other hosts of this Ray cluster hold trials: plan once the cluster has said
+    # which of them still run.
+    ask_ray = address is not None and ledger.held_by_ray_jobs(ot_study)
+    to_launch, to_race = (0, 0) if ask_ray else plan()
+    if not ask_ray and to_launch == 0 and to_race == 0:
+        progress(nothing)
         _sweep(study, ot_study, progress, keep_checkpoints)
         return _summary(0, before, ot_study, started)
     logs = study.out_dir / "logs"
@@ -225,8 +240,13 @@ def run_study(
                 memory = pool.submit(_memory_per_trial, study, data, builtin, progress)
                 _init_ray(study, address, stop)
                 wanted = _resources(study, memory.result())
-            if ask_ray and ledger.recover_ended_jobs(ot_study, progress, ended_jobs):
-                to_launch, to_race = plan()  # the points of those trials are queued again
+            if ask_ray:  # the points of the trials of ended jobs are queued again
+                ledger.recover_ended_jobs(ot_study, progress, ended_jobs)
+                to_launch, to_race = plan()
+                if to_launch == 0 and to_race == 0:
+                    progress(nothing)
+            if builtin and study.resources.memory_per_trial is None:
+                _estimate_within_nodes(wanted, progress)
             check_resources(wanted)
             if fit_fn is None:
                 fit_fn = ObjectiveFit(study.objective) if study.objective else fit
