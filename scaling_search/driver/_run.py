@@ -198,6 +198,9 @@ def run_study(
     if progress is None:  # the terminal's stdout: Ray's own output goes to the study's logs
         progress = TerminalLines(sys.stdout)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Its storage warns when a query fails and it retries another way; a database going away is
+    # this run's to report, in one line (scaling_search.outage), not Optuna's in several.
+    logging.getLogger("optuna.storages._rdb.storage").setLevel(logging.ERROR)
     ot_study = ledger.open_study(study, storage, num_classes=data.num_classes)
     ledger.recover_stale(ot_study, progress)
     before = _state_counts(ot_study)
