@@ -6,13 +6,13 @@ Kept apart from model.py so that the counters, which space, family and the CLI u
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from scaling_search import _fused
 from scaling_search.model import (
     _BN_EPS,
     _BN_MOMENTUM,
@@ -27,81 +27,41 @@ from scaling_search.model import (
 __all__ = ["EfficientNet"]
 
 
-class _BatchNormSiLUFunction(torch.autograd.Function):
-    """silu(batch_norm(x)) in training, keeping only x for the backward pass.
-
-    Autograd would keep both the normalised tensor (for SiLU's gradient) and x (for batch norm's):
-    two activations of the block's full size. This keeps x and recomputes the normalised tensor
-    in the backward pass with the same kernel, so values and gradients are the ones the separate
-    modules give, bit for bit (tests/test_model.py), for about a quarter less activation memory.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        momentum: float,
-        eps: float,
-    ) -> torch.Tensor:
-        # Training mode: batch statistics, running averages updated in place.
-        normed, mean, invstd = torch.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps
-        )
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = eps
-        return F.silu(normed, inplace=True)
-
-    @staticmethod
-    @once_differentiable  # no gradient of this gradient (nothing here takes one)
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, bias, mean, invstd = ctx.saved_tensors
-        # The same computation as the forward pass's (batch statistics, no running averages).
-        normed = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, ctx.eps)[0]
-        grad_normed = torch.ops.aten.silu_backward(grad, normed)
-        del normed
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_normed,
-            x,
-            weight,
-            None,
-            None,
-            mean,
-            invstd,
-            True,
-            ctx.eps,
-            ctx.needs_input_grad[:3],
-        )
-        return grad_x, grad_weight, grad_bias, None, None, None, None
-
-
 class _BatchNormSiLU(nn.BatchNorm2d):
-    """BatchNorm2d followed by SiLU, with the training pass's memory of one activation, not two.
+    """BatchNorm2d followed by SiLU, keeping one activation for the backward pass, not two.
 
     A BatchNorm2d subclass: its parameters, buffers and state-dict keys are BatchNorm2d's. The
-    fused function runs where host memory is what limits how many trials a node holds (training
-    on CPU); elsewhere (CUDA, evaluation, no gradient) it is the two modules' own code.
+    fused functions (:mod:`scaling_search._fused`) run where host memory is what limits how many
+    trials a node holds (training on CPU); elsewhere (CUDA, evaluation, no gradient) it is the
+    two modules' own code.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled() and x.device.type == "cpu"):
+        if not _saves_memory(self, x):
             return F.silu(super().forward(x))
-        # _BatchNorm.forward's checks: a 4-D input, more than one value per channel.
-        self._check_input_dim(x)
+        weight, bias, mean, var, momentum, eps = self.training_arguments(x)
+        return _fused.batch_norm_silu(x, weight, bias, mean, var, momentum, eps)
+
+    def training_arguments(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float, float]:
+        """Check x and count the batch as _BatchNorm.forward does in training mode; return the
+        fused functions' arguments after x (weight, bias, running averages, momentum, eps)."""
+        self._check_input_dim(x)  # a 4-D input, more than one value per channel
         F._verify_batch_size(x.size())  # type: ignore[attr-defined]
-        # _BatchNorm.forward's bookkeeping in training mode (a momentum of None: a cumulative
-        # average over the batches seen).
+        # A momentum of None: a cumulative average over the batches seen.
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
-        return _BatchNormSiLUFunction.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps
-        )
+        return self.weight, self.bias, self.running_mean, self.running_var, momentum, self.eps
+
+
+def _saves_memory(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a module runs the fused functions: training on CPU, where host memory limits how
+    many trials a node holds."""
+    return module.training and torch.is_grad_enabled() and x.device.type == "cpu"
 
 
 def _conv_bn_act(
@@ -115,6 +75,12 @@ def _conv_bn_act(
     )
 
 
+def _conv_and_norm(layer: nn.Module) -> tuple[nn.Conv2d, _BatchNormSiLU]:
+    """The two modules of a :func:`_conv_bn_act` layer."""
+    conv, norm = cast(nn.Sequential, layer)
+    return cast(nn.Conv2d, conv), cast(_BatchNormSiLU, norm)
+
+
 class _SqueezeExcite(nn.Module):
     """Rescale channels by a gate computed from their global average (Hu et al. 2018)."""
 
@@ -125,9 +91,12 @@ class _SqueezeExcite(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = x.mean((2, 3), keepdim=True)
-        gate = torch.sigmoid(self.expand(self.act(self.reduce(gate))))
-        return x * gate
+        return x * self.gate(x)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-channel scales in (0, 1), [B, C, 1, 1]."""
+        pooled = x.mean((2, 3), keepdim=True)
+        return torch.sigmoid(self.expand(self.act(self.reduce(pooled))))
 
 
 class _StochasticDepth(nn.Module):
@@ -170,10 +139,35 @@ class _MBConv(nn.Module):
         self.stochastic_depth = _StochasticDepth(drop_rate) if self.use_residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.branch(x)
+        out = self._branch_saving_memory(x) if _saves_memory(self, x) else self.branch(x)
         if self.stochastic_depth is None:
             return out
         return x + self.stochastic_depth(out)
+
+    def _branch_saving_memory(self, x: torch.Tensor) -> torch.Tensor:
+        """self.branch(x), keeping the expanded conv outputs for the backward pass and nothing
+        else of the expanded size (see :mod:`scaling_search._fused`). The branch's modules lend
+        their weights: hooks on the depthwise conv, the batch norms and the excite module are not
+        called here."""
+        *expand, depthwise, excite, project, project_norm = self.branch
+        dw_conv, dw_norm = _conv_and_norm(depthwise)
+        if expand:
+            expand_conv, expand_norm = _conv_and_norm(expand[0])
+            hidden = expand_conv(x)
+            weight, bias, mean, var, momentum, eps = expand_norm.training_arguments(hidden)
+            hidden = _fused.batch_norm_silu_conv(
+                hidden, weight, bias, mean, var, momentum, eps, dw_conv
+            )
+        else:
+            hidden = dw_conv(x)
+        weight, bias, mean, var, momentum, eps = dw_norm.training_arguments(hidden)
+        handoff = _fused.Handoff()
+        activated = _fused.batch_norm_silu(hidden, weight, bias, mean, var, momentum, eps, handoff)
+        gate = cast(_SqueezeExcite, excite).gate(activated)
+        gated = _fused.gated_projection(
+            activated, gate, cast(nn.Conv2d, project), hidden, weight, bias, eps, handoff
+        )
+        return project_norm(gated)
 
 
 class EfficientNet(nn.Module):
