@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -53,10 +54,10 @@ ALLOCATOR_SETTINGS = {
     # Blocks of at least this size (a step's larger activations and their gradients) are mapped
     # on their own and unmapped when freed, so they never fragment a heap. A fixed value also
     # stops glibc raising the threshold (up to 32 MiB) after each large free, which is what let
-    # a trial's activations pile up in the heaps. 1 MiB held a trial's peak lowest but halved
-    # its speed (every step maps its activations anew); 4 MiB, with huge pages (WORKER_ENV),
-    # keeps most of the saving and trains about 10% slower than glibc's defaults (the
-    # quickstart's networks on this project's CPU machine, 2026-12-07; the README has the table).
+    # a trial's activations pile up in the heaps. bench/allocators.py (the quickstart's two
+    # largest networks, one thread, 2026-12-07): glibc's defaults peak at 1,404 MB; 4 MiB with
+    # huge pages (WORKER_ENV) at 967 MB (0.69x) and 0.87x the speed (every step maps its larger
+    # activations anew); 8 MiB at 0.81x and 0.95x; 1 MiB at 0.63x and 0.77x.
     "mmap_threshold": 4 << 20,
     # Free memory at the top of a heap above this is given back at once.
     "trim_threshold": 4 << 20,
@@ -77,9 +78,9 @@ _MALLOPT = {
 
 # A Ray trial worker between trials, once it has run some (torch, the trainer, the dataset, and
 # what trials leave for good: torch._dynamo, imported for the first optimizer; oneDNN's kernels
-# for each network's shapes): bench/memory.py measured 455 MB resident before the quickstart's
-# first trial and 617 MB before each of its last four (2026-12-07, this project's 2-core CPU
-# machine).
+# for each network's shapes): bench/memory.py measured 438 MiB resident before the quickstart's
+# first trial and 590-591 MiB before each of its last four (2026-12-07, this project's 2-core
+# CPU machine).
 WORKER_BYTES = 620 * 2**20
 # Host memory of a CUDA context with its libraries loaded (cuDNN, cuBLAS): an allowance, not a
 # measurement of this project (no GPU machine has been available to measure it on).
@@ -87,8 +88,8 @@ CUDA_CONTEXT_BYTES = 2**30
 # A trial's own memory at its peak over what is counted (weights, optimizer state, activations
 # kept for the backward pass): the allocator's overhead, the gradients in flight during the
 # backward pass, a checkpoint being written. bench/memory.py: the quickstart's trials peaked at
-# most 1,147 MB above the worker's resting size, 1.5 times what is counted for its largest
-# network (762 MB).
+# most 597 MiB above the worker's resting size, 1.4 times what is counted for its largest
+# network (428 MiB; 2026-12-07, with the fused functions of CPU training).
 HEADROOM = 1.6
 _BYTES_PER_PARAMETER = 4 * 4  # float32 weights, their gradients, AdamW's two moments
 _PROBE_BATCHES = (2, 4)  # the forward passes that measure activations per image
@@ -111,23 +112,24 @@ def _glibc() -> Any:
     return _libc or None
 
 
-_tuned = False
+_applied: dict[str, int] | None = None
 
 
-def tune_allocator() -> dict[str, int]:
-    """Apply :data:`ALLOCATOR_SETTINGS` to this process's allocator (once; glibc only).
+def tune_allocator(settings: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Apply :data:`ALLOCATOR_SETTINGS` (or `settings`, names of that dict's keys) to this
+    process's allocator, once: later calls change nothing. glibc only.
 
-    Returns the settings applied, empty where the C library is not glibc.
+    Returns the settings in force, empty where the C library is not glibc.
     """
-    global _tuned
+    global _applied
     libc = _glibc()
     if libc is None:
         return {}
-    if not _tuned:
-        for name, value in ALLOCATOR_SETTINGS.items():
+    if _applied is None:
+        _applied = dict(ALLOCATOR_SETTINGS if settings is None else settings)
+        for name, value in _applied.items():
             libc.mallopt(_MALLOPT[name], value)
-        _tuned = True
-    return dict(ALLOCATOR_SETTINGS)
+    return dict(_applied)
 
 
 def release_memory() -> None:
@@ -170,7 +172,7 @@ def trial_memory_bytes(study: StudyConfig, data: ImageData) -> int:
         params, per_image, fixed, largest = _measure(arch, resolution_px)
         network = float(params * _BYTES_PER_PARAMETER)
         training = fixed + per_image * study.train.batch_size
-        evaluation = 4 * largest * EVAL_BATCH  # a few live tensors, nothing kept
+        evaluation = 4 * largest * EVAL_BATCH["cpu"]  # a few live tensors, nothing kept
         network += max(training, evaluation)
         need = max(need, network)
     return math.ceil(WORKER_BYTES + data_bytes(data) + need * HEADROOM)
@@ -200,19 +202,22 @@ def largest_networks(
 
 
 def _activation_elements(arch: Architecture, resolution_px: int) -> int:
-    """Roughly the activation elements of one image that a training step keeps, to rank
-    networks by: each block's expanded tensors at its input and output sides."""
+    """Roughly the activation elements of one image that a training step keeps on CPU, to rank
+    networks by: each block's input, its expanded conv outputs (expand and depthwise, see
+    scaling_search._fused) and its projection."""
 
     def strided(size_px: int, stride: int) -> int:
         return -(-size_px // stride)
 
     size_px = strided(resolution_px, 2)  # the stem's stride
-    total = 2 * arch.stem_channels * size_px**2
+    total = arch.stem_channels * size_px**2
     for stage in arch.stages:
         for index, block_in in enumerate(stage.block_inputs()):
             out_px = strided(size_px, stage.stride if index == 0 else 1)
             hidden = block_in * stage.expand_ratio
-            total += hidden * (2 * size_px**2 + 3 * out_px**2) + stage.out_channels * out_px**2
+            expanded = hidden * size_px**2 if stage.expand_ratio != 1 else 0
+            total += block_in * size_px**2 + expanded + hidden * out_px**2
+            total += stage.out_channels * out_px**2
             size_px = out_px
     return total
 
