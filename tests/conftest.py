@@ -12,6 +12,38 @@ from pathlib import Path
 
 import pytest
 
+# --- markers ------------------------------------------------------------------------------------
+# slow: starts Ray or trains several trials. `pytest -m "not slow"` is the quick set; a test that
+# starts Ray without the marker fails (below). gpu: the CUDA path; skipped where CUDA is absent.
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="gpu: no CUDA device here")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_cuda)
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_in_slow_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside `slow` tests Ray has nowhere to start: $RAY_ADDRESS names a port nobody answers
+    (the discard port), in this process and in the CLI's subprocesses, which inherit it. A test
+    that starts Ray unmarked fails with Ray's connection error instead of slowing the quick set."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+
+
+def _require_slow(request: pytest.FixtureRequest, fixture: str) -> None:
+    if request.node.get_closest_marker("slow") is None:
+        pytest.fail(f"{request.node.nodeid} uses {fixture} (Ray) but is not marked slow")
+
+
 PG_ADMIN_URL = os.environ.get(
     "SCALING_SEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -181,9 +213,12 @@ def tiny_study(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_local() -> Iterator[None]:
-    """A local Ray with 2 CPUs for the tests of one module."""
+def ray_local(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A local Ray with 2 CPUs for the tests of one module (marked slow)."""
     import ray
+
+    if request.node.get_closest_marker("slow") is None:
+        pytest.fail(f"{request.node.nodeid} uses ray_local but is not marked slow")
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
@@ -191,12 +226,14 @@ def ray_local() -> Iterator[None]:
 
 
 @pytest.fixture
-def ray_tmp() -> Iterator[str]:
+def ray_tmp(request: pytest.FixtureRequest) -> Iterator[str]:
     """A short private RAY_TMPDIR (socket paths must stay under 107 bytes); its processes are
-    killed and the folder removed afterwards."""
+    killed and the folder removed afterwards. For slow tests only."""
     import shutil
     import subprocess
     import tempfile
+
+    _require_slow(request, "ray_tmp")
 
     folder = tempfile.mkdtemp(prefix="ss-ray-", dir="/tmp")
     yield folder

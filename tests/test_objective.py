@@ -283,6 +283,7 @@ def test_an_objective_with_a_network_key_trains_each_network_once_per_seed(
     assert f"\n{len(HOOK_GRID)} candidates, {len(betas)} distinct networks (" in space
 
 
+@pytest.mark.slow
 def test_a_study_with_an_objective_runs_it_for_every_trial(surfaces: Path, ray_tmp: str) -> None:
     result, db = _run(surfaces, "surfaces:bowl", ray_tmp)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -298,6 +299,7 @@ def test_a_study_with_an_objective_runs_it_for_every_trial(surfaces: Path, ray_t
     assert "best: α=1.2 β=1.1 γ=1.15" in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_an_objective_that_returns_nonsense_fails_its_trials_without_retries(
     surfaces: Path, ray_tmp: str
 ) -> None:
@@ -328,6 +330,7 @@ def test_the_objective_is_part_of_the_studys_identity(tmp_path: Path) -> None:
         ledger.open_study(parse_study({"name": "same", "objective": "surfaces:bowl"}), storage)
 
 
+@pytest.mark.slow
 def test_a_network_key_that_breaks_is_one_line_before_anything_is_written(
     surfaces: Path, ray_tmp: str
 ) -> None:

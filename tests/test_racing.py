@@ -185,6 +185,7 @@ resources: {{num_cpus: 2}}
 """
 
 
+@pytest.mark.slow
 def test_a_study_with_racing_trains_the_top_triples_again_at_the_full_budget(
     tmp_path: Path, ray_tmp: str
 ) -> None:
