@@ -10,7 +10,7 @@ from scaling_search.config import load_study
 def clean(args: argparse.Namespace) -> int:
     """Remove the Ray Tune folders (checkpoints included) whose driver is gone; never the study's
     database, report or family. Folders of a driver that may still run are kept, with why."""
-    from scaling_search.cli import _load_optuna_study
+    from scaling_search._cli_common import load_optuna_study
     from scaling_search.leftovers import RAY_FOLDER, format_bytes, sweep
     from scaling_search.storage import open_storage, resolve_url, study_exists
 
@@ -18,7 +18,7 @@ def clean(args: argparse.Namespace) -> int:
     url = resolve_url(study)
     # Which drivers on other hosts still run, the study's heartbeats say; no study, no answer.
     ot_study = (
-        _load_optuna_study(study, open_storage(url)) if study_exists(url, study.name) else None
+        load_optuna_study(study, open_storage(url)) if study_exists(url, study.name) else None
     )
     swept = sweep(study, ot_study)
     for experiment in swept.removed:

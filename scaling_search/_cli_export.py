@@ -45,10 +45,10 @@ def export(args: argparse.Namespace) -> int:
     if args.study is not None:
         # With --coefficients too: that triple (another member of the winning class, say) with
         # the study's resolution, classes and training recipe.
-        from scaling_search.cli import _existing_study
+        from scaling_search._cli_common import existing_study
         from scaling_search.results import best_triple
 
-        study, ot_study = _existing_study(args)
+        study, ot_study = existing_study(args)
         if args.coefficients is None:
             coefficients = best_triple(ot_study).coefficients  # the winning class's representative
         base_px = args.base_resolution or study.train.base_resolution_px

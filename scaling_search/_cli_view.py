@@ -21,7 +21,7 @@ REPORT_FILENAME = "report.html"
 def dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from scaling_search.cli import _existing_study
+    from scaling_search._cli_common import existing_study
     from scaling_search.storage import ENV_VAR, mask_url, open_storage, resolve_url
 
     if args.study is not None and args.storage is not None:
@@ -32,7 +32,7 @@ def dashboard(args: argparse.Namespace) -> int:
         if value is not None and not value.strip():  # never silently the default
             raise StudyError(f"{flag} is empty; give a value or leave the option out")
     if args.study is not None:
-        study, _ = _existing_study(args)
+        study, _ = existing_study(args)
         url = resolve_url(study)
     else:
         url = args.storage or os.environ.get(ENV_VAR, "").strip()
@@ -47,9 +47,9 @@ def dashboard(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from scaling_search.cli import _existing_study
+    from scaling_search._cli_common import existing_study
 
-    study, ot_study = _existing_study(args)
+    study, ot_study = existing_study(args)
     path = write_report_for(study, ot_study, args.out)
     print(f"report: {path}")
     return 0
@@ -75,8 +75,8 @@ def write_report_for(
 
 def space(args: argparse.Namespace) -> int:
     """`scaling-search space`: the grid's candidates by the network each builds."""
+    from scaling_search._cli_common import emit
     from scaling_search._cli_export import study_classes
-    from scaling_search.cli import _emit
 
     study = load_study(args.study, args.overrides)
     if study.search.sampler != "grid":
@@ -85,7 +85,7 @@ def space(args: argparse.Namespace) -> int:
             "the continuous surface α·β²·γ² = product instead"
         )
     data = space_data(study, study_classes(study))
-    _emit(data, args.format, _space_table(data, study))
+    emit(data, args.format, _space_table(data, study))
     return 0
 
 
@@ -145,7 +145,7 @@ def _space_table(data: dict[str, Any], study: StudyConfig) -> list[str]:
 
 def model(args: argparse.Namespace) -> int:
     """`scaling-search model`: exact params, MACs and stage shapes of a scaled B0."""
-    from scaling_search.cli import _emit
+    from scaling_search._cli_common import emit
     from scaling_search.model import architecture, count_macs, count_params
 
     top = limits.MAX_MULTIPLIER
@@ -174,5 +174,5 @@ def model(args: argparse.Namespace) -> int:
         f"{s.out_channels:4d} {s.repeats:8d}"
         for i, s in enumerate(arch.stages, 1)
     ]
-    _emit(data, args.format, table)
+    emit(data, args.format, table)
     return 0

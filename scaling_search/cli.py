@@ -10,14 +10,13 @@ need them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from scaling_search import limits
+from scaling_search._cli_common import emit, existing_study, load_optuna_study
 from scaling_search._redact import redact
 from scaling_search.config import StudyConfig, StudyError, load_study
 from scaling_search.interrupt import (
@@ -29,7 +28,7 @@ from scaling_search.interrupt import (
 from scaling_search.outage import PATIENCE_S, DatabaseAway, failure_line
 
 if TYPE_CHECKING:
-    import optuna
+    pass
 
 __all__ = ["main"]
 
@@ -210,10 +209,6 @@ def _export(args: argparse.Namespace) -> int:
     return _cli_export.export(args)
 
 
-def _emit(data: Any, fmt: str, table: Sequence[str]) -> None:
-    print(json.dumps(data, indent=2) if fmt == "json" else "\n".join(table))
-
-
 # --- run -----------------------------------------------------------------------------------------
 
 
@@ -285,6 +280,8 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         storage = open_storage(url)  # everything above is checked before anything is written
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
+    from scaling_search.report import LiveDashboard
+
     summary = run_study(
         study,
         data=data,
@@ -293,13 +290,14 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         stop=stop,
         keep_checkpoints=args.keep_checkpoints,
         database_patience_s=args.database_patience,
+        live_view=LiveDashboard,  # the figures and note optuna-dashboard shows, kept current
     )
     print(_summary_line(summary))
     from scaling_search._cli_view import write_report_for
     from scaling_search.results import best_triple
     from scaling_search.verdict import best_view
 
-    ot_study = _load_optuna_study(study, storage)
+    ot_study = load_optuna_study(study, storage)
     best = best_triple(ot_study)
     _, lines = best_view(
         best, base_resolution_px=study.train.base_resolution_px, num_classes=data.num_classes
@@ -345,37 +343,13 @@ def _write_family(coefficients: Any, study: StudyConfig, num_classes: int, path:
 # --- reading a study back ------------------------------------------------------------------------
 
 
-def _existing_study(args: argparse.Namespace) -> tuple[StudyConfig, optuna.Study]:
-    """The study file's Optuna study, without creating a database, tables or a study."""
-    from scaling_search.storage import open_storage, resolve_url, study_exists
-
-    study = load_study(args.study, args.overrides)
-    url = resolve_url(study)
-    if not study_exists(url, study.name):
-        raise StudyError(
-            f"study {study.name!r} has not been run yet; start it with "
-            f"`scaling-search run {args.study}`"
-        )
-    return study, _load_optuna_study(study, open_storage(url))
-
-
-def _load_optuna_study(study: StudyConfig, storage: Any) -> optuna.Study:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=study.name, storage=storage)
-    except KeyError:
-        raise StudyError(f"study {study.name!r} is not in its storage; run it first") from None
-
-
 def _status(args: argparse.Namespace) -> int:
     from scaling_search.ledger import GIVEN_BACK_ATTR, duplicates
     from scaling_search.results import ResultsError, best_triple, trials_frame
     from scaling_search.storage import mask_url, resolve_url
     from scaling_search.verdict import format_accuracy
 
-    study, ot_study = _existing_study(args)
+    study, ot_study = existing_study(args)
     frame = trials_frame(ot_study)
     trained = frame[~frame["shared"].astype(bool)]
     counts = {str(k): int(v) for k, v in trained["state"].value_counts().items()}
@@ -430,7 +404,7 @@ def _status(args: argparse.Namespace) -> int:
         table.append(
             f"best so far {best.coefficients.label()} {best.chosen_on} accuracy {accuracy}"
         )
-    _emit(data, args.format, table)
+    emit(data, args.format, table)
     return 0
 
 
@@ -439,13 +413,13 @@ def _best(args: argparse.Namespace) -> int:
     from scaling_search.results import best_triple
     from scaling_search.verdict import best_view
 
-    study, ot_study = _existing_study(args)
+    study, ot_study = existing_study(args)
     data, lines = best_view(
         best_triple(ot_study),
         base_resolution_px=study.train.base_resolution_px,
         num_classes=study_classes(study, ot_study),
     )
-    _emit(data, args.format, lines)
+    emit(data, args.format, lines)
     return 0
 
 
