@@ -83,6 +83,7 @@ def main() -> None:
     from scaling_search.config import parse_study
     from scaling_search.data import load_data
     from scaling_search.driver import run_study
+    from scaling_search.report import LiveDashboard
     from scaling_search.storage import open_storage
 
     # No worker logs on the terminal: Ray prints them late, after the last line.
@@ -111,7 +112,13 @@ def main() -> None:
 
     def project() -> None:
         storage = open_storage(f"sqlite:///{folder / 'optuna.db'}")  # as `scaling-search run`
-        run_study(study, data=load_data(study.data), storage=storage, progress=lambda line: None)
+        run_study(
+            study,
+            data=load_data(study.data),
+            storage=storage,
+            progress=lambda line: None,
+            live_view=LiveDashboard,  # as `scaling-search run`: the dashboard kept current
+        )
 
     def baseline(**settings: int | bool) -> Callable[[], None]:
         def search() -> None:

@@ -1,20 +1,43 @@
-"""One line per finished trial on the driver's console, and the live dashboard kept current."""
+"""One line per finished trial on the driver's console, and a live view (the CLI's: the
+dashboard's figures) kept current."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import optuna
 from ray import tune
 
 from scaling_search.driver._search import StudySearch
 from scaling_search.driver._trainable import METRIC
 from scaling_search.ledger import FAIL_REASON_ATTR
-from scaling_search.report import LiveDashboard
 from scaling_search.space import Coefficients
 
 Progress = Callable[[str], None]
+
+
+class LiveView(Protocol):
+    """What a run keeps current as trials report and end, given by its caller (the CLI: the
+    dashboard's figures and note, :class:`scaling_search.report.LiveDashboard`). `update` is
+    called on Ray Tune's event loop and must return at once; ``force``: the run has ended."""
+
+    def update(self, *, force: bool = False) -> None: ...
+
+
+# Makes a run's view from its study and its progress lines.
+LiveViewFactory = Callable[[optuna.Study, Progress], LiveView]
+
+
+class NoView:
+    """The view of a run whose caller gave none."""
+
+    def __init__(self, study: optuna.Study | None = None, say: Progress | None = None) -> None:
+        pass
+
+    def update(self, *, force: bool = False) -> None:
+        pass
 
 
 class ProgressCallback(tune.Callback):
@@ -27,7 +50,7 @@ class ProgressCallback(tune.Callback):
     """
 
     def __init__(
-        self, budget_epochs: int, progress: Progress, searcher: StudySearch, live: LiveDashboard
+        self, budget_epochs: int, progress: Progress, searcher: StudySearch, live: LiveView
     ) -> None:
         self._budget, self._say = budget_epochs, progress
         self._searcher, self._live = searcher, live

@@ -26,7 +26,13 @@ from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
 from scaling_search.driver._checkpoints import TrialCheckpoints
 from scaling_search.driver._cluster import check_address, check_resources, largest_offer
-from scaling_search.driver._progress import Progress, ProgressCallback
+from scaling_search.driver._progress import (
+    LiveView,
+    LiveViewFactory,
+    NoView,
+    Progress,
+    ProgressCallback,
+)
 from scaling_search.driver._ray_compat import ended_jobs, trial_failures_for_lost_workers
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
@@ -36,7 +42,6 @@ from scaling_search.ledger import Heartbeat
 from scaling_search.memory import WORKER_ENV, trial_memory_bytes
 from scaling_search.objective import ObjectiveFit
 from scaling_search.outage import PATIENCE_S, DatabaseWatch
-from scaling_search.report import LiveDashboard
 from scaling_search.sampling import DefineByRun, study_network_key
 from scaling_search.space import NetworkKeyFn
 from scaling_search.storage import mask_url
@@ -178,6 +183,7 @@ def run_study(
     stop: StopRequest | None = None,
     keep_checkpoints: bool = False,
     database_patience_s: float = PATIENCE_S,
+    live_view: LiveViewFactory | None = None,
 ) -> RunSummary:
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
 
@@ -191,7 +197,9 @@ def run_study(
 
     Each trial's checkpoints are removed once its end is recorded, each stage's Ray Tune
     experiment folder once the stage ends, and at the end what stopped runs left
-    (:mod:`scaling_search.leftovers`); ``keep_checkpoints`` keeps all of it.
+    (:mod:`scaling_search.leftovers`); ``keep_checkpoints`` keeps all of it. ``live_view``
+    makes what is kept current as trials report (the CLI's: the dashboard's figures); none by
+    default.
     """
     started = time.perf_counter()
     stop = stop or StopRequest()
@@ -253,7 +261,7 @@ def run_study(
             check_resources(wanted)
             if fit_fn is None:
                 fit_fn = ObjectiveFit(study.objective) if study.objective else fit
-            live = LiveDashboard(ot_study, progress)
+            live = (live_view or NoView)(ot_study, progress)
             watch = DatabaseWatch(
                 mask_url(storage.url), patience_s=database_patience_s, say=progress
             )
@@ -358,7 +366,7 @@ class _Stage:
     heartbeat: Heartbeat
     fit_fn: Fit
     progress: Progress
-    live: LiveDashboard
+    live: LiveView
     network_key: NetworkKeyFn
     classes: Classes | None  # the grid's classes, to share each result with
     stop: StopRequest
@@ -496,7 +504,7 @@ def _tuner(
     searcher: StudySearch,
     to_launch: int,
     progress: Progress,
-    live: LiveDashboard,
+    live: LiveView,
     scheduler: TrialScheduler,
     stopper: tune.Stopper,
     *,
