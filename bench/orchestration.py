@@ -35,7 +35,7 @@ def _measure(label: str, search: Callable[[], None], log: Path, cpus: int) -> fl
     began = time.time()
     search()
     ended = time.time()
-    spans = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
+    spans = [(float(s), float(e)) for s, e in map(str.split, log.read_text().splitlines())]
     first, last = min(s for s, _ in spans), max(e for _, e in spans)
     busy = sum(e - s for s, e in spans) / (cpus * (last - first))
     print(

@@ -291,7 +291,9 @@ def _fill(url: str) -> None:
     storage = optuna.storages.RDBStorage(url)
     study = optuna.create_study(storage=storage, study_name="tiny", direction="maximize")
     study.set_user_attr("study_config", {"train": {"epochs": 2}})
-    dist = {k: optuna.distributions.FloatDistribution(1.0, 2.0) for k in ("alpha", "beta", "gamma")}
+    dist: dict[str, optuna.distributions.BaseDistribution] = {
+        k: optuna.distributions.FloatDistribution(1.0, 2.0) for k in ("alpha", "beta", "gamma")
+    }
     rows = [((1.2, 1.1, 1.15), 0.61, 0), ((1.2, 1.1, 1.15), 0.65, 1), ((1.15, 1.1, 1.15), 0.7, 0)]
     for (alpha, beta, gamma), accuracy, seed in rows:
         study.add_trial(

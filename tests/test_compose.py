@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import io
 import re
 import shlex
@@ -363,7 +364,7 @@ def test_compose_refuses_to_start_until_the_secrets_are_filled_in() -> None:
     for name in SECRETS:
         env = {**_sample_env(), name: ""}
         with pytest.raises(ValueError, match=name):
-            _map_strings(_raw_compose(), lambda text, env=env: _interpolate(text, env))
+            _map_strings(_raw_compose(), functools.partial(_interpolate, env=env))
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.config import load_study
-from scaling_search.ledger import DRIVER_ATTR, grid_classes, is_shared, point_of
+from scaling_search.ledger import DRIVER_ATTR, Point, grid_classes, is_shared, point_of
 from scaling_search.space import grid_candidates
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,13 @@ def _env(url: str, ray_tmp: str) -> dict[str, str]:
     return {**os.environ, "SCALING_SEARCH_STORAGE": url, "RAY_TMPDIR": ray_tmp}
 
 
+def _point(trial: FrozenTrial) -> Point:
+    """The (network key, seed) of a trial the ledger queued, which has one."""
+    point = point_of(trial)
+    assert point is not None, trial.number
+    return point
+
+
 def test_two_drivers_share_one_grid_study_without_losing_or_repeating_a_candidate(
     postgres_url: str, tiny_study: Path, tmp_path: Path, ray_tmp: str
 ):
@@ -61,7 +68,7 @@ def test_two_drivers_share_one_grid_study_without_losing_or_repeating_a_candidat
     trials = optuna.load_study(study_name=study.name, storage=postgres_url).get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     trained = [t for t in complete if not is_shared(t)]
-    networks = sorted(point_of(t) for t in trained)
+    networks = sorted(_point(t) for t in trained)
     classes = grid_classes(study, num_classes=study.data.num_classes)
     assert networks == sorted((key, 0) for key in classes)  # each network once, none lost
     points = sorted((t.params["alpha"], t.params["beta"], t.params["gamma"]) for t in complete)

@@ -95,7 +95,7 @@ def test_output_dir_overrides_the_default(tmp_path: Path) -> None:
 def test_study_config_is_frozen() -> None:
     study = parse_study({"name": "tiny"})
     with pytest.raises(ValueError):
-        study.name = "other"  # type: ignore[misc]
+        study.name = "other"
 
 
 # --- --set overrides -----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -113,20 +114,22 @@ def test_cifar_label_out_of_range_is_named(tmp_path: Path) -> None:
 
 def test_load_dataset_takes_a_stratified_seeded_subset(tmp_path: Path) -> None:
     write_cifar10(tmp_path, per_file=40)  # 200 train images, 20 per class
-    kwargs = {"path": tmp_path, "train_size": 50, "test_size": 1, "validation_size": 10}
-    first = load_dataset("cifar10", seed=3, **kwargs)
-    again = load_dataset("cifar10", seed=3, **kwargs)
-    other = load_dataset("cifar10", seed=4, **kwargs)
+    load = functools.partial(
+        load_dataset, "cifar10", path=tmp_path, train_size=50, test_size=1, validation_size=10
+    )
+    first = load(seed=3)
+    again = load(seed=3)
+    other = load(seed=4)
     # 50 images drawn 5 per class, then 10 of them held out for validation, 1 per class.
     assert torch.bincount(first.train_labels, minlength=10).tolist() == [4] * 10
-    assert torch.bincount(first.val_labels, minlength=10).tolist() == [1] * 10
+    assert torch.bincount(_validation(first)[1], minlength=10).tolist() == [1] * 10
     assert torch.equal(first.train_images, again.train_images)
-    assert torch.equal(first.val_images, again.val_images)
+    assert torch.equal(_validation(first)[0], _validation(again)[0])
     assert not torch.equal(first.train_images, other.train_images)
     assert len(first.test_labels) == 1
     whole = load_dataset("cifar10", path=tmp_path, train_size=10_000, test_size=10_000)
     # Default: 10% of the training images held out.
-    assert len(whole.train_labels) == 180 and len(whole.val_labels) == 20
+    assert len(whole.train_labels) == 180 and len(_validation(whole)[1]) == 20
     assert len(whole.test_labels) == 2
 
 
@@ -134,18 +137,25 @@ def _rows(images: torch.Tensor) -> set[bytes]:
     return {bytes(image.numpy().tobytes()) for image in images}
 
 
+def _validation(data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split's images and labels, which `data` must have."""
+    assert data.val_images is not None and data.val_labels is not None
+    return data.val_images, data.val_labels
+
+
 def test_the_validation_split_is_held_out_of_the_training_images_by_class_and_seed() -> None:
     full = make_synthetic(num_classes=4, train_size=400, test_size=40, image_px=8, seed=1)
     data = hold_out_validation(full, 80, seed=7)
-    assert len(data.train_labels) == 320 and len(data.val_labels) == 80
+    val_images, val_labels = _validation(data)
+    assert len(data.train_labels) == 320 and len(val_labels) == 80
     # Disjoint, and together exactly the training images (each image is distinct noise).
-    assert not _rows(data.train_images) & _rows(data.val_images)
-    assert _rows(data.train_images) | _rows(data.val_images) == _rows(full.train_images)
-    assert torch.bincount(data.val_labels, minlength=4).tolist() == [20] * 4
+    assert not _rows(data.train_images) & _rows(val_images)
+    assert _rows(data.train_images) | _rows(val_images) == _rows(full.train_images)
+    assert torch.bincount(val_labels, minlength=4).tolist() == [20] * 4
     # The test split is untouched; the same seed gives the same split, another seed another.
     assert torch.equal(data.test_images, full.test_images)
-    assert torch.equal(hold_out_validation(full, 80, seed=7).val_images, data.val_images)
-    assert not torch.equal(hold_out_validation(full, 80, seed=8).val_images, data.val_images)
+    assert torch.equal(_validation(hold_out_validation(full, 80, seed=7))[0], val_images)
+    assert not torch.equal(_validation(hold_out_validation(full, 80, seed=8))[0], val_images)
     with pytest.raises(DataError, match=r"data\.validation_size 400 must be below the 400"):
         hold_out_validation(full, 400, seed=0)
     with pytest.raises(DataError, match="validation_size"):

@@ -71,6 +71,12 @@ def _point(trial: optuna.trial.FrozenTrial) -> tuple[float, float, float, int]:
     )
 
 
+def _value(trial: optuna.trial.FrozenTrial) -> float:
+    """The value of a trial that has one (a complete trial)."""
+    assert trial.value is not None, trial.number
+    return trial.value
+
+
 def test_grid_study_runs_trials_concurrently_and_records_them(ray_local, tiny_study: Path):
     study, summary, ot_study = _run(tiny_study, keep_checkpoints=True)
 
@@ -409,7 +415,7 @@ def test_tpe_on_the_surface_with_asha_never_crowns_an_early_stop(ray_local, tiny
             assert trial.user_attrs["epochs_completed"] == study.train.epochs
     full = [t for t in trials if t.state == TrialState.COMPLETE]
     best = best_triple(ot_study)
-    assert best.mean_accuracy == max(t.value for t in full)
+    assert best.mean_accuracy == max(_value(t) for t in full)
     assert best.coefficients.alpha in {round(t.user_attrs["alpha"], 6) for t in full}
 
     _no_weights_left(study.out_dir)  # PRUNED trials' checkpoints included

@@ -156,7 +156,7 @@ def test_ctrl_c_in_search_sigterm_in_racing_ctrl_c_twice_and_the_rerun_finishes(
     )
     search_seeds = set(ledger.seeds(study))
     assert all(
-        ledger.point_of(t)[1] in search_seeds
-        for t in trials  # type: ignore[index]
-        if ledger.stage_of(t) == "search" and ledger.point_of(t) is not None
+        point[1] in search_seeds
+        for t in trials
+        if ledger.stage_of(t) == "search" and (point := ledger.point_of(t)) is not None
     )

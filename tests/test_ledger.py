@@ -327,9 +327,9 @@ def test_claim_takes_each_queued_trial_once(grid: Ledger) -> None:
         claimed.append(trial._trial_id)
     assert len(claimed) == len(set(claimed)) == queued
     assert claim(grid.ot_study, queued_only=True, holder=SOME_DRIVER) is None
-    for trial in _trials(grid.ot_study):
-        assert trial.state == TrialState.RUNNING
-        assert trial.system_attrs[ledger.DRIVER_ATTR] == SOME_DRIVER
+    for frozen in _trials(grid.ot_study):
+        assert frozen.state == TrialState.RUNNING
+        assert frozen.system_attrs[ledger.DRIVER_ATTR] == SOME_DRIVER
 
 
 def test_concurrent_drivers_never_claim_the_same_trial(grid: Ledger) -> None:

@@ -291,6 +291,7 @@ def test_a_study_with_an_objective_runs_it_for_every_trial(surfaces: Path, ray_t
     assert trials and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     for trial in trials:
         a, b, g = (trial.params[k] for k in ("alpha", "beta", "gamma"))
+        assert trial.value is not None
         assert trial.value == pytest.approx(0.9 - (a - 1.2) ** 2 - (b - 1.1) ** 2 - (g - 1.15) ** 2)
         assert trial.intermediate_values[1] == pytest.approx(trial.value / 2)
     calls = (surfaces / "calls.txt").read_text().splitlines()

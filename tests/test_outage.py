@@ -282,7 +282,9 @@ def test_giving_back_goes_on_past_a_trial_the_database_refuses(
         driver.searcher.suggest("t1")
         driver.searcher._prepare_next()  # two trials claimed ahead, as an adaptive search may
         driver.searcher._recorder.flush()
-        refused, kept = (f.result()[0] for f in driver.searcher._ahead)
+        first, second = (f.result() for f in driver.searcher._ahead)
+        assert first is not None and second is not None
+        refused, kept = first[0], second[0]
         _refuse_writes_to(url, refused._trial_id)
         driver.searcher.on_trial_complete("t1", _result(2, 0.7))
         driver.searcher.close()  # no error: the next trial was given back all the same

@@ -19,7 +19,9 @@ from scaling_search.space import Coefficients
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 BUDGET = 4
-_DIST = {name: optuna.distributions.FloatDistribution(1.0, 2.0) for name in ("a", "b", "c")}
+_DIST: dict[str, optuna.distributions.BaseDistribution] = {
+    name: optuna.distributions.FloatDistribution(1.0, 2.0) for name in ("a", "b", "c")
+}
 
 
 def _study(storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
@@ -95,7 +97,7 @@ def test_racing_queues_new_seeds_for_the_top_k_once(tmp_path: Path) -> None:
          t.system_attrs["fixed_params"]["gamma"], t.user_attrs["seed"])
         for t in queued
     )  # fmt: skip
-    assert points == sorted((*t, s) for t in (A, B) for s in (12, 13, 14))  # type: ignore[misc]
+    assert points == sorted((*t, s) for t in (A, B) for s in (12, 13, 14))
     assert {t.user_attrs[ledger.STAGE_ATTR] for t in queued} == {"racing"}
     # Queued with the network key of the trials they race (here: trials without one, so the
     # triple), so that planning again sees them as held.

@@ -98,7 +98,8 @@ def test_rays_job_table_says_which_drivers_jobs_have_ended(ray_local: None):
     )
     finished = other.stdout.strip().splitlines()[-1]
     here = this_job()
-    cluster = here.partition("@")[2] if here else ""
+    assert here is not None
+    cluster = here.partition("@")[2]
     assert cluster.startswith(address + "/") and finished.endswith("@" + cluster)
     elsewhere = finished.split("@")[0] + "@192.0.2.1:6379/" + cluster.partition("/")[2]
     restarted = finished.split("@")[0] + f"@{address}/another-head-node"

@@ -21,7 +21,7 @@ from scaling_search.results import ResultsError, best_triple, budget_epochs, tri
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 BUDGET = 3
-_DIST = {
+_DIST: dict[str, optuna.distributions.BaseDistribution] = {
     name: optuna.distributions.FloatDistribution(1.0, 2.0) for name in ("alpha", "beta", "gamma")
 }
 
@@ -323,8 +323,8 @@ def test_cost_tracking_is_spearmans_rank_correlation_over_the_networks(storage_u
     study = _study(storage_url)
     rows = [((1.0 + 0.05 * k, 1.05, 1.1), 0.5 + 0.03 * k, 1.9 + 0.2 * k) for k in range(5)]
     rows[1], rows[2] = (rows[1][0], 0.58, rows[1][2]), (rows[2][0], 0.55, rows[2][2])
-    for triple, accuracy, measured in rows:
-        _add(study, triple, accuracy, measured=measured)
+    for triple, value, measured in rows:
+        _add(study, triple, value, measured=measured)
     tracking = best_triple(study).cost_tracking
     accuracy, cost = [r[1] for r in rows], [r[2] for r in rows]
     expected = stats.spearmanr(accuracy, cost)

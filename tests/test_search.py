@@ -3,6 +3,7 @@ records on each Optuna trial, and the background recorder that does the writing.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -26,10 +27,11 @@ from scaling_search.storage import open_storage
 def test_recorder_runs_calls_in_the_order_given_on_its_own_thread():
     recorder = Recorder(quiet_s=0.0)
     seen: list[tuple[int, str]] = []
-    futures = [
-        recorder.submit(lambda k=k: seen.append((k, threading.current_thread().name)))
-        for k in range(50)
-    ]
+
+    def note(k: int) -> None:
+        seen.append((k, threading.current_thread().name))
+
+    futures = [recorder.submit(functools.partial(note, k)) for k in range(50)]
     recorder.result(futures[-1])
     recorder.close()
     assert [k for k, _ in seen] == list(range(50))
@@ -330,7 +332,11 @@ def test_a_sampled_triple_of_a_trained_network_gets_its_result_without_training(
     # Those sampled while b trained waited for its result.
     b_trial = trained[searcher._ot_trials["b"].number]
     waited = [t for t in copies if t.user_attrs[ledger.SHARED_ATTR] == b_trial.number]
-    assert waited and all(t.datetime_complete >= b_trial.datetime_complete for t in waited)
+    b_complete = b_trial.datetime_complete
+    assert b_complete is not None
+    assert waited and all(
+        t.datetime_complete is not None and t.datetime_complete >= b_complete for t in waited
+    )
 
 
 def test_trials_waiting_for_a_training_that_never_ends_fail_when_the_run_ends(tmp_path: Path):

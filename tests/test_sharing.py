@@ -39,6 +39,13 @@ def _trained(study, ot_study, state: TrialState) -> optuna.trial.FrozenTrial:
     return ot_study._storage.get_trial(trial._trial_id)
 
 
+def _point(trial: optuna.trial.FrozenTrial) -> ledger.Point:
+    """The (network key, seed) of a trial the ledger queued, which has one."""
+    point = ledger.point_of(trial)
+    assert point is not None, trial.number
+    return point
+
+
 def test_a_stopped_driver_s_results_are_shared_on_the_next_run_once(
     storage_url: str, tiny_study: Path
 ) -> None:
@@ -49,7 +56,7 @@ def test_a_stopped_driver_s_results_are_shared_on_the_next_run_once(
     classes = ledger.grid_classes(study, num_classes=4)
     # Trained, then the driver stopped before sharing: one complete, one stopped early.
     done = [_trained(study, ot_study, state) for state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    expected = sum(len(classes[ledger.point_of(t)[0]]) - 1 for t in done)
+    expected = sum(len(classes[_point(t)[0]]) - 1 for t in done)
     kwargs = {"base_resolution_px": study.train.base_resolution_px, "num_classes": 4}
     assert sharing.share_missing(ot_study, classes, **kwargs) == expected
     assert sharing.share_missing(ot_study, classes, **kwargs) == 0  # once only

@@ -84,8 +84,8 @@ def _axis(bounds: Bounds, step: float) -> list[float]:
 
 
 def _brute_grid(space: SpaceConfig) -> list[tuple[float, float, float]]:
-    axes = [_axis(b, space.step) for b in (space.alpha, space.beta, space.gamma)]
-    return list(itertools.product(*axes))
+    alphas, betas, gammas = (_axis(b, space.step) for b in (space.alpha, space.beta, space.gamma))
+    return list(itertools.product(alphas, betas, gammas))
 
 
 @given(space=grid_spaces())
@@ -365,8 +365,8 @@ def test_continuous_samplers_only_produce_feasible_points(sampler: str) -> None:
         study.tell(trial, point["alpha"])  # any objective: TPE needs values to model
         alphas.add(point["alpha"])
     assert len(alphas) > 1, "the sampler never moved"
-    for trial in study.trials:
-        attrs = trial.user_attrs
+    for frozen in study.trials:
+        attrs = frozen.user_attrs
         shares = attrs["depth_share"] + attrs["width_share"] + attrs["resolution_share"]
         assert shares == pytest.approx(1.0, abs=3e-6)  # each rounded to 6 decimals
         assert attrs["flops_ratio_nominal"] == pytest.approx(2.0, abs=1e-6)

@@ -68,6 +68,12 @@ def _network(triple: tuple[Decimal, Decimal, Decimal], base_px: int) -> tuple[ob
     return (px, _channels(32, b), repeats, channels, _channels(1280, b))
 
 
+def _decimals(coefficients: Coefficients) -> tuple[Decimal, Decimal, Decimal]:
+    """A candidate's triple as the decimals it is written as."""
+    alpha, beta, gamma = (Decimal(str(x)) for x in coefficients.as_tuple())
+    return alpha, beta, gamma
+
+
 def test_the_papers_grid_is_109_candidates_that_build_65_distinct_networks() -> None:
     """The issue's independent count, at studies/cluster.yaml's 64 px base."""
     grid = _paper_grid()
@@ -80,7 +86,7 @@ def test_the_papers_grid_is_109_candidates_that_build_65_distinct_networks() -> 
     assert len(classes) == 65
     # Each class is exactly a set of triples that the independent count says build one network.
     for members in classes.values():
-        nets = {_network(tuple(Decimal(str(x)) for x in m.as_tuple()), 64) for m in members}
+        nets = {_network(_decimals(m), 64) for m in members}
         assert len(nets) == 1
 
 

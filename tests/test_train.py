@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -104,7 +104,7 @@ def test_resume_from_a_reported_state_matches_an_uninterrupted_run(small_data) -
 
     states: list[dict[str, Any]] = []
 
-    def keep_first(_: EpochMetrics, state: dict[str, Any]) -> None:
+    def keep_first(_: EpochMetrics, state: Mapping[str, Any]) -> None:
         if not states:
             import copy
 
