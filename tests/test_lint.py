@@ -3,6 +3,7 @@ pyproject.toml."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,20 +13,57 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The project's own Python files: what a user writes into the checkout (an exported family.py,
+# a study's objective module) is theirs, not the project's to lint.
+PROJECT_PATHS = ["scaling_search", "tests", "bench"]
+TESTED_WITHOUT_SIGNATURES = ["tests", "bench"]
+
+
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "."],
-        ["ruff", "format", "--check", "."],
-        ["mypy"],
+        ["ruff", "check", *PROJECT_PATHS],
+        ["ruff", "format", "--check", *PROJECT_PATHS],
+        ["mypy"],  # the package, as pyproject.toml's [tool.mypy] says: every signature typed
+        # Tests and benches: their bodies are checked, their functions need no annotations.
+        ["mypy", "--allow-untyped-defs", *TESTED_WITHOUT_SIGNATURES],
     ],
-    ids=["ruff-check", "ruff-format", "mypy"],
+    ids=["ruff-check", "ruff-format", "mypy", "mypy-tests-bench"],
 )
 def test_linter_is_clean(command: list[str]) -> None:
     result = subprocess.run(
         [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_the_linters_check_the_projects_files_and_nothing_else() -> None:
+    # Every tracked Python file is in a checked folder, and mypy checks each of them: a file
+    # the user adds at the root is left alone.
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = tracked.stdout.split()
+    assert files and all(name.split("/")[0] in PROJECT_PATHS for name in files), files
+    config = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    section = config.split("[tool.mypy]", 1)[1].split("\n[", 1)[0]
+    listed = re.search(r"^files = \[(.*?)\]", section, re.MULTILINE)
+    assert listed is not None, section
+    typed = re.findall(r'"([^"]+)"', listed.group(1))
+    assert sorted(typed + TESTED_WITHOUT_SIGNATURES) == sorted(PROJECT_PATHS)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [*sorted((ROOT / "scripts").glob("*.sh")), ROOT / ".ci" / "run"],
+    ids=lambda path: path.name,
+)
+def test_shell_scripts_parse(script: Path) -> None:
+    # The project's shell scripts (set-up and CI) are read by bash without running them.
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
