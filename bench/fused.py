@@ -2,10 +2,10 @@
 
 The network (default: the quickstart's largest, B0 scaled by α=1.2, β=1.1, γ=1.2 at 67 px, 10
 classes) in channels_last trains for ``--steps`` SGD steps at ``--batch`` images, alternately
-with the fused functions (``scaling_search._fused``: what the project trains with on CPU) and
-with the plain modules (BatchNorm2d, SiLU, Conv2d and the squeeze-excite multiply as autograd
-records them), ``--rounds`` times, so that drift of a shared machine hits both. Both start from
-the same weights.
+with the fused functions (``scaling_search.network._fused``: what the project trains with on
+CPU) and with the plain modules (BatchNorm2d, SiLU, Conv2d and the squeeze-excite multiply as
+autograd records them), ``--rounds`` times, so that drift of a shared machine hits both. Both
+start from the same weights.
 
 Printed: the activation bytes autograd keeps for one step's backward pass (weights left out) and
 the training images/s of each round, then the ratios fused / plain (images/s: the median over
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling_search import _network
+from scaling_search.network import modules
 from scaling_search.space import Coefficients, scaled_network
 
 
@@ -67,12 +67,12 @@ def _images_per_second(
 
 def _plain(run: Callable[[], float | int]) -> float | int:
     """run() with the plain modules instead of the fused functions."""
-    fused = _network._saves_memory
-    _network._saves_memory = lambda module, x: False
+    fused = modules._saves_memory
+    modules._saves_memory = lambda module, x: False
     try:
         return run()
     finally:
-        _network._saves_memory = fused
+        modules._saves_memory = fused
 
 
 def main() -> None:
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from scaling_search.model import build_model
+    from scaling_search.network import build_model
 
     point = Coefficients(args.alpha, args.beta, args.gamma)
     arch, px = scaled_network(point, base_resolution_px=args.base_px, num_classes=10)

@@ -1,6 +1,6 @@
 """Does the synthetic dataset reward resolution and capacity? Train short trials and print a table.
 
-Trains scaled EfficientNet-B0s (scaling_search.model) on `make_synthetic` images of `--image-px`
+Trains scaled EfficientNet-B0s (scaling_search.network) on `make_synthetic` images of `--image-px`
 seen at several input resolutions (prepare_batch resizes them), for two (width, depth) pairs,
 and prints test accuracy per cell. The last line is
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaling_search.data import ImageData, make_synthetic, prepare_batch
-from scaling_search.model import architecture, build_model
+from scaling_search.network import architecture, build_model
 
 
 @dataclass(frozen=True)

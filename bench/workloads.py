@@ -71,7 +71,7 @@ SURFACES = {  # name: (the triple whose network is the optimum; curvature)
 def realised(alpha: float, beta: float, resolution_px: int) -> tuple[float, float, float]:
     """The network's depth (blocks / B0's 16), width (head channels / 1280) and resolution
     (px / BASE_PX) once rounded, as the built-in trainer builds it at φ = 1."""
-    from scaling_search.model import architecture
+    from scaling_search.network import architecture
 
     arch = architecture(width=round(beta, 6), depth=round(alpha, 6), num_classes=10)
     return arch.num_blocks / 16, arch.head_channels / 1280, resolution_px / BASE_PX
@@ -79,7 +79,7 @@ def realised(alpha: float, beta: float, resolution_px: int) -> tuple[float, floa
 
 def network(point: Mapping[str, Any]) -> list[object]:
     """The network key function (study ``network_key``): what the surfaces depend on."""
-    from scaling_search.model import architecture
+    from scaling_search.network import architecture
 
     arch = architecture(width=round(point["beta"], 6), depth=round(point["alpha"], 6))
     repeats = [stage.repeats for stage in arch.stages]
@@ -103,7 +103,7 @@ def true_accuracy(surface: str, alpha: float, beta: float, gamma: float) -> floa
 
 
 def _px(gamma: float) -> int:
-    from scaling_search.model import scale_resolution
+    from scaling_search.network import scale_resolution
 
     return scale_resolution(BASE_PX, gamma)
 

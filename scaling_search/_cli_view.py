@@ -146,7 +146,7 @@ def _space_table(data: dict[str, Any], study: StudyConfig) -> list[str]:
 def model(args: argparse.Namespace) -> int:
     """`scaling-search model`: exact params, MACs and stage shapes of a scaled B0."""
     from scaling_search._cli_common import emit
-    from scaling_search.model import architecture, count_macs, count_params
+    from scaling_search.network import architecture, count_macs, count_params
 
     top = limits.MAX_MULTIPLIER
     limits.check_range("--width", args.width, 0, top, low_open=True, note="B7's is 2.0")

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.family import OFFICIAL_FAMILY, make_family
 from scaling_search.ledger import SHARED_ATTR, triple_of
-from scaling_search.model import architecture, count_macs, count_params
+from scaling_search.network import architecture, count_macs, count_params
 from scaling_search.results import (
     BestTriple,
     ResultsError,

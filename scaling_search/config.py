@@ -20,7 +20,7 @@ from scaling_search import limits
 from scaling_search._config_errors import describe
 from scaling_search._redact import mask_value
 from scaling_search._yamlfile import MAX_DEPTH, YAMLInputError, check_expansion, load_yaml
-from scaling_search.model import scale_resolution
+from scaling_search.network import scale_resolution
 
 __all__ = [
     "SAMPLERS",

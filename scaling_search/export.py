@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast
 import yaml
 
 from scaling_search.family import _DECIMALS, FAMILY_MODES, Family, FamilyMember
-from scaling_search.model import StageShape
+from scaling_search.network import StageShape
 
 __all__ = [
     "DUMP_FORMATS",

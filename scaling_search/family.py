@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from scaling_search import limits
-from scaling_search.model import (
+from scaling_search.network import (
     B0_BN_MOMENTUM,
     B0_RESOLUTION_PX,
     StageShape,

@@ -4,7 +4,7 @@ Each bound leaves room far beyond real use (the real value is in the comment) an
 that would allocate without end, loop without end or overflow: a training set of 10¹² images,
 a network 10⁸ blocks deep, a width of 1e308. Every message that refuses a number states its
 bound. The study file's schema (``scaling_search.config``), the network counters
-(``scaling_search.model``), compound scaling (``scaling_search.space``) and the CLI all read
+(``scaling_search.network``), compound scaling (``scaling_search.space``) and the CLI all read
 them from here.
 """
 

@@ -34,7 +34,8 @@ import torch
 
 from scaling_search.config import StudyConfig
 from scaling_search.data import ImageData
-from scaling_search.model import Architecture, build_model, count_params
+from scaling_search.network import Architecture, count_params
+from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, grid_candidates, network_key, scaled_network
 from scaling_search.train import EVAL_BATCH
 
@@ -204,7 +205,7 @@ def largest_networks(
 def _activation_elements(arch: Architecture, resolution_px: int) -> int:
     """Roughly the activation elements of one image that a training step keeps on CPU, to rank
     networks by: each block's input, its expanded conv outputs (expand and depthwise, see
-    scaling_search._fused) and its projection."""
+    scaling_search.network._fused) and its projection."""
 
     def strided(size_px: int, stride: int) -> int:
         return -(-size_px // stride)

@@ -4,7 +4,7 @@ The function is called once per trial, in the Ray worker, with one mapping:
 
 - ``alpha``, ``beta``, ``gamma``: the trial's triple (floats);
 - ``resolution_px``: train.base_resolution_px · γ rounded to the nearest pixel, halves up (the
-  one rounding rule: :func:`scaling_search.model.scale_resolution`);
+  one rounding rule: :func:`scaling_search.network.scale_resolution`);
 - ``epochs``: the trial's budget (train.epochs); ``seed``: the trial's seed;
 - ``report``: call ``report(epoch=..., accuracy=...)`` once per epoch, epochs counted from 1 in
   increasing order, so that a scheduler (ASHA) can stop the trial early.

@@ -14,17 +14,11 @@ from typing import TYPE_CHECKING
 
 from scaling_search.export import member_from_dict
 from scaling_search.family import FamilyMember
-from scaling_search.model import (
-    Architecture,
-    StageShape,
-    architecture,
-    count_macs,
-    count_params,
-)
-from scaling_search.model import build_model as _build_network
+from scaling_search.network import Architecture, StageShape, architecture, count_macs, count_params
+from scaling_search.network.modules import build_model as _build_network
 
 if TYPE_CHECKING:
-    from scaling_search._network import EfficientNet
+    from scaling_search.network.modules import EfficientNet
 
 __all__ = ["build_model", "member_architecture"]
 

@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from scaling_search.model import scale_resolution
+from scaling_search.network import scale_resolution
 from scaling_search.space import (
     _DECIMALS,
     Coefficients,

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from scaling_search.model import (
+from scaling_search.network import (
     B0_RESOLUTION_PX,
     Architecture,
     architecture,
@@ -104,7 +104,7 @@ def compound_scale(
 
     d = α^φ, w = β^φ, r = γ^φ; depth and width are rounded to 6 decimals (the precision family
     files keep, so a file rebuilds the same model) and the resolution to the nearest pixel,
-    halves up (:func:`scaling_search.model.scale_resolution`). Trials build their network from
+    halves up (:func:`scaling_search.network.scale_resolution`). Trials build their network from
     φ = 1 of this function, so a trial and its family's φ = 1 member are the same network.
 
     Args:
@@ -225,7 +225,7 @@ class CostModel:
 
     "nominal": α·β²·γ², the paper's constraint. "measured": the MACs ratio of the network the
     triple really builds at φ = 1, once repeats (ceil), channels (multiples of 8) and pixels are
-    rounded (:func:`scaling_search.model.count_macs`).
+    rounded (:func:`scaling_search.network.count_macs`).
     """
 
     def __init__(self, space: SpaceConfig, *, base_resolution_px: int, num_classes: int) -> None:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from scaling_search.config import TrainConfig
 from scaling_search.data import DataError, ImageData, prepare_batch
-from scaling_search.model import build_model, count_macs, count_params
+from scaling_search.network import count_macs, count_params
+from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, scaled_network
 
 __all__ = ["EpochMetrics", "FitResult", "Report", "failure_reason", "fit", "pick_device"]

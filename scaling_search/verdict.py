@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from scaling_search.family import make_family
-from scaling_search.model import B0_RESOLUTION_PX
+from scaling_search.network import B0_RESOLUTION_PX
 from scaling_search.results import TIE_LEVEL, BestTriple
 from scaling_search.space import Coefficients
 

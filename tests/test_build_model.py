@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import scaling_search
 from scaling_search.export import dump_family, family_to_dict, member_from_dict
 from scaling_search.family import Family, FamilyMember, make_family
-from scaling_search.model import EfficientNet, round_channels, scale_depth
+from scaling_search.network import EfficientNet, round_channels, scale_depth
 from scaling_search.rebuild import member_architecture
 from scaling_search.space import Coefficients
 

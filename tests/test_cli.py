@@ -31,7 +31,7 @@ from conftest import cli_env
 from optuna.trial import TrialState, create_trial
 from torch import nn
 
-from scaling_search.model import architecture, build_model
+from scaling_search.network import architecture, build_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

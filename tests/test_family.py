@@ -32,7 +32,7 @@ from scaling_search.family import (
     make_family,
     phi_for_budget,
 )
-from scaling_search.model import architecture, count_macs, count_params
+from scaling_search.network import architecture, count_macs, count_params
 from scaling_search.space import Coefficients
 
 PAPER = Coefficients(1.2, 1.1, 1.15)  # Tan & Le 2019, §4.2: the triple found on ImageNet

@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from scaling_search._network import _MBConv
-from scaling_search.model import (
+from scaling_search.network import (
     B0_STAGES,
     Architecture,
     StageShape,
@@ -26,6 +25,7 @@ from scaling_search.model import (
     round_channels,
     scale_depth,
 )
+from scaling_search.network.modules import _MBConv
 
 # Published EfficientNet B0-B7 at 1000 classes: (width, depth, dropout, params). Parameter counts
 # from Keras Applications / the TF reference implementation (Tan & Le 2019); torchvision's model
@@ -349,7 +349,7 @@ def test_fused_functions_train_bit_for_bit_as_the_plain_modules(
 ):
     # The memory-saving functions (batch norm + SiLU, + the depthwise conv, the gated projection)
     # against BatchNorm2d, SiLU, Conv2d and the multiply as modules, on the same weights.
-    from scaling_search import _network
+    from scaling_search.network import modules
 
     arch = architecture(width=1.1, depth=1.2, num_classes=5)
     torch.manual_seed(0)
@@ -364,10 +364,10 @@ def test_fused_functions_train_bit_for_bit_as_the_plain_modules(
     labels = torch.randint(0, 5, (6,))
 
     _two_training_steps(fused, images, labels)
-    monkeypatch.setattr(_network, "_saves_memory", lambda module, x: False)  # the plain modules
+    monkeypatch.setattr(modules, "_saves_memory", lambda module, x: False)  # the plain modules
     _two_training_steps(separate, images, labels)
 
-    assert sum(isinstance(m, _network._BatchNormSiLU) for m in fused.modules()) > 40
+    assert sum(isinstance(m, modules._BatchNormSiLU) for m in fused.modules()) > 40
     for (name, a), (_, b) in zip(
         fused.named_parameters(), separate.named_parameters(), strict=True
     ):
@@ -382,7 +382,7 @@ def test_fused_functions_train_bit_for_bit_as_the_plain_modules(
 def test_fused_functions_keep_less_for_the_backward_pass():
     # What autograd keeps for one training step's backward pass, fused and not: of an MBConv
     # block's five expanded tensors, the two conv outputs.
-    from scaling_search import _network
+    from scaling_search.network import modules
 
     model = build_model(architecture(width=1.0, depth=1.0, num_classes=10))
     # torch's overloads of Module.to leave out the memory_format-only call that its docs give
@@ -405,7 +405,7 @@ def test_fused_functions_keep_less_for_the_backward_pass():
 
     fused = kept_bytes()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_network, "_saves_memory", lambda module, x: False)  # the plain modules
+        patch.setattr(modules, "_saves_memory", lambda module, x: False)  # the plain modules
         separate = kept_bytes()
     assert fused < 0.45 * separate, (fused, separate)  # 0.37 measured (2026-12-07)
 
@@ -414,7 +414,7 @@ def test_fused_functions_give_the_input_gradient_of_a_frozen_network(
     monkeypatch: pytest.MonkeyPatch,
 ):
     # No weight needs a gradient (a frozen backbone): only the images' gradient is formed.
-    from scaling_search import _network
+    from scaling_search.network import modules
 
     torch.manual_seed(0)
     model = build_model(architecture(width=0.5, depth=0.5), dropout=0.0, stochastic_depth=0.0)
@@ -428,7 +428,7 @@ def test_fused_functions_give_the_input_gradient_of_a_frozen_network(
         return leaf.grad
 
     fused = input_gradient()
-    monkeypatch.setattr(_network, "_saves_memory", lambda module, x: False)
+    monkeypatch.setattr(modules, "_saves_memory", lambda module, x: False)
     assert torch.equal(fused, input_gradient())
     assert all(parameter.grad is None for parameter in model.parameters())
 
@@ -444,7 +444,7 @@ def test_fused_functions_refuse_a_second_derivative():
 def test_state_dict_keys_are_those_of_batchnorm2d_then_silu():
     # Checkpoints and exported weights name the fused module's tensors as the three modules it
     # replaced named theirs: conv, BatchNorm2d, then a SiLU without tensors.
-    from scaling_search._network import _conv_bn_act
+    from scaling_search.network.modules import _conv_bn_act
 
     before = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
     assert list(_conv_bn_act(3, 8, 3).state_dict()) == list(before.state_dict())

@@ -18,7 +18,7 @@ from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from scaling_search.config import Bounds, SpaceConfig
-from scaling_search.model import architecture, count_macs, count_params
+from scaling_search.network import architecture, count_macs, count_params
 from scaling_search.sampling import DefineByRun, SimplexCoordinates
 from scaling_search.space import (
     Coefficients,

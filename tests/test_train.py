@@ -12,7 +12,7 @@ import torch
 from scaling_search.config import TrainConfig
 from scaling_search.data import DataError, hold_out_validation, make_synthetic
 from scaling_search.family import make_family
-from scaling_search.model import architecture, count_params
+from scaling_search.network import architecture, count_params
 from scaling_search.space import Coefficients
 from scaling_search.train import EpochMetrics, fit
 
@@ -88,7 +88,7 @@ def test_fit_changes_the_weights_by_gradient_steps(small_data) -> None:
         report=lambda _, state: states.append({k: v.clone() for k, v in state["model"].items()}),
     )
     torch.manual_seed(0)
-    from scaling_search.model import build_model
+    from scaling_search.network import build_model
 
     fresh = build_model(architecture(width=1.0, depth=1.0, num_classes=4)).state_dict()
     trained = states[0]

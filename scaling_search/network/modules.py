@@ -1,6 +1,6 @@
-"""The torch modules behind :func:`scaling_search.model.build_model` (private).
+"""The torch modules of the scaled B0, and :func:`build_model`.
 
-Kept apart from model.py so that the counters, which space, family and the CLI use, need no torch.
+Kept apart from spec.py so that the counters, which space, family and the CLI use, need no torch.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling_search import _fused
-from scaling_search.model import (
+from scaling_search.network import _fused
+from scaling_search.network.spec import (
     _BN_EPS,
     _BN_MOMENTUM,
     _IMAGE_CHANNELS,
@@ -24,16 +24,16 @@ from scaling_search.model import (
     _se_channels,
 )
 
-__all__ = ["EfficientNet"]
+__all__ = ["EfficientNet", "build_model"]
 
 
 class _BatchNormSiLU(nn.BatchNorm2d):
     """BatchNorm2d followed by SiLU, keeping one activation for the backward pass, not two.
 
     A BatchNorm2d subclass: its parameters, buffers and state-dict keys are BatchNorm2d's. The
-    fused functions (:mod:`scaling_search._fused`) run where host memory is what limits how many
-    trials a node holds (training on CPU); elsewhere (CUDA, evaluation, no gradient) it is the
-    two modules' own code.
+    fused functions (:mod:`scaling_search.network._fused`) run where host memory is what limits
+    how many trials a node holds (training on CPU); elsewhere (CUDA, evaluation, no gradient) it
+    is the two modules' own code.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +146,9 @@ class _MBConv(nn.Module):
 
     def _branch_saving_memory(self, x: torch.Tensor) -> torch.Tensor:
         """self.branch(x), keeping the expanded conv outputs for the backward pass and nothing
-        else of the expanded size (see :mod:`scaling_search._fused`). The branch's modules lend
-        their weights: hooks on the depthwise conv, the batch norms and the excite module are not
-        called here."""
+        else of the expanded size (see :mod:`scaling_search.network._fused`). The branch's
+        modules lend their weights: hooks on the depthwise conv, the batch norms and the excite
+        module are not called here."""
         *expand, depthwise, excite, project, project_norm = self.branch
         dw_conv, dw_norm = _conv_and_norm(depthwise)
         if expand:
@@ -233,3 +233,40 @@ class EfficientNet(nn.Module):
         """
         x = self.head(self.blocks(self.stem(x)))
         return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+
+
+def build_model(
+    arch: Architecture,
+    *,
+    dropout: float = 0.2,
+    stochastic_depth: float = 0.2,
+    bn_momentum: float = _BN_MOMENTUM,
+) -> EfficientNet:
+    """Build the module for `arch`, freshly initialised, on the default device.
+
+    Args:
+        arch: The architecture.
+        dropout: Dropout rate before the classifier, in [0, 1).
+        stochastic_depth: Block i of n (counted from 0) drops its residual branch with rate
+            stochastic_depth * i / n while training, in [0, 1).
+        bn_momentum: Momentum of every BatchNorm's running statistics, PyTorch's convention
+            (the weight of the new batch), in (0, 1]; the TF reference's decay 0.99 is 0.01.
+
+    Returns:
+        The module, in training mode.
+
+    Raises:
+        ValueError: If a rate is outside [0, 1) or bn_momentum outside (0, 1].
+    """
+    for name, rate in (("dropout", dropout), ("stochastic_depth", stochastic_depth)):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
+    momentum_ok = isinstance(bn_momentum, (int, float)) and not isinstance(bn_momentum, bool)
+    if not momentum_ok or not 0 < bn_momentum <= 1:
+        raise ValueError(f"bn_momentum must be a number in (0, 1], got {bn_momentum!r}")
+    return EfficientNet(
+        arch,
+        dropout=float(dropout),
+        stochastic_depth=float(stochastic_depth),
+        bn_momentum=float(bn_momentum),
+    )

@@ -1,9 +1,9 @@
-"""The EfficientNet-B0 family: the B0 table as data, scaling rules, exact counters, the builder.
+"""The EfficientNet-B0 family without torch: the B0 table as data, scaling rules, exact counters.
 
 The architecture follows the TensorFlow reference EfficientNet (Tan & Le 2019, table 1). Width
 scales every channel count through one rounding function, `round_channels`; depth scales repeat
 counts through `scale_depth`. `count_params` and `count_macs` are analytic (pure Python) and
-agree exactly with the module that `build_model` returns.
+agree exactly with the module that :func:`scaling_search.network.build_model` returns.
 """
 
 from __future__ import annotations
@@ -11,13 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
 
 from scaling_search.limits import MAX_CLASSES, MAX_MULTIPLIER
-
-if TYPE_CHECKING:
-    from scaling_search._network import EfficientNet
-
 
 __all__ = [
     "B0_BN_MOMENTUM",
@@ -26,10 +21,8 @@ __all__ = [
     "B0_STAGES",
     "B0_STEM_CHANNELS",
     "Architecture",
-    "EfficientNet",
     "StageShape",
     "architecture",
-    "build_model",
     "count_macs",
     "count_params",
     "round_channels",
@@ -355,51 +348,3 @@ def count_macs(arch: Architecture, *, resolution_px: int) -> int:
             size_px = _strided(size_px, stride)
     total += size_px * size_px * arch.stages[-1].out_channels * arch.head_channels
     return total + arch.head_channels * arch.num_classes
-
-
-def build_model(
-    arch: Architecture,
-    *,
-    dropout: float = 0.2,
-    stochastic_depth: float = 0.2,
-    bn_momentum: float = _BN_MOMENTUM,
-) -> EfficientNet:
-    """Build the module for `arch`, freshly initialised, on the default device.
-
-    Args:
-        arch: The architecture.
-        dropout: Dropout rate before the classifier, in [0, 1).
-        stochastic_depth: Block i of n (counted from 0) drops its residual branch with rate
-            stochastic_depth * i / n while training, in [0, 1).
-        bn_momentum: Momentum of every BatchNorm's running statistics, PyTorch's convention
-            (the weight of the new batch), in (0, 1]; the TF reference's decay 0.99 is 0.01.
-
-    Returns:
-        The module, in training mode.
-
-    Raises:
-        ValueError: If a rate is outside [0, 1) or bn_momentum outside (0, 1].
-    """
-    for name, rate in (("dropout", dropout), ("stochastic_depth", stochastic_depth)):
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-            raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
-    momentum_ok = isinstance(bn_momentum, (int, float)) and not isinstance(bn_momentum, bool)
-    if not momentum_ok or not 0 < bn_momentum <= 1:
-        raise ValueError(f"bn_momentum must be a number in (0, 1], got {bn_momentum!r}")
-    from scaling_search._network import EfficientNet
-
-    return EfficientNet(
-        arch,
-        dropout=float(dropout),
-        stochastic_depth=float(stochastic_depth),
-        bn_momentum=float(bn_momentum),
-    )
-
-
-def __getattr__(name: str) -> Any:
-    # `model.EfficientNet` without importing torch for the counters.
-    if name == "EfficientNet":
-        from scaling_search._network import EfficientNet
-
-        return EfficientNet
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
