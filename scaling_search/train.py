@@ -187,7 +187,7 @@ def _recalibrate_batchnorm(
     used at evaluation lag the network (here: eval accuracy at chance while batch statistics gave
     0.39). Averaging over a fixed set of unaugmented training images removes that lag.
     """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     momenta = [m.momentum for m in norms]
     model.eval()
     for norm in norms:

@@ -452,3 +452,23 @@ def test_state_dict_keys_are_those_of_batchnorm2d_then_silu():
     assert {"stem.1.weight", "stem.1.running_mean", "head.1.num_batches_tracked"} <= set(
         model.state_dict()
     )
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((1, 8, 1, 1), "Expected more than 1 value per channel when training"),
+        ((4, 8), "expected 4D input"),
+    ],
+)
+def test_fused_batch_norm_refuses_what_batchnorm2d_refuses(
+    shape: tuple[int, ...], message: str
+) -> None:
+    from scaling_search.network.modules import _BatchNormSiLU
+
+    norm = _BatchNormSiLU(8).train()
+    plain = nn.BatchNorm2d(8).train()
+    for module in (norm, plain):
+        with pytest.raises(ValueError, match=message):
+            module(torch.randn(*shape))
+    assert int(norm.num_batches_tracked) == 0  # nothing counted for a refused batch

@@ -45,10 +45,16 @@ class _BatchNormSiLU(nn.BatchNorm2d):
     def training_arguments(
         self, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float, float]:
-        """Check x and count the batch as _BatchNorm.forward does in training mode; return the
+        """Check x and count the batch as BatchNorm2d.forward does in training mode; return the
         fused functions' arguments after x (weight, bias, running averages, momentum, eps)."""
-        self._check_input_dim(x)  # a 4-D input, more than one value per channel
-        F._verify_batch_size(x.size())  # type: ignore[attr-defined]
+        # BatchNorm2d's checks, with its messages: a 4-D input, more than one value per channel
+        # (batch statistics of one value are undefined).
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        if x.numel() <= x.size(1):
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {x.size()}"
+            )
         # A momentum of None: a cumulative average over the batches seen.
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
