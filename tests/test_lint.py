@@ -66,6 +66,16 @@ def test_shell_scripts_parse(script: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("library", ["torch", "ray[tune]", "optuna"])
+def test_the_fast_moving_libraries_have_an_upper_bound(library: str) -> None:
+    # Their next major is refused until tested; the README says which versions were.
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    (line,) = [ln for ln in pyproject.splitlines() if ln.strip().startswith(f'"{library}>')]
+    assert ",<" in line, line
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "Tested with torch 2.13.0, Ray 2.60.0 and Optuna 5.1.0" in readme
+
+
 def test_ci_runs_the_readme_test_command_verbatim() -> None:
     """CI proves the README: the second command of its opening is .ci/run's last line."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
