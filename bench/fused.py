@@ -27,25 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaling_search.memory import kept_for_backward
 from scaling_search.network import modules
 from scaling_search.space import Coefficients, scaled_network
-
-
-def _kept_bytes(model: nn.Module, images: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd keeps for a step's backward pass, weights left
-    out."""
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(images)
-    return sum(storages.values())
 
 
 def _images_per_second(
@@ -99,8 +83,8 @@ def main() -> None:
     labels = torch.randint(0, 10, (args.batch,))
     print(f"{px} px, batch {args.batch}, {args.threads} thread(s), {args.steps} steps per round")
 
-    kept = _kept_bytes(model, images)
-    kept_plain = int(_plain(lambda: _kept_bytes(plain_model, images)))
+    kept = kept_for_backward(model, images)[0]
+    kept_plain = int(_plain(lambda: kept_for_backward(plain_model, images)[0]))
     mib = 2**20
     print(
         f"kept for the backward pass: fused {kept / mib:.0f} MiB, plain {kept_plain / mib:.0f} MiB"

@@ -43,6 +43,7 @@ __all__ = [
     "ALLOCATOR_SETTINGS",
     "WORKER_ENV",
     "data_bytes",
+    "kept_for_backward",
     "largest_networks",
     "release_memory",
     "trial_memory_bytes",
@@ -223,40 +224,42 @@ def _activation_elements(arch: Architecture, resolution_px: int) -> int:
     return total
 
 
+def kept_for_backward(model: torch.nn.Module, images: torch.Tensor) -> tuple[int, int]:
+    """What autograd keeps of a forward pass of `model` on `images` for the backward pass: the
+    bytes of the distinct storages it saves, weights left out (they are counted apart, with their
+    gradients and optimizer state), and the bytes of the largest [B, C, H, W] activation among
+    them."""
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    storages: dict[int, int] = {}
+    largest = 0
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal largest
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+            if tensor.dim() == 4 and tensor.shape[0] == images.shape[0]:
+                largest = max(largest, tensor.nbytes)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        model(images)
+    return sum(storages.values()), largest
+
+
 def _measure(arch: Architecture, resolution_px: int) -> tuple[int, float, float, int]:
     """Parameters, activation bytes kept per image and per pass, and the largest activation of
     one image, from training-mode forward passes of the network on CPU in channels_last."""
     model = build_model(arch, dropout=0.0, stochastic_depth=0.0)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
-    # Weights are counted apart (with their gradients and optimizer state), not as activations.
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
     kept: list[int] = []
     largest = 0
     for batch in _PROBE_BATCHES:
-        storages: dict[int, int] = {}
-        activations: list[int] = []  # [B, C, H, W] tensors, weights left out
-
-        def keep(
-            tensor: torch.Tensor,
-            storages: dict[int, int] = storages,
-            activations: list[int] = activations,
-            batch: int = batch,
-        ) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() in weights:
-                return tensor
-            storages[storage.data_ptr()] = storage.nbytes()
-            if tensor.dim() == 4 and tensor.shape[0] == batch:
-                activations.append(tensor.nbytes)
-            return tensor
-
         images = torch.zeros(batch, 3, resolution_px, resolution_px)
-        images = images.to(memory_format=torch.channels_last)
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            model(images)
-        kept.append(sum(storages.values()))
-        largest = max(largest, max(activations, default=0) // batch)
+        total, biggest = kept_for_backward(model, images.to(memory_format=torch.channels_last))
+        kept.append(total)
+        largest = max(largest, biggest // batch)
     (small, low), (large, high) = zip(_PROBE_BATCHES, kept, strict=True)
     per_image = (high - low) / (large - small)
     fixed = max(0.0, low - per_image * small)

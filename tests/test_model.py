@@ -382,26 +382,16 @@ def test_fused_functions_train_bit_for_bit_as_the_plain_modules(
 def test_fused_functions_keep_less_for_the_backward_pass():
     # What autograd keeps for one training step's backward pass, fused and not: of an MBConv
     # block's five expanded tensors, the two conv outputs.
+    from scaling_search.memory import kept_for_backward
     from scaling_search.network import modules
 
     model = build_model(architecture(width=1.0, depth=1.0, num_classes=10))
     # torch's overloads of Module.to leave out the memory_format-only call that its docs give
     model = model.to(memory_format=torch.channels_last).train()  # type: ignore[call-overload]
     images = torch.randn(8, 3, 64, 64).to(memory_format=torch.channels_last)
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
 
     def kept_bytes() -> int:  # activations: the weights are kept either way
-        storages: dict[int, int] = {}
-
-        def keep(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in weights:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-            model(images)
-        return sum(storages.values())
+        return kept_for_backward(model, images)[0]
 
     fused = kept_bytes()
     with pytest.MonkeyPatch.context() as patch:

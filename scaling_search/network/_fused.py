@@ -34,15 +34,39 @@ def _normalise(
     return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)[0]
 
 
-def _batch_norm_backward(
+def _batch_norm_silu_forward(
     ctx: Any,
-    grad_normed: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    *more_saved: torch.Tensor,
+) -> torch.Tensor:
+    """silu(batch_norm(x)) with batch statistics, the running averages updated; keeps x, the
+    batch norm's weight, bias and statistics (and `more_saved`) for the backward pass."""
+    normed, mean, invstd = torch.native_batch_norm(
+        x, weight, bias, running_mean, running_var, True, momentum, eps
+    )
+    ctx.save_for_backward(x, weight, bias, mean, invstd, *more_saved)
+    ctx.eps = eps
+    return F.silu(normed, inplace=True)
+
+
+def _batch_norm_silu_backward(
+    ctx: Any,
+    grad_activated: torch.Tensor,
+    normed: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
     mean: torch.Tensor,
     invstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of x, weight and bias of a training-mode batch norm (inputs 0, 1, 2)."""
+    """Gradients of x, weight and bias (inputs 0, 1, 2) of silu(batch_norm(x)) in training, from
+    the gradient of its output and the recomputed `normed`."""
+    grad_normed = _ATEN.silu_backward(grad_activated, normed)
     return _ATEN.native_batch_norm_backward(
         grad_normed, x, weight, None, None, mean, invstd, True, ctx.eps, ctx.needs_input_grad[:3]
     )
@@ -79,12 +103,10 @@ class _BatchNormSiLU(torch.autograd.Function):
         eps: float,
         handoff: Handoff | None,
     ) -> torch.Tensor:
-        normed, mean, invstd = torch.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps
+        ctx.handoff = handoff
+        return _batch_norm_silu_forward(
+            ctx, x, weight, bias, running_mean, running_var, momentum, eps
         )
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps, ctx.handoff = eps, handoff
-        return F.silu(normed, inplace=True)
 
     @staticmethod
     @once_differentiable  # no gradient of this gradient (nothing here takes one)
@@ -93,9 +115,7 @@ class _BatchNormSiLU(torch.autograd.Function):
         normed = ctx.handoff.take() if ctx.handoff is not None else None
         if normed is None:
             normed = _normalise(x, weight, bias, ctx.eps)
-        grad_normed = _ATEN.silu_backward(grad, normed)
-        del normed
-        grads = _batch_norm_backward(ctx, grad_normed, x, weight, mean, invstd)
+        grads = _batch_norm_silu_backward(ctx, grad, normed, x, weight, mean, invstd)
         return (*grads, None, None, None, None, None)
 
 
@@ -117,12 +137,10 @@ class _BatchNormSiLUConv(torch.autograd.Function):
         padding: tuple[int, int],
         groups: int,
     ) -> torch.Tensor:
-        normed, mean, invstd = torch.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps
+        activated = _batch_norm_silu_forward(
+            ctx, x, weight, bias, running_mean, running_var, momentum, eps, conv_weight
         )
-        activated = F.silu(normed, inplace=True)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, conv_weight)
-        ctx.eps, ctx.conv = eps, (list(stride), list(padding), groups)
+        ctx.conv = (list(stride), list(padding), groups)
         return F.conv2d(activated, conv_weight, None, stride, padding, 1, groups)
 
     @staticmethod
@@ -146,9 +164,7 @@ class _BatchNormSiLUConv(torch.autograd.Function):
             [True, ctx.needs_input_grad[7], False],
         )
         del activated
-        grad_normed = _ATEN.silu_backward(grad_activated, normed)
-        del normed, grad_activated
-        grads = _batch_norm_backward(ctx, grad_normed, x, weight, mean, invstd)
+        grads = _batch_norm_silu_backward(ctx, grad_activated, normed, x, weight, mean, invstd)
         return (*grads, None, None, None, None, grad_conv_weight, None, None, None)
 
 
