@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from scaling_search.config import load_study
 from scaling_search.data import load_data
 from scaling_search.ledger import driver_id, grid_classes, is_shared
-from scaling_search.report import LIVE_FIGURES
+from scaling_search.report import LIVE_FIGURES, LiveDashboard
 from scaling_search.space import grid_candidates
 from scaling_search.storage import StorageError, open_storage, resolve_url, study_exists
 
@@ -42,11 +42,13 @@ DERIVED = (
 
 
 def _run(study_path: Path, progress=lambda _: None, **options):
+    """Run as `scaling-search run` does: with the dashboard's figures and note kept current."""
     from scaling_search import driver
 
     study = load_study(study_path)
     data = load_data(study.data)
     storage = open_storage(resolve_url(study))
+    options.setdefault("live_view", LiveDashboard)
     summary = driver.run_study(study, data=data, storage=storage, progress=progress, **options)
     return study, summary, optuna.load_study(study_name=study.name, storage=storage)
 

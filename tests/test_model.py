@@ -461,4 +461,5 @@ def test_fused_batch_norm_refuses_what_batchnorm2d_refuses(
     for module in (norm, plain):
         with pytest.raises(ValueError, match=message):
             module(torch.randn(*shape))
+    assert norm.num_batches_tracked is not None
     assert int(norm.num_batches_tracked) == 0  # nothing counted for a refused batch
