@@ -67,7 +67,7 @@ _CHILD = textwrap.dedent(
         memory.tune_allocator(settings)
     import torch
     from scaling_search.config import load_study
-    from scaling_search.data import load_data
+    from scaling_search.data.sources import load_data
     from scaling_search.train import fit
 
     study = load_study(study_file, ["train.epochs=1"])

@@ -56,10 +56,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
-from scaling_search import racing
 from scaling_search.config import StudyConfig, load_study
-from scaling_search.ledger import Point, grid_classes, is_shared, point_of, seeds, stage_of
-from scaling_search.storage import StorageError, mask_url, study_exists
+from scaling_search.study import racing
+from scaling_search.study.ledger import Point, grid_classes, is_shared, point_of, seeds, stage_of
+from scaling_search.study.storage import StorageError, mask_url, study_exists
 
 PG_ADMIN_URL = os.environ.get(
     "SCALING_SEARCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

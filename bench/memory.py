@@ -99,10 +99,10 @@ def main() -> None:
     os.environ[LOG_ENV] = str(log)  # the local Ray's workers inherit the driver's environment
 
     from scaling_search.config import load_study
-    from scaling_search.data import load_data
+    from scaling_search.data.sources import load_data
     from scaling_search.driver import run_study
     from scaling_search.memory import trial_memory_bytes
-    from scaling_search.storage import open_storage
+    from scaling_search.study.storage import open_storage
 
     overrides = ["search.max_concurrent_trials=1", f"output_dir={folder / 'runs'}", *args.set]
     study = load_study(args.study, overrides)

@@ -81,10 +81,10 @@ def main() -> None:
     from workloads import tune_spin
 
     from scaling_search.config import parse_study
-    from scaling_search.data import load_data
+    from scaling_search.data.sources import load_data
     from scaling_search.driver import run_study
-    from scaling_search.report import LiveDashboard
-    from scaling_search.storage import open_storage
+    from scaling_search.report.publish import LiveDashboard
+    from scaling_search.study.storage import open_storage
 
     # No worker logs on the terminal: Ray prints them late, after the last line.
     ray.init(

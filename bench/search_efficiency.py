@@ -15,7 +15,7 @@ network is trained once per seed and the triples that share it get its result):
 - tpe+asha+racing: tpe+asha, then its top 2 networks raced with 2 new seeds each;
 - grid+asha+racing: grid+asha, then the top 3 networks raced with 3 new seeds each.
 
-After a race the winner is the raced network with the best mean (scaling_search.results).
+After a race the winner is the raced network with the best mean (scaling_search.results.ranking).
 
 Compute: trial-epochs trained (trainings actually run; shared results cost nothing) / (the grid's
 distinct networks × budget), the exhaustive grid's cost. Found: the chosen network's true
@@ -82,11 +82,11 @@ def main() -> None:
     from workloads import BASE_PX, true_accuracy
 
     from scaling_search.config import parse_study
-    from scaling_search.data import load_data
+    from scaling_search.data.sources import load_data
     from scaling_search.driver import run_study
-    from scaling_search.ledger import grid_classes, is_shared
-    from scaling_search.results import best_triple
-    from scaling_search.storage import open_storage
+    from scaling_search.results.ranking import best_triple
+    from scaling_search.study.ledger import grid_classes, is_shared
+    from scaling_search.study.storage import open_storage
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling_search.data import ImageData, make_synthetic, prepare_batch
+from scaling_search.data.sources import ImageData, make_synthetic, prepare_batch
 from scaling_search.network import architecture, build_model
 
 

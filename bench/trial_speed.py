@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from scaling_search.config import TrainConfig
-from scaling_search.data import ImageData, make_synthetic
+from scaling_search.data.sources import ImageData, make_synthetic
 from scaling_search.network import architecture, build_model, count_macs
 from scaling_search.space import Coefficients
 from scaling_search.train import _lr_lambda, _optimizer, fit

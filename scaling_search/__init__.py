@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from scaling_search.rebuild import build_model
+    from scaling_search.results.rebuild import build_model
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,7 @@ __all__ = ["__version__", "build_model"]
 def __getattr__(name: str) -> Any:
     # `import scaling_search` stays light (no torch, no optuna) until build_model is asked for.
     if name == "build_model":
-        from scaling_search.rebuild import build_model
+        from scaling_search.results.rebuild import build_model
 
         return build_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Hiding passwords in storage URLs and in any message that may quote one.
 
 A leaf module (no imports from the package, nothing heavy), so that the study-file loader and the
-CLI can mask a URL without importing SQLAlchemy. ``scaling_search.storage`` re-exports
+CLI can mask a URL without importing SQLAlchemy. ``scaling_search.study.storage`` re-exports
 :func:`mask_url`.
 """
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from scaling_search.config import StudyConfig
-from scaling_search.data import ImageData
+from scaling_search.data.sources import ImageData
 from scaling_search.network import Architecture, count_params
 from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, grid_candidates, network_key, scaled_network

@@ -35,7 +35,7 @@ from typing import Any
 
 from scaling_search._hooks import ObjectiveError, hook_point, load_function, show
 from scaling_search.config import TrainConfig
-from scaling_search.data import ImageData
+from scaling_search.data.sources import ImageData
 from scaling_search.sampling import ObjectiveNetworkKey
 from scaling_search.space import Coefficients
 from scaling_search.train import EpochMetrics, Report

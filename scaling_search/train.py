@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from scaling_search.config import TrainConfig
-from scaling_search.data import DataError, ImageData, prepare_batch
+from scaling_search.data.sources import DataError, ImageData, prepare_batch
 from scaling_search.network import count_macs, count_params
 from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, scaled_network
@@ -238,13 +238,13 @@ def fit(
     epoch that state was taken at.
 
     Raises:
-        DataError: If ``data`` has no validation split (`scaling_search.data.load_dataset`
+        DataError: If ``data`` has no validation split (`scaling_search.data.sources.load_dataset`
             makes one; `hold_out_validation` makes one for any dataset).
     """
     if data.val_images is None or data.val_labels is None:
         raise DataError(
             f"dataset {data.name!r} has no validation split to choose on; hold one out with "
-            "scaling_search.data.hold_out_validation"
+            "scaling_search.data.sources.hold_out_validation"
         )
     validation = (data.val_images, data.val_labels)
     device = device or pick_device()

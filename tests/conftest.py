@@ -280,7 +280,7 @@ def cli_in_process(
     folder ``cwd``, without $SCALING_SEARCH_STORAGE, its output read at the file descriptors.
     Fast (no interpreter start, no second import of torch) for the many commands that must stop
     at their first line; tests of whole runs use :func:`run_cli`."""
-    from scaling_search.cli import main
+    from scaling_search.cli.main import main
 
     def run(*args: str, cwd: Path) -> CliResult:
         monkeypatch.chdir(cwd)

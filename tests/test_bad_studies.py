@@ -192,9 +192,9 @@ def _fragments(path: Path) -> tuple[str, ...]:
 def _run_imports() -> None:
     """What `run` imports before it reads a study (torch, Optuna, SQLAlchemy), imported once,
     so that each case's time limit measures the case."""
-    import scaling_search.data
+    import scaling_search.data.sources
     import scaling_search.sampling
-    import scaling_search.storage  # noqa: F401
+    import scaling_search.study.storage  # noqa: F401
 
 
 def _in_process(run: Callable[..., CliResult], args: tuple[str, ...], cwd: Path) -> Failure:

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from conftest import CRAFTED_SEEDS, CRAFTED_TRIALS, cli_env, make_crafted_study
 
-from scaling_search import report
 from scaling_search.config import load_study
+from scaling_search.report import publish as report
 
 pytestmark = pytest.mark.slow
 
@@ -236,20 +236,20 @@ def test_dashboard_shows_the_finished_study(browser: Any, finished_study: Path) 
 def _ot_study(study_path: Path) -> Any:
     import optuna
 
-    from scaling_search.storage import open_storage, resolve_url
+    from scaling_search.study.storage import open_storage, resolve_url
 
     study = load_study(study_path)
     return optuna.load_study(study_name=study.name, storage=open_storage(resolve_url(study)))
 
 
 def _trial_numbers(study_path: Path, *, trained_only: bool = False) -> list[int]:
-    from scaling_search.ledger import is_shared
+    from scaling_search.study.ledger import is_shared
 
     trials = _ot_study(study_path).get_trials(deepcopy=False)
     return [t.number for t in trials if not (trained_only and is_shared(t))]
 
 
 def _best(study_path: Path) -> Any:
-    from scaling_search.results import best_triple
+    from scaling_search.results.ranking import best_triple
 
     return best_triple(_ot_study(study_path))

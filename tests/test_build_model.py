@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import scaling_search
-from scaling_search.export import dump_family, family_to_dict, member_from_dict
-from scaling_search.family import Family, FamilyMember, make_family
 from scaling_search.network import EfficientNet, round_channels, scale_depth
-from scaling_search.rebuild import member_architecture
+from scaling_search.results.export import dump_family, family_to_dict, member_from_dict
+from scaling_search.results.family import Family, FamilyMember, make_family
+from scaling_search.results.rebuild import member_architecture
 from scaling_search.space import Coefficients
 
 PAPER = Coefficients(1.2, 1.1, 1.15)  # Tan & Le 2019, §4.2
@@ -214,9 +214,9 @@ def test_import_scaling_search_imports_no_torch() -> None:
     script = (
         "import sys, scaling_search\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
-        "assert 'scaling_search.rebuild' not in sys.modules\n"
+        "assert 'scaling_search.results.rebuild' not in sys.modules\n"
         "from scaling_search import build_model\n"
-        "import scaling_search.rebuild as rebuild\n"
+        "import scaling_search.results.rebuild as rebuild\n"
         "assert build_model is rebuild.build_model\n"
         "assert 'build_model' in scaling_search.__all__\n"
     )

@@ -17,9 +17,9 @@ import pytest
 from optuna.trial import TrialState
 
 from scaling_search.config import load_study
-from scaling_search.ledger import is_shared
 from scaling_search.space import grid_candidates
-from scaling_search.storage import resolve_url, study_exists
+from scaling_search.study.ledger import is_shared
+from scaling_search.study.storage import resolve_url, study_exists
 
 pytestmark = pytest.mark.slow
 

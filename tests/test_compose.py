@@ -175,7 +175,7 @@ def _invocations(service: Mapping[str, Any]) -> list[list[str]]:
 
 def _check_scaling_search(args: list[str]) -> None:
     """argparse accepts ``args``, and the study they name exists and loads."""
-    from scaling_search.cli import _build_parser
+    from scaling_search.cli.main import _build_parser
 
     stderr = io.StringIO()
     try:
@@ -301,7 +301,7 @@ def _published(service: Mapping[str, Any]) -> list[tuple[str, str, str]]:
 def test_only_the_dashboard_is_published_and_only_on_localhost(compose: dict[str, Any]) -> None:
     published = {name: _published(s) for name, s in compose["services"].items() if "ports" in s}
     assert published == {"dashboard": [("127.0.0.1", "8080", "8080")]}
-    from scaling_search.cli import _build_parser
+    from scaling_search.cli.main import _build_parser
 
     args = _build_parser().parse_args(_argv(compose["services"]["dashboard"]["command"])[1:])
     assert (args.host, args.port) == ("0.0.0.0", 8080)  # reachable through the published port
@@ -317,7 +317,7 @@ def test_ray_nodes_share_one_token_from_the_env_file() -> None:
 
 
 def test_every_service_records_to_the_compose_postgres(compose: dict[str, Any]) -> None:
-    from scaling_search.storage import check_url
+    from scaling_search.study.storage import check_url
 
     postgres = _environment(compose["services"]["postgres"])
     for name in ("dashboard", *RAY_NODES):

@@ -1,4 +1,4 @@
-"""Tests of scaling_search.data: loaders on files written here, synthetic data, batches."""
+"""Tests of scaling_search.data.sources: loaders on files written here, synthetic data, batches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from scaling_search.data import (
+from scaling_search.data.sources import (
     DATASET_KINDS,
     DataError,
     ImageData,

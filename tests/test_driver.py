@@ -21,11 +21,11 @@ from conftest import TINY_CANDIDATES, TINY_NETWORKS
 from optuna.trial import TrialState
 
 from scaling_search.config import load_study
-from scaling_search.data import load_data
-from scaling_search.ledger import driver_id, grid_classes, is_shared
-from scaling_search.report import LIVE_FIGURES, LiveDashboard
+from scaling_search.data.sources import load_data
+from scaling_search.report.publish import LIVE_FIGURES, LiveDashboard
 from scaling_search.space import grid_candidates
-from scaling_search.storage import StorageError, open_storage, resolve_url, study_exists
+from scaling_search.study.ledger import driver_id, grid_classes, is_shared
+from scaling_search.study.storage import StorageError, open_storage, resolve_url, study_exists
 
 pytestmark = pytest.mark.slow
 
@@ -282,7 +282,7 @@ def test_the_quickstart_grid_trains_each_network_once_per_seed(ray_local, tmp_pa
 
 
 def test_changed_training_settings_refuse_to_continue(tiny_study: Path):
-    from scaling_search.ledger import LedgerError, open_study
+    from scaling_search.study.ledger import LedgerError, open_study
 
     study = load_study(tiny_study)
     storage = open_storage(resolve_url(study))
@@ -382,7 +382,7 @@ def test_killed_driver_resumes_without_retraining(tiny_study: Path, tmp_path: Pa
 
 def test_tpe_on_the_surface_with_asha_never_crowns_an_early_stop(ray_local, tiny_study: Path):
     """Continuous coordinates: every sample on α·β²·γ² = c; early-stopped trials cannot win."""
-    from scaling_search.results import best_triple
+    from scaling_search.results.ranking import best_triple
 
     overrides = [
         "search.sampler=tpe",

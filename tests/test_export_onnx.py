@@ -1,4 +1,4 @@
-"""Tests for ``scaling-search export --format onnx`` and scaling_search.onnx_export.
+"""Tests for ``scaling-search export --format onnx`` and scaling_search.network.onnx.
 
 The exported graphs are checked with ``onnx.checker`` and run in ONNX Runtime against the torch
 module they came from. Members are kept small (10 classes, B0 at 32 px) so that each export takes
@@ -22,9 +22,9 @@ from conftest import cli_env
 from torch import nn
 
 import scaling_search
-from scaling_search.export import member_to_dict
-from scaling_search.family import FamilyMember, make_family
-from scaling_search.onnx_export import INPUT_NAME, ONNX_SEED, OUTPUT_NAME, export_onnx
+from scaling_search.network.onnx import INPUT_NAME, ONNX_SEED, OUTPUT_NAME, export_onnx
+from scaling_search.results.export import member_to_dict
+from scaling_search.results.family import FamilyMember, make_family
 from scaling_search.space import Coefficients
 
 PAPER = Coefficients(1.2, 1.1, 1.15)  # Tan & Le 2019, §4.2
@@ -40,7 +40,9 @@ def _small_member(phi: float) -> FamilyMember:
 
 def _cli(args: list[str], cwd: Path, *, prelude: str = "") -> subprocess.CompletedProcess[str]:
     """Run the CLI in a fresh interpreter; `prelude` runs first (e.g. to hide a package)."""
-    script = f"{prelude}\nimport sys\nfrom scaling_search.cli import main\nsys.exit(main({args!r}))"
+    script = (
+        f"{prelude}\nimport sys\nfrom scaling_search.cli.main import main\nsys.exit(main({args!r}))"
+    )
     return subprocess.run(
         [sys.executable, "-c", script],
         cwd=cwd,

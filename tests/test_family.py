@@ -1,4 +1,5 @@
-"""Tests for scaling_search.family: compound scaling, both family modes and the family document."""
+"""Tests for scaling_search.results.family: compound scaling, both family modes and the family
+document."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scaling_search.export import (
+from scaling_search.network import architecture, count_macs, count_params
+from scaling_search.results.export import (
     SCHEMA_VERSION,
     dump_family,
     family_from_dict,
     family_schema,
     family_to_dict,
 )
-from scaling_search.family import (
+from scaling_search.results.family import (
     FAMILY_MODES,
     OFFICIAL_FAMILY,
     Family,
@@ -32,7 +34,6 @@ from scaling_search.family import (
     make_family,
     phi_for_budget,
 )
-from scaling_search.network import architecture, count_macs, count_params
 from scaling_search.space import Coefficients
 
 PAPER = Coefficients(1.2, 1.1, 1.15)  # Tan & Le 2019, §4.2: the triple found on ImageNet
@@ -484,8 +485,8 @@ def test_the_schema_rejects_a_broken_document(formula: Family, edit: Callable[[A
 def test_members_state_the_recipe_they_were_trained_with_and_rebuild_with_it() -> None:
     from torch import nn
 
-    from scaling_search.family import Recipe
-    from scaling_search.rebuild import build_model
+    from scaling_search.results.family import Recipe
+    from scaling_search.results.rebuild import build_model
 
     recipe = Recipe(dropout=0.1, stochastic_depth=0.0, bn_momentum=0.1)
     family = make_family(PAPER, phis=[1, 7], num_classes=10, recipe=recipe)

@@ -18,9 +18,9 @@ from optuna.trial import TrialState
 
 from scaling_search import driver
 from scaling_search.config import load_study
-from scaling_search.data import load_data
+from scaling_search.data.sources import load_data
 from scaling_search.space import Coefficients
-from scaling_search.storage import open_storage, resolve_url
+from scaling_search.study.storage import open_storage, resolve_url
 from scaling_search.train import fit
 
 pytestmark = pytest.mark.slow

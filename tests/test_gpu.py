@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from scaling_search.data import hold_out_validation, make_synthetic
+from scaling_search.data.sources import hold_out_validation, make_synthetic
 from scaling_search.space import Coefficients
 from scaling_search.train import TrainConfig, failure_reason, fit
 

@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM on a real run (the CLI in a subprocess, real Ray, real training): the run
 stops, records what it was running as interrupted, starts no further stage, exits 130 / 143 with
-one line, and the next run continues where the study stood (scaling_search.interrupt)."""
+one line, and the next run continues where the study stood (scaling_search.driver.interrupt)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import pytest
 from conftest import cli_env, run_cli
 from optuna.trial import FrozenTrial, TrialState
 
-from scaling_search import ledger, racing
 from scaling_search.config import StudyConfig, load_study
-from scaling_search.interrupt import INTERRUPTED_LINE
-from scaling_search.storage import resolve_url, study_exists
+from scaling_search.driver.interrupt import INTERRUPTED_LINE
+from scaling_search.study import ledger, racing
+from scaling_search.study.storage import resolve_url, study_exists
 
 pytestmark = pytest.mark.slow
 

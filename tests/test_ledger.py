@@ -1,4 +1,4 @@
-"""Tests for scaling_search.ledger: planning, claiming, duplicates, liveness and recovery.
+"""Tests for scaling_search.study.ledger: planning, claiming, duplicates, liveness and recovery.
 
 Every test runs on a real Optuna storage, a SQLite file and a fresh PostgreSQL database (the
 ``storage_url`` fixture, see conftest.py); none starts Ray. Drivers are simulated by what they
@@ -26,9 +26,11 @@ import pytest
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
-from scaling_search import ledger, liveness, racing
 from scaling_search.config import StudyConfig, load_study
-from scaling_search.ledger import (
+from scaling_search.sampling import DefineByRun
+from scaling_search.space import Coefficients, describe, grid_candidates
+from scaling_search.study import ledger, liveness, racing
+from scaling_search.study.ledger import (
     HEARTBEAT_GRACE_S,
     Heartbeat,
     claim,
@@ -40,9 +42,7 @@ from scaling_search.ledger import (
     recover_stale,
     seeds,
 )
-from scaling_search.sampling import DefineByRun
-from scaling_search.space import Coefficients, describe, grid_candidates
-from scaling_search.storage import open_storage
+from scaling_search.study.storage import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -19,8 +19,8 @@ from pydantic.fields import FieldInfo
 
 from scaling_search import limits
 from scaling_search.config import StudyConfig, StudyError, parse_study
-from scaling_search.family import make_family, phi_for_budget
 from scaling_search.network import architecture
+from scaling_search.results.family import make_family, phi_for_budget
 from scaling_search.space import Coefficients, compound_scale
 
 PAPER = Coefficients(1.2, 1.1, 1.15)

@@ -104,8 +104,8 @@ def test_a_worker_imports_neither_optuna_nor_the_drivers_side() -> None:
     the trainable module must not bring Optuna, the report or the searcher with it."""
     probe = (
         "import sys, ray, ray.tune; import scaling_search.driver._trainable; "
-        "print(sorted(m for m in ('optuna', 'plotly', 'scaling_search.ledger', "
-        "'scaling_search.report', 'scaling_search.driver._search') if m in sys.modules))"
+        "print(sorted(m for m in ('optuna', 'plotly', 'scaling_search.study.ledger', "
+        "'scaling_search.report.publish', 'scaling_search.driver._search') if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120

@@ -19,9 +19,9 @@ import ray.cloudpickle
 
 from scaling_search import memory
 from scaling_search.config import load_study
-from scaling_search.data import load_data
+from scaling_search.data.sources import load_data
 from scaling_search.space import network_key, scaled_network
-from scaling_search.storage import open_storage, resolve_url
+from scaling_search.study.storage import open_storage, resolve_url
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "studies" / "quickstart.yaml"
 
@@ -39,7 +39,7 @@ def _peak_of_one_epoch(study_file: Path, overrides: list[str]) -> dict[str, int]
         import torch
         from scaling_search import memory
         from scaling_search.config import load_study
-        from scaling_search.data import load_data
+        from scaling_search.data.sources import load_data
         from scaling_search.train import fit
 
         memory.tune_allocator()

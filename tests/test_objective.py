@@ -14,7 +14,7 @@ import pytest
 from conftest import run_study_cli
 
 from scaling_search.config import TrainConfig
-from scaling_search.data import make_synthetic
+from scaling_search.data.sources import make_synthetic
 from scaling_search.objective import ObjectiveError, ObjectiveFit, load_objective
 from scaling_search.space import Coefficients
 from scaling_search.train import EpochMetrics
@@ -320,8 +320,8 @@ def test_an_objective_that_returns_nonsense_fails_its_trials_without_retries(
 
 
 def test_the_objective_is_part_of_the_studys_identity(tmp_path: Path) -> None:
-    from scaling_search import ledger
     from scaling_search.config import parse_study
+    from scaling_search.study import ledger
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     built_in = parse_study({"name": "same"})

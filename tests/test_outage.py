@@ -1,4 +1,4 @@
-"""The study's database going away under a run (scaling_search.outage), on a PostgreSQL server
+"""The study's database going away under a run (scaling_search.study.outage), on a PostgreSQL server
 this module starts, stops and starts again itself (conftest.own_postgres; the machine's own
 server is never touched). The searcher is driven as Tune drives it, without Ray; the same with
 the real CLI and Ray is test_outage_run.py.
@@ -19,14 +19,14 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from sqlalchemy.engine import make_url
 
-from scaling_search import ledger, storage
 from scaling_search.config import load_study
 from scaling_search.driver._run import _StopRun
 from scaling_search.driver._search import StudySearch
-from scaling_search.interrupt import StopRequest
-from scaling_search.outage import DatabaseAway, DatabaseWatch, failure_line
+from scaling_search.driver.interrupt import StopRequest
 from scaling_search.sampling import DefineByRun
-from scaling_search.storage import StorageError, mask_url, open_storage
+from scaling_search.study import ledger, storage
+from scaling_search.study.outage import DatabaseAway, DatabaseWatch, failure_line
+from scaling_search.study.storage import StorageError, mask_url, open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -20,8 +20,8 @@ import sqlalchemy
 from conftest import TINY_STUDY, PostgresServer, cli_env
 from optuna.trial import FrozenTrial, TrialState
 
-from scaling_search import ledger
 from scaling_search.config import load_study
+from scaling_search.study import ledger
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3

@@ -38,16 +38,16 @@ ALLOWED: dict[str, set[str]] = {
     },
     "driver/_search.py": {"._storage", "._trial_id"},
     "driver/_waiting.py": {"._storage", "._trial_id"},
-    "ledger.py": {
+    "study/ledger.py": {
         "._storage",
         "._study_id",
         "._thread_local",
         "._trial_id",
         "optuna.storages._heartbeat",
     },
-    "liveness.py": {"._get_stale_trial_ids", "._storage", "._study_id", "._trial_id"},
-    "onnx_export.py": {"'torch.onnx._internal.exporter._registration'"},
-    "sharing.py": {"._storage", "._trial_id"},
+    "study/liveness.py": {"._get_stale_trial_ids", "._storage", "._study_id", "._trial_id"},
+    "network/onnx.py": {"'torch.onnx._internal.exporter._registration'"},
+    "study/sharing.py": {"._storage", "._trial_id"},
     "train.py": {"'torch._dynamo'"},
 }
 

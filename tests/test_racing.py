@@ -11,10 +11,10 @@ import pytest
 from conftest import run_study_cli
 from optuna.trial import TrialState, create_trial
 
-from scaling_search import ledger, racing
 from scaling_search.config import parse_study
-from scaling_search.results import best_triple
+from scaling_search.results.ranking import best_triple
 from scaling_search.space import Coefficients
+from scaling_search.study import ledger, racing
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

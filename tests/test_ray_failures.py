@@ -27,14 +27,14 @@ from ray.exceptions import OutOfMemoryError
 
 from scaling_search import driver
 from scaling_search.config import load_study
-from scaling_search.data import load_data
+from scaling_search.data.sources import load_data
 from scaling_search.driver._ray_compat import (
     LostWorker,
     ended_jobs,
     this_job,
     trial_failures_for_lost_workers,
 )
-from scaling_search.storage import open_storage, resolve_url
+from scaling_search.study.storage import open_storage, resolve_url
 
 pytestmark = pytest.mark.slow
 

@@ -22,8 +22,10 @@ from conftest import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scaling_search import _figures, report
-from scaling_search._report_data import (
+from scaling_search.config import load_study
+from scaling_search.report import figures as _figures
+from scaling_search.report import publish as report
+from scaling_search.report.data import (
     EARLY,
     FAILED,
     FULL,
@@ -33,8 +35,7 @@ from scaling_search._report_data import (
     _get_top_info,
     _get_trials_info,
 )
-from scaling_search.config import load_study
-from scaling_search.family import OFFICIAL_FAMILY, make_family
+from scaling_search.results.family import OFFICIAL_FAMILY, make_family
 from scaling_search.space import Coefficients, log_flops_shares
 
 _OUTCOME = {"COMPLETE": FULL, "PRUNED": EARLY, "FAIL": FAILED, "RUNNING": RUNNING}
@@ -335,7 +336,7 @@ def test_a_pickled_live_dashboard_holds_no_storage(tmp_path: Path) -> None:
 
 
 def _share(study: optuna.Study, source: optuna.trial.FrozenTrial, alpha: float) -> None:
-    """Add a copy of ``source``'s result for another α (as scaling_search.sharing does)."""
+    """Add a copy of ``source``'s result for another α (as scaling_search.study.sharing does)."""
     attrs = {**source.user_attrs, "alpha": alpha, "shared_from": source.number}
     attrs["flops_ratio_nominal"] = alpha * attrs["beta"] ** 2 * attrs["gamma"] ** 2
     for key in ("test_accuracy",):
@@ -355,7 +356,7 @@ def _share(study: optuna.Study, source: optuna.trial.FrozenTrial, alpha: float) 
 def test_a_shared_result_is_drawn_as_such_and_names_the_winners_class(
     crafted: optuna.Study,
 ) -> None:
-    from scaling_search._report_data import SHARED
+    from scaling_search.report.data import SHARED
 
     sources = [
         t for t in crafted.get_trials() if t.user_attrs.get("alpha") == 1.4 and t.value is not None
@@ -389,7 +390,7 @@ def test_writers_of_one_page_at_once_each_replace_it_whole(tmp_path: Path) -> No
     # gone). Many threads writing at once must all succeed and leave one whole page behind.
     import threading
 
-    from scaling_search.export import write_text_atomic
+    from scaling_search.results.export import write_text_atomic
 
     path = tmp_path / "runs" / "report.html"
     pages = [f"<p>{i}</p>" * 20_000 for i in range(16)]

@@ -1,4 +1,4 @@
-"""Tests for scaling_search.results: trials → frame → the best full-budget triple.
+"""Tests for scaling_search.results.ranking: trials → frame → the best full-budget triple.
 
 Studies are written into real storage (SQLite file and PostgreSQL, via ``storage_url``) with the
 user attributes the driver records; expected means and spreads are recomputed with ``statistics``.
@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from scaling_search.results import ResultsError, best_triple, budget_epochs, trials_frame
+from scaling_search.results.ranking import ResultsError, best_triple, budget_epochs, trials_frame
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

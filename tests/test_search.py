@@ -14,12 +14,12 @@ import pytest
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from scaling_search import ledger
 from scaling_search.config import load_study
 from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.sampling import DefineByRun
-from scaling_search.storage import open_storage
+from scaling_search.study import ledger
+from scaling_search.study.storage import open_storage
 
 # --- the recorder ---------------------------------------------------------------------------------
 

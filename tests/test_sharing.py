@@ -1,4 +1,4 @@
-"""Results given to the triples that build a network already trained (scaling_search.sharing),
+"""Results given to the triples that build a network already trained (scaling_search.study.sharing),
 on a real Optuna storage (SQLite and PostgreSQL); no Ray."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from scaling_search import ledger, sharing
 from scaling_search.config import load_study
 from scaling_search.sampling import DefineByRun
-from scaling_search.storage import open_storage
+from scaling_search.study import ledger, sharing
+from scaling_search.study.storage import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scaling_search.config import Bounds, SpaceConfig, load_study
-from scaling_search.family import make_family
 from scaling_search.network import B0_STAGES, architecture, count_macs, scale_resolution
+from scaling_search.results.family import make_family
 from scaling_search.sampling import DefineByRun, MeasuredCoordinates, study_network_key
 from scaling_search.space import (
     Coefficients,

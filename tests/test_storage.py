@@ -1,4 +1,5 @@
-"""Tests for scaling_search.storage: which URL, masking passwords, checking and opening storage.
+"""Tests for scaling_search.study.storage: which URL, masking passwords, checking and opening
+storage.
 
 Opening runs against real databases: the ``storage_url`` fixture gives a SQLite file and a fresh
 PostgreSQL database (see conftest.py).
@@ -16,7 +17,7 @@ import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
 from scaling_search.config import parse_study
-from scaling_search.storage import (
+from scaling_search.study.storage import (
     DB_FILENAME,
     ENV_VAR,
     StorageError,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from scaling_search.config import TrainConfig
-from scaling_search.data import DataError, hold_out_validation, make_synthetic
-from scaling_search.family import make_family
+from scaling_search.data.sources import DataError, hold_out_validation, make_synthetic
 from scaling_search.network import architecture, count_params
+from scaling_search.results.family import make_family
 from scaling_search.space import Coefficients
 from scaling_search.train import EpochMetrics, fit
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 
-from scaling_search.family import make_family
-from scaling_search.results import BestTriple, CostTracking
+from scaling_search.results.family import make_family
+from scaling_search.results.ranking import BestTriple, CostTracking
+from scaling_search.results.verdict import best_view, class_label, class_spread, format_accuracy
 from scaling_search.space import Coefficients, describe
-from scaling_search.verdict import best_view, class_label, class_spread, format_accuracy
 
 PAPER = Coefficients(1.2, 1.1, 1.15)
 

@@ -1,10 +1,11 @@
 """The search on Ray Tune: OptunaSearch on the study's storage, a scheduler, trials on workers.
 
 This is the only package that imports ray. Only the driver writes to the Optuna study; workers
-report through ``ray.tune.report``. What to train is the ledger's job (:mod:`scaling_search.ledger`,
-with :mod:`scaling_search.sharing` for triples of a network already trained), recovery from
-drivers that died :mod:`scaling_search.liveness`'s: running a study again continues it, candidates
-already trained are never trained again, and several drivers can share one study.
+report through ``ray.tune.report``. What to train is the ledger's job
+(:mod:`scaling_search.study.ledger`, with :mod:`scaling_search.study.sharing` for triples of a
+network already trained), recovery from drivers that died :mod:`scaling_search.study.liveness`'s:
+running a study again continues it, candidates already trained are never trained again, and several
+drivers can share one study.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from scaling_search.driver._trainable import METRIC
-from scaling_search.ledger import FAIL_REASON_ATTR, Heartbeat
+from scaling_search.study.ledger import FAIL_REASON_ATTR, Heartbeat
 
 
 class Writes:

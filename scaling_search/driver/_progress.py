@@ -12,15 +12,15 @@ from ray import tune
 
 from scaling_search.driver._search import StudySearch
 from scaling_search.driver._trainable import METRIC
-from scaling_search.ledger import FAIL_REASON_ATTR
 from scaling_search.space import Coefficients
+from scaling_search.study.ledger import FAIL_REASON_ATTR
 
 Progress = Callable[[str], None]
 
 
 class LiveView(Protocol):
     """What a run keeps current as trials report and end, given by its caller (the CLI: the
-    dashboard's figures and note, :class:`scaling_search.report.LiveDashboard`). `update` is
+    dashboard's figures and note, :class:`scaling_search.report.publish.LiveDashboard`). `update` is
     called on Ray Tune's event loop and must return at once; ``force``: the run has ended."""
 
     def update(self, *, force: bool = False) -> None: ...
@@ -44,8 +44,8 @@ class ProgressCallback(tune.Callback):
     """One line per finished trial (counts, the best result so far); hands the reason of each
     errored trial to the searcher.
 
-    The best so far is :func:`scaling_search.results.best_triple` on the study, the same rule
-    as ``best``, the report and the dashboard note: the line is written once the searcher has
+    The best so far is :func:`scaling_search.results.ranking.best_triple` on the study, the same
+    rule as ``best``, the report and the dashboard note: the line is written once the searcher has
     recorded the trial (on its recorder thread), so it includes it.
     """
 

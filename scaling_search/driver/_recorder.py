@@ -10,8 +10,9 @@ contend for the GIL while the loop starts the next trial).
 ``bench/orchestration.py`` measures the gain.
 
 A call that the study's database did not answer is tried again, after a backoff, until it is
-answered or the :class:`~scaling_search.outage.DatabaseWatch` gives up; from then on nothing more
-is tried, and the trials whose results were among what was not written are :meth:`Recorder.lost`.
+answered or the :class:`~scaling_search.study.outage.DatabaseWatch` gives up; from then on nothing
+more is tried, and the trials whose results were among what was not written are
+:meth:`Recorder.lost`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from scaling_search.outage import DatabaseAway, DatabaseWatch
-from scaling_search.storage import unreachable
+from scaling_search.study.outage import DatabaseAway, DatabaseWatch
+from scaling_search.study.storage import unreachable
 
 T = TypeVar("T")
 Item = tuple[Future[Any], Callable[[], Any], bool, int | None]

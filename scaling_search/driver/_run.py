@@ -21,9 +21,8 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from scaling_search import ledger, leftovers, racing, sharing
 from scaling_search.config import StudyConfig
-from scaling_search.data import ImageData
+from scaling_search.data.sources import ImageData
 from scaling_search.driver._checkpoints import TrialCheckpoints
 from scaling_search.driver._cluster import check_address, check_resources, largest_offer
 from scaling_search.driver._progress import (
@@ -37,14 +36,15 @@ from scaling_search.driver._ray_compat import ended_jobs, trial_failures_for_los
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
 from scaling_search.driver._watchdog import RayWatchdog, TerminalLines, ray_output_to
-from scaling_search.interrupt import Interrupted, StopRequest
-from scaling_search.ledger import Heartbeat
+from scaling_search.driver.interrupt import Interrupted, StopRequest
 from scaling_search.memory import WORKER_ENV, trial_memory_bytes
 from scaling_search.objective import ObjectiveFit
-from scaling_search.outage import PATIENCE_S, DatabaseWatch
 from scaling_search.sampling import DefineByRun, study_network_key
 from scaling_search.space import NetworkKeyFn
-from scaling_search.storage import mask_url
+from scaling_search.study import ledger, leftovers, racing, sharing
+from scaling_search.study.ledger import Heartbeat
+from scaling_search.study.outage import PATIENCE_S, DatabaseWatch
+from scaling_search.study.storage import mask_url
 from scaling_search.train import fit
 
 __all__ = ["RunSummary", "run_study"]
@@ -98,7 +98,7 @@ _LOCAL_RAY_CONFIG = {
 def _init_ray(study: StudyConfig, address: str | None, stop: StopRequest) -> None:
     if ray.is_initialized():
         return
-    # Ctrl-C is this project's to handle (scaling_search.interrupt), not Tune's.
+    # Ctrl-C is this project's to handle (scaling_search.driver.interrupt), not Tune's.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: our progress lines only
@@ -188,16 +188,16 @@ def run_study(
     """Run (or continue) ``study`` on Ray and record every trial in ``storage``.
 
     ``address`` joins a running Ray cluster ("auto" or HOST:PORT); without it a local Ray starts.
-    ``fit_fn`` trains one trial (same signature as :func:`scaling_search.train.fit`); by default
-    the study's ``objective`` if it names one, else the built-in trainer. ``stop``: set by the
-    command's signal handlers (:mod:`scaling_search.interrupt`); once it is, the running trials
-    are stopped and recorded, no further stage starts, and :class:`Interrupted` is raised with
+    ``fit_fn`` trains one trial (same signature as :func:`scaling_search.train.fit`); by default the
+    study's ``objective`` if it names one, else the built-in trainer. ``stop``: set by the command's
+    signal handlers (:mod:`scaling_search.driver.interrupt`); once it is, the running trials are
+    stopped and recorded, no further stage starts, and :class:`Interrupted` is raised with
     this run's summary. The study's database away for ``database_patience_s`` ends the run:
-    :class:`~scaling_search.outage.DatabaseAway` (:mod:`scaling_search.outage`).
+    :class:`~scaling_search.study.outage.DatabaseAway` (:mod:`scaling_search.study.outage`).
 
     Each trial's checkpoints are removed once its end is recorded, each stage's Ray Tune
     experiment folder once the stage ends, and at the end what stopped runs left
-    (:mod:`scaling_search.leftovers`); ``keep_checkpoints`` keeps all of it. ``live_view``
+    (:mod:`scaling_search.study.leftovers`); ``keep_checkpoints`` keeps all of it. ``live_view``
     makes what is kept current as trials report (the CLI's: the dashboard's figures); none by
     default.
     """
@@ -207,7 +207,7 @@ def run_study(
         progress = TerminalLines(sys.stdout)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Its storage warns when a query fails and it retries another way; a database going away is
-    # this run's to report, in one line (scaling_search.outage), not Optuna's in several.
+    # this run's to report, in one line (scaling_search.study.outage), not Optuna's in several.
     logging.getLogger("optuna.storages._rdb.storage").setLevel(logging.ERROR)
     ot_study = ledger.open_study(study, storage, num_classes=data.num_classes)
     ledger.recover_stale(ot_study, progress)

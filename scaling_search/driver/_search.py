@@ -16,16 +16,16 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from scaling_search import ledger
 from scaling_search.driver._epochs import Writes
 from scaling_search.driver._ray_compat import this_job
 from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._trainable import METRIC
 from scaling_search.driver._waiting import Classes, Waiting
-from scaling_search.ledger import FAIL_REASON_ATTR, Heartbeat
-from scaling_search.outage import DatabaseWatch
 from scaling_search.space import SpaceError
-from scaling_search.storage import describe_error, unreachable
+from scaling_search.study import ledger
+from scaling_search.study.ledger import FAIL_REASON_ATTR, Heartbeat
+from scaling_search.study.outage import DatabaseWatch
+from scaling_search.study.storage import describe_error, unreachable
 
 logger = logging.getLogger(__name__)
 Prepared = tuple[optuna.Trial, dict[str, Any]] | None  # a claimed trial and its point, or none
@@ -46,13 +46,13 @@ class StudySearch(OptunaSearch):
     results, one trial at a time), right after each trial's end is recorded, so that the sample
     sees it. Never more than the ``limit`` trials this Tuner will ask for are claimed.
 
-    One network, one training (:mod:`scaling_search.sharing`): a sampled triple whose network
+    One network, one training (:mod:`scaling_search.study.sharing`): a sampled triple whose network
     and seed are trained already gets that result, told to the sampler, instead of a training
     (one whose network is in flight gets it when that trial ends), and the sampler is asked
     again; with ``classes`` (the grid), each trained result is shared with the other triples of
     its class.
 
-    The study's database away (``watch``, :mod:`scaling_search.outage`): nothing more is
+    The study's database away (``watch``, :mod:`scaling_search.study.outage`): nothing more is
     launched until it answers, and every write is retried; a trial that another driver failed
     meanwhile (it judged this one dead) is said so and stopped (:meth:`taken_over`). With
     ``n_trials`` (a sampler's search), a claim is made only while the search's trials, trained
@@ -354,11 +354,12 @@ class StudySearch(OptunaSearch):
         self._recorder.submit(call)
 
     def best_so_far(self, *, refresh: bool) -> str:
-        """' | best so far <winner>' by :func:`scaling_search.results.best_triple`, or '' before
+        """' | best so far <winner>' by :func:`scaling_search.results.ranking.best_triple`, or ''
+        before
         any trial completed its budget (recorder thread). ``refresh``: rank again (a result that
         can change the winner arrived); else the last answer, without reading the study."""
-        from scaling_search.results import ResultsError, best_triple
-        from scaling_search.verdict import format_accuracy
+        from scaling_search.results.ranking import ResultsError, best_triple
+        from scaling_search.results.verdict import format_accuracy
 
         assert self._ot_study is not None
         if not refresh and self._best_line is not None:

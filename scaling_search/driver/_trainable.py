@@ -18,7 +18,7 @@ with collector_paused():  # a worker imports torch and the trainer here, before 
     from ray import tune
 
     from scaling_search.config import StudyConfig
-    from scaling_search.data import ImageData
+    from scaling_search.data.sources import ImageData
     from scaling_search.memory import release_memory, tune_allocator
     from scaling_search.objective import ObjectiveError
     from scaling_search.space import Coefficients
@@ -117,7 +117,7 @@ def _train_trial(
         if reason is None:
             raise
         # Imported here: the ledger brings Optuna, which a worker needs only on this path.
-        from scaling_search.ledger import FAIL_REASON_ATTR
+        from scaling_search.study.ledger import FAIL_REASON_ATTR
 
         # A result with this key ends its trial as FAIL (the searcher reads it).
         tune.report(

@@ -1,7 +1,7 @@
 """Sampled trials that share a network another trial trains: they wait for its result.
 
-One network, one training (:mod:`scaling_search.sharing`): a sampled triple whose network and seed
-are trained already gets that result at once instead of a training; one whose network is in
+One network, one training (:mod:`scaling_search.study.sharing`): a sampled triple whose network and
+seed are trained already gets that result at once instead of a training; one whose network is in
 flight waits here, by the training trial's number, until that trial ends. The grid's classes get
 each trained result too.
 """
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
-from scaling_search import ledger, sharing
-from scaling_search.ledger import SHARED_ATTR, Heartbeat
 from scaling_search.space import Coefficients
-from scaling_search.storage import describe_error, unreachable
+from scaling_search.study import ledger, sharing
+from scaling_search.study.ledger import SHARED_ATTR, Heartbeat
+from scaling_search.study.storage import describe_error, unreachable
 
 EndAsFailed = Callable[..., None]  # (trial, reason, *, given_back=False)
 

@@ -1,6 +1,6 @@
 """Datasets read from local files: CIFAR-10/100 binary batches and image folders (private).
 
-Nothing is downloaded and nothing is unpickled; scaling_search.data re-exports the loaders.
+Nothing is downloaded and nothing is unpickled; scaling_search.data.sources re-exports the loaders.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scaling_search._imagedata import DataError, ImageData, _check_int
+from scaling_search.data._imagedata import DataError, ImageData, _check_int
 
 __all__ = ["load_cifar", "load_image_folder"]
 

@@ -3,7 +3,7 @@
 :func:`write_report` puts the five parts (constraint simplex, accuracy against measured MACs,
 learning curves, the family against the official B0–B7, the top candidates) into one
 self-contained HTML file: plotly's JavaScript is embedded and nothing is fetched. The figures'
-data come from ``scaling_search._report_data`` and are drawn by ``scaling_search._figures``.
+data come from ``scaling_search.report.data`` and are drawn by ``scaling_search.report.figures``.
 :func:`publish_live` stores the two search figures and a note with the winner in the study,
 where optuna-dashboard shows them; the driver keeps them current through :class:`LiveDashboard`.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from scaling_search._report_data import (
+from scaling_search.report.data import (
     _get_curves_info,
     _get_family_info,
     _get_top_info,
@@ -29,10 +29,10 @@ from scaling_search._report_data import (
     mean_spread,
     test_cell,
 )
-from scaling_search.export import write_text_atomic
-from scaling_search.ledger import DONE, NUM_CLASSES_ATTR, is_shared
-from scaling_search.results import BestTriple, ResultsError, best_triple
-from scaling_search.storage import describe_error, unreachable
+from scaling_search.results.export import write_text_atomic
+from scaling_search.results.ranking import BestTriple, ResultsError, best_triple
+from scaling_search.study.ledger import DONE, NUM_CLASSES_ATTR, is_shared
+from scaling_search.study.storage import describe_error, unreachable
 
 __all__ = ["LIVE_FIGURES", "PARTS", "LiveDashboard", "publish_live", "report_html", "write_report"]
 
@@ -48,7 +48,7 @@ def publish_live(study: optuna.Study) -> None:
     """
     from optuna_dashboard import save_note, save_plotly_graph_object
 
-    from scaling_search import _figures as draw
+    from scaling_search.report import figures as draw
 
     best = _best(study)
     info = _get_trials_info(study, best)
@@ -104,7 +104,7 @@ class LiveDashboard:
         try:
             publish_live(study)
         except Exception as exc:
-            # The database away is said once by the run (scaling_search.outage); the next
+            # The database away is said once by the run (scaling_search.study.outage); the next
             # publish tries again.
             if not self._warned and not unreachable(exc):
                 self._say(f"optuna-dashboard figures not updated: {describe_error(exc)}")
@@ -149,7 +149,7 @@ def _verdict(study: optuna.Study, best: BestTriple, num_classes: int | None = No
     """The lines ``best`` prints, for the report and the note. The number of classes: given,
     else as the driver recorded it (a study recorded before that: 1000, which only moves the
     B7 MACs of the class's span, by the classifier's share)."""
-    from scaling_search.verdict import best_view
+    from scaling_search.results.verdict import best_view
 
     config = study.user_attrs.get("study_config", {})
     base_px = int(config.get("train", {}).get("base_resolution_px", 224))
@@ -180,7 +180,7 @@ _CAPTIONS = {
 
 
 def _figures(study: optuna.Study, *, base_resolution_px: int, num_classes: int) -> dict[str, Any]:
-    from scaling_search import _figures as draw
+    from scaling_search.report import figures as draw
 
     trials = _get_trials_info(study)
     if trials.winner is None:

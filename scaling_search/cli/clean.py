@@ -10,9 +10,9 @@ from scaling_search.config import load_study
 def clean(args: argparse.Namespace) -> int:
     """Remove the Ray Tune folders (checkpoints included) whose driver is gone; never the study's
     database, report or family. Folders of a driver that may still run are kept, with why."""
-    from scaling_search._cli_common import load_optuna_study
-    from scaling_search.leftovers import RAY_FOLDER, format_bytes, sweep
-    from scaling_search.storage import open_storage, resolve_url, study_exists
+    from scaling_search.cli._common import load_optuna_study
+    from scaling_search.study.leftovers import RAY_FOLDER, format_bytes, sweep
+    from scaling_search.study.storage import open_storage, resolve_url, study_exists
 
     study = load_study(args.study, args.overrides)
     url = resolve_url(study)

@@ -13,9 +13,9 @@ import math
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from scaling_search.family import make_family
 from scaling_search.network import B0_RESOLUTION_PX
-from scaling_search.results import TIE_LEVEL, BestTriple
+from scaling_search.results.family import make_family
+from scaling_search.results.ranking import TIE_LEVEL, BestTriple
 from scaling_search.space import Coefficients
 
 __all__ = [

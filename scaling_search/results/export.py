@@ -19,8 +19,8 @@ from typing import Any, TypeVar, cast
 
 import yaml
 
-from scaling_search.family import _DECIMALS, FAMILY_MODES, Family, FamilyMember
 from scaling_search.network import StageShape
+from scaling_search.results.family import _DECIMALS, FAMILY_MODES, Family, FamilyMember
 
 __all__ = [
     "DUMP_FORMATS",

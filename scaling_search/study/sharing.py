@@ -1,10 +1,10 @@
 """One network, one training: the triples that build a network already trained share its result.
 
-At φ = 1 many triples build the same network (depth is ceil(α·repeats), channels are multiples of
-8, the input is whole pixels), and with the same seed they would train to the same numbers. The
-ledger trains each (network, seed) once (:func:`scaling_search.ledger.plan_trials`); this module
-gives that result to the other triples, as Optuna trials marked ``shared_from`` (the number of
-the trial that trained), so that the dashboard, the report and the samplers see every candidate
+At φ = 1 many triples build the same network (depth is ceil(α·repeats), channels are multiples of 8,
+the input is whole pixels), and with the same seed they would train to the same numbers. The ledger
+trains each (network, seed) once (:func:`scaling_search.study.ledger.plan_trials`); this module
+gives that result to the other triples, as Optuna trials marked ``shared_from`` (the number of the
+trial that trained), so that the dashboard, the report and the samplers see every candidate
 with its result and nothing is dropped:
 
 - grid: once a trial ends (complete or stopped early), each other member of its class gets a
@@ -14,8 +14,8 @@ with its result and nothing is dropped:
   flight until it ends.
 
 Results and statistics count the trial that trained, never its copies
-(:func:`scaling_search.ledger.is_shared`). Two grid drivers can, in a rare race, both add a copy
-for one member (checking and adding are not one transaction): the statistics are unaffected,
+(:func:`scaling_search.study.ledger.is_shared`). Two grid drivers can, in a rare race, both add a
+copy for one member (checking and adding are not one transaction): the statistics are unaffected,
 since copies never count and a class's members form a set, but the dashboard lists both.
 """
 
@@ -26,8 +26,9 @@ from collections.abc import Iterable, Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from scaling_search import ledger
-from scaling_search.ledger import (
+from scaling_search.space import Coefficients, describe
+from scaling_search.study import ledger
+from scaling_search.study.ledger import (
     DONE,
     NETWORK_ATTR,
     SHARED_ATTR,
@@ -36,7 +37,6 @@ from scaling_search.ledger import (
     point_of,
     triple_of,
 )
-from scaling_search.space import Coefficients, describe
 
 __all__ = ["copy_result", "share_missing", "share_with_class"]
 

@@ -5,7 +5,7 @@ noisy run each. The racing stage takes its ``top_k`` networks (each as the tripl
 the triples that build it) and trains each at the full budget
 with ``repeats`` seeds that the search did not use (``search.seed + search.repeats + k``), so the
 winner is the best *mean* over seeds, with a spread and a set of candidates tied with it
-(:mod:`scaling_search.results`). A full-budget run from the search counts as one more seed.
+(:mod:`scaling_search.results.ranking`). A full-budget run from the search counts as one more seed.
 
 Racing trials are queued (``Study.enqueue_trial``) with their triple as parameters and the user
 attributes ``stage: racing`` and ``seed``; a rerun queues again only what no trial holds, as the
@@ -20,9 +20,9 @@ from collections.abc import Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from scaling_search import ledger
 from scaling_search.config import StudyConfig
 from scaling_search.space import Coefficients, representative
+from scaling_search.study import ledger
 
 __all__ = ["plan_racing", "racing_seeds", "search_ranking", "search_trials"]
 

@@ -10,10 +10,10 @@ removes a trial's checkpoints once its end is recorded and the stage's folder on
 ends (unless ``run --keep-checkpoints``); what a killed run left, ``scaling-search clean`` or
 the study's next finished run removes.
 
-Each folder names the driver that writes it (:data:`DRIVER_FILE`), and is removed only once
-that driver is gone (:func:`scaling_search.liveness.driver_alive`); where nothing says (a folder
-that names no driver, or a driver on another host that holds no trial right now), once nothing
-in it has changed for the heartbeat grace.
+Each folder names the driver that writes it (:data:`DRIVER_FILE`), and is removed only once that
+driver is gone (:func:`scaling_search.study.liveness.driver_alive`); where nothing says (a folder
+that names no driver, or a driver on another host that holds no trial right now), once nothing in it
+has changed for the heartbeat grace.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from scaling_search.config import StudyConfig
-from scaling_search.storage import HEARTBEAT_GRACE_S
+from scaling_search.study.storage import HEARTBEAT_GRACE_S
 
 if TYPE_CHECKING:
     import optuna
@@ -131,7 +131,7 @@ def sweep(study: StudyConfig, ot_study: optuna.Study | None) -> Sweep:
     ``ot_study`` (None if the study has no record) tells which drivers on other hosts still
     hold trials with fresh heartbeats.
     """
-    from scaling_search.liveness import driver_alive
+    from scaling_search.study.liveness import driver_alive
 
     now = time.time()
     removed: list[Experiment] = []

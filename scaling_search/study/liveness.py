@@ -4,10 +4,10 @@ A claimed trial records which driver holds it (host, pid, process start) and a h
 driver refreshes every :data:`HEARTBEAT_INTERVAL_S`. A driver starting up fails (FAIL, with
 ``fail_reason``) the RUNNING trials whose driver is a dead process on this host, or whose
 heartbeat is older than :data:`HEARTBEAT_GRACE_S` (a driver on another host); planning
-(:mod:`scaling_search.ledger`) then queues their points again.
+(:mod:`scaling_search.study.ledger`) then queues their points again.
 
 A heartbeat the database does not answer is tried again with backoff, and reported to the run's
-:class:`~scaling_search.outage.DatabaseWatch` (see :mod:`scaling_search.outage`).
+:class:`~scaling_search.study.outage.DatabaseWatch` (see :mod:`scaling_search.study.outage`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from scaling_search.outage import DatabaseWatch, backoff_s
-from scaling_search.storage import (
+from scaling_search.study.outage import DatabaseWatch, backoff_s
+from scaling_search.study.storage import (
     HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
     describe_error,
@@ -98,7 +98,7 @@ class Heartbeat:
     """A daemon thread that refreshes the heartbeat of every trial this driver holds.
 
     With a ``watch``: a beat the database does not answer is reported to it and tried again
-    after :func:`~scaling_search.outage.backoff_s` (not a whole interval later), and while the
+    after :func:`~scaling_search.study.outage.backoff_s` (not a whole interval later), and while the
     database is away the thread probes it even with no trial held, so that its return is seen.
     """
 
@@ -238,7 +238,7 @@ def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
     A holder on this host is judged by its process (gone: fail now; alive: keep, however late
     its heartbeat); a holder on another host by its heartbeat. A trial that names no holder was
     left in the moment between being taken and being named: it fails once it is older than the
-    heartbeat grace. (:func:`scaling_search.ledger.claim` records the first heartbeat before
+    heartbeat grace. (:func:`scaling_search.study.ledger.claim` records the first heartbeat before
     naming the holder, so a named trial always has a heartbeat.)
     """
     stale_heartbeat = _stale_heartbeats(ot_study)

@@ -7,12 +7,12 @@ keeps them from losing or repeating work, using only the Optuna storage:
   trial, a trial some live driver is running, or one already queued. A point is the network a
   triple builds (its network key) and a seed: the triples that build one network are trained
   once per seed, as the class's representative (:func:`scaling_search.space.representative`),
-  and the others share its result (:mod:`scaling_search.sharing`).
+  and the others share its result (:mod:`scaling_search.study.sharing`).
 - **Claiming** takes a queued trial atomically (Optuna's WAITING → RUNNING transition locks the
   row). Two drivers planning at the same moment can queue one point twice; the copy with the
   higher trial number is then skipped when claimed: it becomes FAIL with ``duplicate_of`` set
   and is never trained. ``status`` reports such skips.
-- **Liveness** (:mod:`scaling_search.liveness`): a claimed trial records which driver holds it
+- **Liveness** (:mod:`scaling_search.study.liveness`): a claimed trial records which driver holds it
   and a heartbeat; a driver starting up fails the RUNNING trials of drivers that are gone, and
   planning then queues their points again.
 
@@ -32,7 +32,16 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.config import StudyConfig
-from scaling_search.liveness import (
+from scaling_search.sampling import study_network_key
+from scaling_search.space import (
+    Coefficients,
+    NetworkKeyFn,
+    grid_candidates,
+    network_classes,
+    representative,
+    triple_key,
+)
+from scaling_search.study.liveness import (
     DRIVER_ATTR,
     FAIL_REASON_ATTR,
     GIVEN_BACK_ATTR,
@@ -45,15 +54,6 @@ from scaling_search.liveness import (
     held_by_ray_jobs,
     recover_ended_jobs,
     recover_stale,
-)
-from scaling_search.sampling import study_network_key
-from scaling_search.space import (
-    Coefficients,
-    NetworkKeyFn,
-    grid_candidates,
-    network_classes,
-    representative,
-    triple_key,
 )
 
 # Liveness's names are also the ledger's: a driver claims, holds and recovers trials through it.
@@ -87,7 +87,7 @@ __all__ = [
     "triple_of",
 ]
 
-STAGE_ATTR = "stage"  # "racing" on the trials of the racing stage (scaling_search.racing)
+STAGE_ATTR = "stage"  # "racing" on the trials of the racing stage (scaling_search.study.racing)
 RACING_STAGE = "racing"
 SEARCH_STAGE = "search"  # trials without a stage attribute
 DUPLICATE_ATTR = "duplicate_of"
@@ -319,7 +319,7 @@ def claim(
     used here). ``taken`` is told the trial's id as soon as it is RUNNING, before the holder is
     named: a caller that loses the database in between can give the trial back later.
     ``ray_job``: the holder's Ray job, recorded with it, so that a driver on the same cluster
-    can ask whether it still runs (:func:`scaling_search.liveness.recover_ended_jobs`).
+    can ask whether it still runs (:func:`scaling_search.study.liveness.recover_ended_jobs`).
     """
     storage = ot_study._storage
     taken = taken or (lambda _: None)
@@ -354,7 +354,7 @@ def _take(
     storage: optuna.storages.BaseStorage, trial_id: int, holder: str, ray_job: str | None
 ) -> None:
     """Name ``holder`` on a trial it has just set RUNNING; the first heartbeat goes first, so a
-    named trial is never without one (see :func:`scaling_search.liveness.recover_stale`)."""
+    named trial is never without one (see :func:`scaling_search.study.liveness.recover_stale`)."""
     if isinstance(storage, BaseHeartbeat):
         storage.record_heartbeat(trial_id)
     if ray_job is not None:

@@ -1,8 +1,8 @@
 """What a study's report shows, as data: one ``_get_X_info`` function per figure.
 
 As in Optuna's visualization code, each function here reads a study (or a triple) and returns a
-NamedTuple of plain values, tested without drawing; ``scaling_search/_figures.py`` only draws, and
-``scaling_search/report.py`` puts the figures into a page and into optuna-dashboard.
+NamedTuple of plain values, tested without drawing; ``scaling_search/report/figures.py`` only draws,
+and ``scaling_search/report/publish.py`` puts the figures into a page and into optuna-dashboard.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from scaling_search.family import OFFICIAL_FAMILY, make_family
-from scaling_search.ledger import SHARED_ATTR, triple_of
 from scaling_search.network import architecture, count_macs, count_params
-from scaling_search.results import (
+from scaling_search.results.family import OFFICIAL_FAMILY, make_family
+from scaling_search.results.ranking import (
     BestTriple,
     ResultsError,
     best_triple,
@@ -28,8 +27,9 @@ from scaling_search.results import (
     study_product,
     trials_frame,
 )
+from scaling_search.results.verdict import class_label
 from scaling_search.space import Coefficients, log_flops_shares
-from scaling_search.verdict import class_label
+from scaling_search.study.ledger import SHARED_ATTR, triple_of
 
 FULL, EARLY, FAILED, RUNNING = "full budget", "stopped early", "failed", "running"
 SHARED = "shares a trained network"  # a triple given the result of its network's training

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from scaling_search.storage import HEARTBEAT_GRACE_S, describe_error, unreachable
+from scaling_search.study.storage import HEARTBEAT_GRACE_S, describe_error, unreachable
 
 __all__ = [
     "BACKOFF_CAP_S",

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from scaling_search._files import load_cifar, load_image_folder
-from scaling_search._imagedata import DataError, ImageData, _check_int, _derive_seed
-from scaling_search._synthetic import make_synthetic
+from scaling_search.data._files import load_cifar, load_image_folder
+from scaling_search.data._imagedata import DataError, ImageData, _check_int, _derive_seed
+from scaling_search.data._synthetic import make_synthetic
 
 if TYPE_CHECKING:
     from scaling_search.config import DataConfig

@@ -1,6 +1,6 @@
 """The synthetic dataset: classes told apart by colour and by fine detail (private).
 
-See `make_synthetic`; scaling_search.data re-exports it.
+See `make_synthetic`; scaling_search.data.sources re-exports it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from scaling_search._imagedata import ImageData, _check_int, _derive_seed
+from scaling_search.data._imagedata import ImageData, _check_int, _derive_seed
 
 __all__ = ["make_synthetic"]
 

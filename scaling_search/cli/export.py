@@ -17,7 +17,7 @@ from scaling_search.config import StudyConfig, StudyError
 if TYPE_CHECKING:
     import optuna
 
-    from scaling_search.family import Family, FamilyMember, Recipe
+    from scaling_search.results.family import Family, FamilyMember, Recipe
 
 __all__ = ["export", "study_classes", "study_recipe"]
 
@@ -25,8 +25,8 @@ __all__ = ["export", "study_classes", "study_recipe"]
 def export(args: argparse.Namespace) -> int:
     """`scaling-search export`: the family of a study's winner (its class's representative) or of
     given coefficients (with a study too: at the study's resolution, classes and recipe)."""
-    from scaling_search.export import dump_family, write_text_atomic
-    from scaling_search.family import make_family, phi_for_budget
+    from scaling_search.results.export import dump_family, write_text_atomic
+    from scaling_search.results.family import make_family, phi_for_budget
     from scaling_search.space import Coefficients
 
     if args.study is None and args.coefficients is None:
@@ -45,8 +45,8 @@ def export(args: argparse.Namespace) -> int:
     if args.study is not None:
         # With --coefficients too: that triple (another member of the winning class, say) with
         # the study's resolution, classes and training recipe.
-        from scaling_search._cli_common import existing_study
-        from scaling_search.results import best_triple
+        from scaling_search.cli._common import existing_study
+        from scaling_search.results.ranking import best_triple
 
         study, ot_study = existing_study(args)
         if args.coefficients is None:
@@ -108,7 +108,7 @@ def _check_onnx_args(args: argparse.Namespace) -> None:
         return
     if args.out is None:
         raise StudyError("--format onnx writes a binary file: give --out PATH, e.g. --out b3.onnx")
-    from scaling_search.onnx_export import require_onnx
+    from scaling_search.network.onnx import require_onnx
 
     try:
         require_onnx()
@@ -143,9 +143,9 @@ def _buildable(member: FamilyMember) -> FamilyMember:
 
 def _write_onnx(member: FamilyMember, out: Path) -> int:
     """Export `member`, freshly initialised with ONNX_SEED, to `out`."""
-    from scaling_search.export import member_to_dict
-    from scaling_search.onnx_export import ONNX_SEED, export_onnx
-    from scaling_search.rebuild import build_model
+    from scaling_search.network.onnx import ONNX_SEED, export_onnx
+    from scaling_search.results.export import member_to_dict
+    from scaling_search.results.rebuild import build_model
 
     model = build_model(member, seed=ONNX_SEED)
     metadata = {
@@ -218,8 +218,8 @@ def _floats(text: str, option: str, count: int | None = None) -> list[float]:
 def study_classes(study: StudyConfig, ot_study: optuna.Study | None = None) -> int:
     """The study's number of classes: as the driver recorded it with ``ot_study``, else from
     the study file (reading the data only for an image folder)."""
-    from scaling_search.data import known_num_classes, load_data
-    from scaling_search.ledger import NUM_CLASSES_ATTR
+    from scaling_search.data.sources import known_num_classes, load_data
+    from scaling_search.study.ledger import NUM_CLASSES_ATTR
 
     recorded = None if ot_study is None else ot_study.user_attrs.get(NUM_CLASSES_ATTR)
     if isinstance(recorded, int):
@@ -230,7 +230,7 @@ def study_classes(study: StudyConfig, ot_study: optuna.Study | None = None) -> i
 
 def study_recipe(study: StudyConfig) -> Recipe:
     """The training settings a study's triple was chosen with, for its family's members."""
-    from scaling_search.family import Recipe
+    from scaling_search.results.family import Recipe
 
     train = study.train
     return Recipe(

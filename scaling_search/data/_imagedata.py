@@ -1,4 +1,4 @@
-"""The in-memory dataset type shared by the loaders (private; see scaling_search.data)."""
+"""The in-memory dataset type shared by the loaders (private; see scaling_search.data.sources)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class ImageData:
         test_labels: int64, [M].
         num_classes: Number of classes, at least 2.
         val_images: uint8, [V, 3, H, H]: images held out of the training set to choose on
-            (see `scaling_search.data.hold_out_validation`); None until a split is made.
+            (see `scaling_search.data.sources.hold_out_validation`); None until a split is made.
         val_labels: int64, [V], or None.
     """
 

@@ -1,4 +1,4 @@
-"""Draw the report's figures from the data of ``scaling_search._report_data`` (nothing is computed
+"""Draw the report's figures from the data of ``scaling_search.report.data`` (nothing is computed
 here).
 
 Markers mean the same in every figure: a filled circle coloured by accuracy is a trial trained for
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from scaling_search._report_data import (
+from scaling_search.report.data import (
     EARLY,
     FAILED,
     FULL,
@@ -29,7 +29,7 @@ from scaling_search._report_data import (
 from scaling_search.space import log_flops_shares
 
 if TYPE_CHECKING:
-    from scaling_search._report_data import (
+    from scaling_search.report.data import (
         CurvesInfo,
         FamilyInfo,
         TopInfo,

@@ -6,7 +6,7 @@ evaluated once per full-budget trial and only shown beside the winner, never use
 study recorded before validation splits is reported as "chosen on the test split".
 
 **Networks, not triples.** Several triples build the same φ = 1 network; it is trained once per
-seed and the other triples share its result (:mod:`scaling_search.sharing`). Candidates are
+seed and the other triples share its result (:mod:`scaling_search.study.sharing`). Candidates are
 ranked by network: its trained trials give the statistics (copies never count twice), and the
 triples that build it form its *class*, named by one representative
 (:func:`scaling_search.space.representative`: the member whose α·β²·γ² is closest to the
@@ -16,10 +16,10 @@ Only trials that COMPLETED the full epoch budget can win: a trial stopped early 
 a lower-fidelity accuracy. A network trained with several seeds is ranked by its mean accuracy and
 reported with the sample standard deviation and the number of seeds.
 
-When the study ran a racing stage (:mod:`scaling_search.racing`), the race decides: the winner is
-the raced network with the best mean, and the networks the search left out of the race rank after
-the raced ones (their single runs were the search's best guesses, biased upward by being picked
-as the best of many).
+When the study ran a racing stage (:mod:`scaling_search.study.racing`), the race decides: the winner
+is the raced network with the best mean, and the networks the search left out of the race rank after
+the raced ones (their single runs were the search's best guesses, biased upward by being picked as
+the best of many).
 
 The winner comes with the candidates statistically tied with it: those whose mean accuracy a
 two-sided t-test at the 5% level cannot tell from the winner's. Seed noise is taken as one
@@ -40,15 +40,15 @@ import pandas as pd
 from optuna.trial import TrialState
 from scipy import stats
 
-from scaling_search._cost_tracking import CostTracking, cost_tracking
-from scaling_search.ledger import (
+from scaling_search.results._cost_tracking import CostTracking, cost_tracking
+from scaling_search.space import Coefficients, representative
+from scaling_search.study.ledger import (
     CHOSEN_ON_ATTR,
     RACING_STAGE,
     STAGE_ATTR,
     is_shared,
     point_of,
 )
-from scaling_search.space import Coefficients, representative
 
 __all__ = [
     "TIE_LEVEL",

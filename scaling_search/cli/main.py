@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from scaling_search import limits
-from scaling_search._cli_common import emit, existing_study, load_optuna_study
 from scaling_search._redact import redact
+from scaling_search.cli._common import emit, existing_study, load_optuna_study
 from scaling_search.config import StudyConfig, StudyError, load_study
-from scaling_search.interrupt import (
+from scaling_search.driver.interrupt import (
     INTERRUPTED_LINE,
     Interrupted,
     StopRequest,
     handle_signals,
 )
-from scaling_search.outage import PATIENCE_S, DatabaseAway, failure_line
+from scaling_search.study.outage import PATIENCE_S, DatabaseAway, failure_line
 
 if TYPE_CHECKING:
     pass
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from scaling_search import _cli_export
+    from scaling_search.cli import export as _cli_export
 
     return _cli_export.export(args)
 
@@ -245,10 +245,10 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
 
     _check_address(args.address)
     with collector_paused():  # the set-up imports torch, Optuna and Ray Tune
-        from scaling_search.data import load_data
+        from scaling_search.data.sources import load_data
         from scaling_search.sampling import ObjectiveNetworkKey, SimplexCoordinates
         from scaling_search.space import grid_candidates
-        from scaling_search.storage import mask_url, open_storage, resolve_url
+        from scaling_search.study.storage import mask_url, open_storage, resolve_url
 
         study = load_study(args.study, args.overrides)
         if not 1 <= args.database_patience <= MAX_PATIENCE_S:  # also NaN
@@ -280,7 +280,7 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         storage = open_storage(url)  # everything above is checked before anything is written
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
-    from scaling_search.report import LiveDashboard
+    from scaling_search.report.publish import LiveDashboard
 
     summary = run_study(
         study,
@@ -293,9 +293,9 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         live_view=LiveDashboard,  # the figures and note optuna-dashboard shows, kept current
     )
     print(_summary_line(summary))
-    from scaling_search._cli_view import write_report_for
-    from scaling_search.results import best_triple
-    from scaling_search.verdict import best_view
+    from scaling_search.cli.view import write_report_for
+    from scaling_search.results.ranking import best_triple
+    from scaling_search.results.verdict import best_view
 
     ot_study = load_optuna_study(study, storage)
     best = best_triple(ot_study)
@@ -326,9 +326,9 @@ def _check_measured_space(study: StudyConfig, num_classes: int) -> None:
 
 
 def _write_family(coefficients: Any, study: StudyConfig, num_classes: int, path: Path) -> None:
-    from scaling_search import _cli_export
-    from scaling_search.export import dump_family, write_text_atomic
-    from scaling_search.family import make_family
+    from scaling_search.cli import export as _cli_export
+    from scaling_search.results.export import dump_family, write_text_atomic
+    from scaling_search.results.family import make_family
 
     family = make_family(
         coefficients,
@@ -344,10 +344,10 @@ def _write_family(coefficients: Any, study: StudyConfig, num_classes: int, path:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from scaling_search.ledger import GIVEN_BACK_ATTR, duplicates
-    from scaling_search.results import ResultsError, best_triple, trials_frame
-    from scaling_search.storage import mask_url, resolve_url
-    from scaling_search.verdict import format_accuracy
+    from scaling_search.results.ranking import ResultsError, best_triple, trials_frame
+    from scaling_search.results.verdict import format_accuracy
+    from scaling_search.study.ledger import GIVEN_BACK_ATTR, duplicates
+    from scaling_search.study.storage import mask_url, resolve_url
 
     study, ot_study = existing_study(args)
     frame = trials_frame(ot_study)
@@ -365,8 +365,8 @@ def _status(args: argparse.Namespace) -> int:
     )
     best_data = None
     if best is not None:  # as `best --format json` writes it
-        from scaling_search._cli_export import study_classes
-        from scaling_search.verdict import best_view
+        from scaling_search.cli.export import study_classes
+        from scaling_search.results.verdict import best_view
 
         best_data, _ = best_view(
             best,
@@ -409,9 +409,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from scaling_search._cli_export import study_classes
-    from scaling_search.results import best_triple
-    from scaling_search.verdict import best_view
+    from scaling_search.cli.export import study_classes
+    from scaling_search.results.ranking import best_triple
+    from scaling_search.results.verdict import best_view
 
     study, ot_study = existing_study(args)
     data, lines = best_view(
@@ -427,31 +427,31 @@ def _best(args: argparse.Namespace) -> int:
 
 
 def _space(args: argparse.Namespace) -> int:
-    from scaling_search import _cli_view
+    from scaling_search.cli import view as _cli_view
 
     return _cli_view.space(args)
 
 
 def _model(args: argparse.Namespace) -> int:
-    from scaling_search import _cli_view
+    from scaling_search.cli import view as _cli_view
 
     return _cli_view.model(args)
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from scaling_search import _cli_view
+    from scaling_search.cli import view as _cli_view
 
     return _cli_view.dashboard(args)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from scaling_search import _cli_view
+    from scaling_search.cli import view as _cli_view
 
     return _cli_view.report(args)
 
 
 def _clean(args: argparse.Namespace) -> int:
-    from scaling_search import _cli_clean
+    from scaling_search.cli import clean as _cli_clean
 
     return _cli_clean.clean(args)
 

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from scaling_search.export import member_from_dict
-from scaling_search.family import FamilyMember
 from scaling_search.network import Architecture, StageShape, architecture, count_macs, count_params
 from scaling_search.network.modules import build_model as _build_network
+from scaling_search.results.export import member_from_dict
+from scaling_search.results.family import FamilyMember
 
 if TYPE_CHECKING:
     from scaling_search.network.modules import EfficientNet

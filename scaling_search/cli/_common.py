@@ -21,7 +21,7 @@ def emit(data: Any, fmt: str, table: Sequence[str]) -> None:
 
 def existing_study(args: argparse.Namespace) -> tuple[StudyConfig, optuna.Study]:
     """The study file's Optuna study, without creating a database, tables or a study."""
-    from scaling_search.storage import open_storage, resolve_url, study_exists
+    from scaling_search.study.storage import open_storage, resolve_url, study_exists
 
     study = load_study(args.study, args.overrides)
     url = resolve_url(study)

@@ -2,7 +2,7 @@
 
 Modes: "formula" takes φ = 1, 2, … literally (eq. 3); "flops-matched" picks, for each published
 B_k, the φ whose model costs as many multiply-adds relative to B0 as B_k does (the paper's own
-B1…B7 were hand-tuned and sit on no integer φ). scaling_search.export writes a family as the
+B1…B7 were hand-tuned and sit on no integer φ). scaling_search.results.export writes a family as the
 versioned JSON/YAML document that other projects import.
 """
 

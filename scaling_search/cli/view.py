@@ -21,8 +21,8 @@ REPORT_FILENAME = "report.html"
 def dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from scaling_search._cli_common import existing_study
-    from scaling_search.storage import ENV_VAR, mask_url, open_storage, resolve_url
+    from scaling_search.cli._common import existing_study
+    from scaling_search.study.storage import ENV_VAR, mask_url, open_storage, resolve_url
 
     if args.study is not None and args.storage is not None:
         raise StudyError("dashboard takes a study file or --storage URL, not both")
@@ -47,7 +47,7 @@ def dashboard(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from scaling_search._cli_common import existing_study
+    from scaling_search.cli._common import existing_study
 
     study, ot_study = existing_study(args)
     path = write_report_for(study, ot_study, args.out)
@@ -59,8 +59,8 @@ def write_report_for(
     study: StudyConfig, ot_study: optuna.Study, out: Path | None, num_classes: int | None = None
 ) -> Path:
     """Write the study's report to ``out`` (default ``<output_dir>/report.html``)."""
-    from scaling_search._cli_export import study_classes
-    from scaling_search.report import write_report
+    from scaling_search.cli.export import study_classes
+    from scaling_search.report.publish import write_report
 
     path = out if out is not None else study.out_dir / REPORT_FILENAME
     if path.is_dir():
@@ -75,8 +75,8 @@ def write_report_for(
 
 def space(args: argparse.Namespace) -> int:
     """`scaling-search space`: the grid's candidates by the network each builds."""
-    from scaling_search._cli_common import emit
-    from scaling_search._cli_export import study_classes
+    from scaling_search.cli._common import emit
+    from scaling_search.cli.export import study_classes
 
     study = load_study(args.study, args.overrides)
     if study.search.sampler != "grid":
@@ -92,9 +92,9 @@ def space(args: argparse.Namespace) -> int:
 def space_data(study: StudyConfig, num_classes: int) -> dict[str, Any]:
     """The grid's candidates (costs, network key, network number) and its networks (key,
     representative, members), as ``space --format json`` writes them."""
-    from scaling_search.ledger import grid_classes
     from scaling_search.sampling import study_network_key
     from scaling_search.space import describe, representative
+    from scaling_search.study.ledger import grid_classes
 
     key = study_network_key(study, num_classes)
     classes = grid_classes(study, num_classes=num_classes, network_key=key)
@@ -145,7 +145,7 @@ def _space_table(data: dict[str, Any], study: StudyConfig) -> list[str]:
 
 def model(args: argparse.Namespace) -> int:
     """`scaling-search model`: exact params, MACs and stage shapes of a scaled B0."""
-    from scaling_search._cli_common import emit
+    from scaling_search.cli._common import emit
     from scaling_search.network import architecture, count_macs, count_params
 
     top = limits.MAX_MULTIPLIER

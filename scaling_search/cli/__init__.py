@@ -1,0 +1,1 @@
+"""The ``scaling-search`` command: one module per group of subcommands."""

@@ -1,0 +1,1 @@
+"""Images for trials: sources (synthetic, CIFAR binary, image folders) and batches."""
