@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scaling_search.data.sources import ImageData, make_synthetic, prepare_batch
+from scaling_search.data.batches import prepare_batch
+from scaling_search.data.sources import ImageData, make_synthetic
 from scaling_search.network import architecture, build_model
 
 

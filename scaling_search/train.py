@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from scaling_search.config import TrainConfig
-from scaling_search.data.sources import DataError, ImageData, prepare_batch
+from scaling_search.data.batches import prepare_batch
+from scaling_search.data.sources import DataError, ImageData
 from scaling_search.network import count_macs, count_params
 from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, scaled_network

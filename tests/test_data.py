@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from scaling_search.data.batches import prepare_batch
 from scaling_search.data.sources import (
     DATASET_KINDS,
     DataError,
@@ -20,7 +21,6 @@ from scaling_search.data.sources import (
     load_dataset,
     load_image_folder,
     make_synthetic,
-    prepare_batch,
 )
 
 PLANE = 32 * 32

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from scaling_search import limits
+from scaling_search.cli._common import emit, existing_study
 from scaling_search.config import StudyConfig, StudyError, load_study
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ REPORT_FILENAME = "report.html"
 def dashboard(args: argparse.Namespace) -> int:
     import optuna_dashboard
 
-    from scaling_search.cli._common import existing_study
     from scaling_search.study.storage import ENV_VAR, mask_url, open_storage, resolve_url
 
     if args.study is not None and args.storage is not None:
@@ -47,7 +47,6 @@ def dashboard(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from scaling_search.cli._common import existing_study
 
     study, ot_study = existing_study(args)
     path = write_report_for(study, ot_study, args.out)
@@ -75,7 +74,6 @@ def write_report_for(
 
 def space(args: argparse.Namespace) -> int:
     """`scaling-search space`: the grid's candidates by the network each builds."""
-    from scaling_search.cli._common import emit
     from scaling_search.cli.export import study_classes
 
     study = load_study(args.study, args.overrides)
@@ -145,7 +143,6 @@ def _space_table(data: dict[str, Any], study: StudyConfig) -> list[str]:
 
 def model(args: argparse.Namespace) -> int:
     """`scaling-search model`: exact params, MACs and stage shapes of a scaled B0."""
-    from scaling_search.cli._common import emit
     from scaling_search.network import architecture, count_macs, count_params
 
     top = limits.MAX_MULTIPLIER
@@ -175,4 +172,86 @@ def model(args: argparse.Namespace) -> int:
         for i, s in enumerate(arch.stages, 1)
     ]
     emit(data, args.format, table)
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """``scaling-search status``: the study's trials by state, duplicates and the best so far."""
+    from scaling_search.results.ranking import ResultsError, best_triple, trials_frame
+    from scaling_search.results.verdict import format_accuracy
+    from scaling_search.study.ledger import GIVEN_BACK_ATTR, duplicates
+    from scaling_search.study.storage import mask_url, resolve_url
+
+    study, ot_study = existing_study(args)
+    frame = trials_frame(ot_study)
+    trained = frame[~frame["shared"].astype(bool)]
+    counts = {str(k): int(v) for k, v in trained["state"].value_counts().items()}
+    ended = frame["state"].isin(["COMPLETE", "PRUNED"])
+    shared = int((frame["shared"].astype(bool) & ended).sum())
+    try:
+        best = best_triple(ot_study)
+    except ResultsError:
+        best = None
+    twice = duplicates(ot_study.get_trials(deepcopy=False))
+    given_back = sum(
+        1 for t in ot_study.get_trials(deepcopy=False) if t.user_attrs.get(GIVEN_BACK_ATTR)
+    )
+    best_data = None
+    if best is not None:  # as `best --format json` writes it
+        from scaling_search.cli.export import study_classes
+        from scaling_search.results.verdict import best_view
+
+        best_data, _ = best_view(
+            best,
+            base_resolution_px=study.train.base_resolution_px,
+            num_classes=study_classes(study, ot_study),
+        )
+    data = {
+        "study": study.name,
+        "storage": mask_url(resolve_url(study)),
+        "trials": len(frame),
+        "states": counts,
+        "shared": shared,
+        "given_back": given_back,
+        "duplicates": twice,
+        "best": best_data,
+    }
+    table = [
+        f"study {study.name}  storage {data['storage']}",
+        f"trials {len(frame)}: "
+        + ", ".join(f"{k.lower()} {v}" for k, v in counts.items())
+        + (f", shared {shared} (triples whose network was trained: no training)" if shared else "")
+        + (
+            f"; of the failed, {given_back} given back by a stopped run (trained again next run)"
+            if given_back
+            else ""
+        ),
+    ]
+    if twice["skipped_duplicates"] or twice["trained_twice"]:
+        table.append(
+            f"duplicates: {twice['skipped_duplicates']} queued twice by concurrent drivers and "
+            f"skipped (FAIL, duplicate_of), {twice['trained_twice']} point(s) trained twice"
+        )
+    if best is not None:
+        accuracy = format_accuracy(best.mean_accuracy, best.std_accuracy, best.n_seeds)
+        table.append(
+            f"best so far {best.coefficients.label()} {best.chosen_on} accuracy {accuracy}"
+        )
+    emit(data, args.format, table)
+    return 0
+
+
+def best(args: argparse.Namespace) -> int:
+    """``scaling-search best``: the winner, as the end of ``run`` says it."""
+    from scaling_search.cli.export import study_classes
+    from scaling_search.results.ranking import best_triple
+    from scaling_search.results.verdict import best_view
+
+    study, ot_study = existing_study(args)
+    data, lines = best_view(
+        best_triple(ot_study),
+        base_resolution_px=study.train.base_resolution_px,
+        num_classes=study_classes(study, ot_study),
+    )
+    emit(data, args.format, lines)
     return 0
