@@ -304,6 +304,7 @@ class _Driver:
 
     @property
     def nothing(self) -> str:
+        """The line that says there is nothing to train."""
         return f"study {self.study.name!r}: every trial is already done or held; nothing to train"
 
     def plan(self) -> tuple[int, int]:
@@ -316,6 +317,7 @@ class _Driver:
         return to_launch, to_race
 
     def summary(self) -> RunSummary:
+        """What this run did so far."""
         return _summary(
             self.stage.launched if self.stage else 0, self.before, self.ot_study, self.started
         )
@@ -352,6 +354,8 @@ class _Driver:
         fit_fn: Fit,
         wanted: dict[str, float],
     ) -> None:
+        """The stages under Ray's watchdog and the study's heartbeat; the live view's figures
+        brought up to date at the end."""
         study, progress = self.study, self.progress
         live = (options.live_view or NoView)(self.ot_study, progress)
         watch = DatabaseWatch(
@@ -498,6 +502,7 @@ class _Stage:
         )
 
     def _searcher(self, count: int, *, racing_stage: bool) -> StudySearch:
+        """The stage's Tune searcher on the study: it hands out up to ``count`` trials."""
         study = self.study
         searching = not racing_stage and study.search.sampler != "grid"
         return StudySearch(
@@ -548,6 +553,7 @@ class _Stage:
         scheduler: TrialScheduler,
         experiment: Path,
     ) -> tune.Tuner:
+        """The stage's Tuner: the trainable with its resources, searcher and scheduler."""
         trainable = tune.with_resources(
             tune.with_parameters(
                 train_trial, study=self.study, shared=SharedData(self.data), fit_fn=self.fit_fn
@@ -568,6 +574,7 @@ class _Stage:
         )
 
     def _run_config(self, searcher: StudySearch, experiment: Path) -> tune.RunConfig:
+        """Where the stage's experiment lives, what stops it, and who hears of its trials."""
         return tune.RunConfig(
             # A new experiment each stage: the Optuna study, not Tune's state, says what is done.
             # A local (or mounted) folder, which TrialCheckpoints and leftovers remove from.
