@@ -88,12 +88,7 @@ class ObjectiveFit:
 
         def report_epoch(*, epoch: int, accuracy: float) -> None:
             nonlocal last
-            previous = reported[-1] if reported else 0
-            if not isinstance(epoch, int) or not previous < epoch <= config.epochs:
-                raise ObjectiveError(
-                    f"objective {self.spec!r} reported epoch {epoch!r}; expected an integer "
-                    f"after {previous} and at most the budget, {config.epochs}"
-                )
+            self._check_epoch(epoch, reported[-1] if reported else 0, config.epochs)
             value = self._accuracy(accuracy, "reported")
             reported.append(epoch)
             now = time.perf_counter()
@@ -104,13 +99,24 @@ class ObjectiveFit:
             elif epoch > done and report is not None:
                 report(metrics, {"epoch": epoch})
 
-        point = {
-            **hook_point(coefficients, base_resolution_px=config.base_resolution_px),
-            "epochs": config.epochs,
-            "seed": seed,
-            "report": report_epoch,
-        }
-        result = function(point)
+        result = function(_point(config, coefficients, seed, report_epoch))
+        accuracy, test_accuracy = self._accuracies(result)
+        seconds = final.get("seconds", time.perf_counter() - last)
+        if report is not None:
+            metrics = _metrics(config.epochs, accuracy, seconds, started_at, test_accuracy)
+            report(metrics, {"epoch": config.epochs})
+        return result
+
+    def _check_epoch(self, epoch: object, previous: int, budget_epochs: int) -> None:
+        """An objective reports epochs 1, 2, ... in increasing order, up to its budget."""
+        if not isinstance(epoch, int) or not previous < epoch <= budget_epochs:
+            raise ObjectiveError(
+                f"objective {self.spec!r} reported epoch {epoch!r}; expected an integer "
+                f"after {previous} and at most the budget, {budget_epochs}"
+            )
+
+    def _accuracies(self, result: object) -> tuple[float, float]:
+        """The returned validation and test accuracy (NaN when not given), or ObjectiveError."""
         if not isinstance(result, Mapping) or "accuracy" not in result:
             raise ObjectiveError(
                 f"objective {self.spec!r} returned {show(result)}; expected a mapping with "
@@ -120,11 +126,7 @@ class ObjectiveFit:
         test_accuracy = math.nan
         if result.get("test_accuracy") is not None:
             test_accuracy = self._accuracy(result["test_accuracy"], "returned test_accuracy")
-        seconds = final.get("seconds", time.perf_counter() - last)
-        if report is not None:
-            metrics = _metrics(config.epochs, accuracy, seconds, started_at, test_accuracy)
-            report(metrics, {"epoch": config.epochs})
-        return result
+        return accuracy, test_accuracy
 
     def _accuracy(self, value: object, what: str) -> float:
         number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
@@ -133,6 +135,18 @@ class ObjectiveFit:
                 f"objective {self.spec!r} {what} {show(value)}; expected a finite number"
             )
         return float(number)
+
+
+def _point(
+    config: TrainConfig, coefficients: Coefficients, seed: int, report: Callable[..., None]
+) -> dict[str, Any]:
+    """The one mapping an objective is called with (see the module's docstring)."""
+    return {
+        **hook_point(coefficients, base_resolution_px=config.base_resolution_px),
+        "epochs": config.epochs,
+        "seed": seed,
+        "report": report,
+    }
 
 
 def _metrics(

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scaling_search.config import TrainConfig
 from scaling_search.data.batches import prepare_batch
 from scaling_search.data.sources import DataError, ImageData
-from scaling_search.network import count_macs, count_params
+from scaling_search.network import Architecture, count_macs, count_params
 from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, scaled_network
 
@@ -242,122 +242,22 @@ def fit(
         DataError: If ``data`` has no validation split (`scaling_search.data.sources.load_dataset`
             makes one; `hold_out_validation` makes one for any dataset).
     """
-    if data.val_images is None or data.val_labels is None:
-        raise DataError(
-            f"dataset {data.name!r} has no validation split to choose on; hold one out with "
-            "scaling_search.data.sources.hold_out_validation"
-        )
-    validation = (data.val_images, data.val_labels)
+    validation = _validation_split(data)
     device = device or pick_device()
     torch.manual_seed(seed)
     arch, resolution_px = scaled_network(
         coefficients, base_resolution_px=config.base_resolution_px, num_classes=data.num_classes
     )
-    model = build_model(
-        arch,
-        dropout=config.dropout,
-        stochastic_depth=config.stochastic_depth,
-        bn_momentum=config.bn_momentum,
-    )
-    model = model.to(device)
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    # The compiled module trains; checkpoints, BN recalibration and evaluation use `model`.
-    step_model = torch.compile(model) if config.compile else model
-
-    steps_per_epoch = max(1, len(data.train_labels) // config.batch_size)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    trial = _Trial.start(config, data, arch, resolution_px, device, seed=seed, resume=resume)
     history: list[EpochMetrics] = []
-    first_epoch = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        first_epoch = int(resume["epoch"])
-    # The optimiser is built after the first backward pass: torch imports torch._dynamo for
-    # the first optimiser of a process (~0.8 s of a CPU core), and that import runs on a second
-    # thread during the pass, which autograd's engine runs without holding the GIL.
-    optimizer: torch.optim.Optimizer | None = None
-    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
-    started_at = time.time()
-    train_images = data.train_images.to(device)
-    train_labels = data.train_labels.to(device)
-
-    first_step_at = math.nan
-    for epoch in range(first_epoch, config.epochs):
+    for epoch in range(trial.first_epoch, config.epochs):
         tick = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(train_labels), generator=generator).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        for step in range(steps_per_epoch):
-            index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            inputs = prepare_batch(
-                train_images[index],
-                resolution_px=resolution_px,
-                mean=data.mean,
-                std=data.std,
-                train=config.augment,
-                generator=generator if device.type == "cpu" else None,
-            )
-            labels = train_labels[index]
-            with _autocast(device):
-                logits = step_model(inputs)
-                loss = F.cross_entropy(
-                    logits.float(), labels, label_smoothing=config.label_smoothing
-                )
-            model.zero_grad(set_to_none=True)
-            if optimizer is None:
-                _import_in_background("torch._dynamo")
-            loss.backward()
-            if optimizer is None or schedule is None:
-                optimizer, schedule = _optimizer_and_schedule(
-                    model, config, steps_per_epoch, resume
-                )
-            optimizer.step()
-            schedule.step()
-            # Accumulated on the device: no host synchronisation per step.
-            loss_sum += loss.detach()
-            correct += (logits.detach().argmax(1) == labels).sum()
-            if math.isnan(first_step_at):
-                _synchronize(device)  # once per attempt, for the start-up measurement
-                first_step_at = time.time()
-        seen = steps_per_epoch * config.batch_size
-        train_loss = loss_sum.item() / steps_per_epoch  # waits for the epoch's last step
-        train_seconds = time.perf_counter() - tick
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}")
-        if config.bn_recalibration_images:
-            _recalibrate_batchnorm(
-                model,
-                train_images[: config.bn_recalibration_images],
-                data,
-                resolution_px,
-                config.batch_size,
-            )
-        accuracy, val_loss = _evaluate(model, data, validation, resolution_px, device)
-        test_accuracy = math.nan
-        if epoch + 1 == config.epochs:  # once, for the record: never used to choose
-            test_split = (data.test_images, data.test_labels)
-            test_accuracy, _ = _evaluate(model, data, test_split, resolution_px, device)
-        seconds = time.perf_counter() - tick
-        metrics = EpochMetrics(
-            epoch=epoch + 1,
-            accuracy=accuracy,
-            val_loss=val_loss,
-            train_loss=train_loss,
-            train_accuracy=correct.item() / seen,
-            epoch_seconds=seconds,
-            images_per_second=seen / train_seconds,
-            started_at=started_at,
-            train_seconds=train_seconds,
-            first_step_at=first_step_at,
-            test_accuracy=test_accuracy,
-        )
+        trained = trial.train_epoch(epoch, tick)
+        evaluated = trial.evaluate(validation, last_epoch=epoch + 1 == config.epochs)
+        metrics = trial.metrics(epoch, tick, trained, evaluated)
         history.append(metrics)
         if report is not None:
-            assert optimizer is not None and schedule is not None  # an epoch has ≥ 1 step
-            report(metrics, _state(model, optimizer, schedule, generator, epoch + 1))
-
+            report(metrics, trial.state(epoch + 1))
     return FitResult(
         accuracy=history[-1].accuracy if history else math.nan,  # resumed after its last epoch
         test_accuracy=history[-1].test_accuracy if history else math.nan,
@@ -367,6 +267,221 @@ def fit(
         resolution_px=resolution_px,
         history=tuple(history),
     )
+
+
+def _validation_split(data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split trials are chosen on (images, labels); DataError when ``data`` has none."""
+    if data.val_images is None or data.val_labels is None:
+        raise DataError(
+            f"dataset {data.name!r} has no validation split to choose on; hold one out with "
+            "scaling_search.data.sources.hold_out_validation"
+        )
+    return data.val_images, data.val_labels
+
+
+def _placed_model(arch: Architecture, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The network built from the global RNG's current state, on ``device``, channels_last."""
+    model = build_model(
+        arch,
+        dropout=config.dropout,
+        stochastic_depth=config.stochastic_depth,
+        bn_momentum=config.bn_momentum,
+    )
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def _restore(
+    resume: Mapping[str, Any] | None, model: torch.nn.Module, generator: torch.Generator
+) -> int:
+    """Load ``resume`` (a state given to ``report``) into the model and the random number
+    generators; the first epoch to train (0 without one)."""
+    if resume is None:
+        return 0
+    model.load_state_dict(resume["model"])
+    generator.set_state(resume["generator"])
+    torch.set_rng_state(resume["torch_rng"])
+    return int(resume["epoch"])
+
+
+class _Trained(NamedTuple):
+    """The training part of one epoch."""
+
+    loss: float  # mean over the epoch's steps
+    correct: torch.Tensor  # training images classified right, on the device
+    seconds: float
+
+
+class _Evaluated(NamedTuple):
+    """The evaluation part of one epoch."""
+
+    accuracy: float  # validation
+    val_loss: float
+    test_accuracy: float  # NaN but at the budget's last epoch
+
+
+@dataclass
+class _Trial:
+    """One attempt's training state, carried from step to step and from epoch to epoch."""
+
+    config: TrainConfig
+    data: ImageData
+    resolution_px: int
+    device: torch.device
+    model: torch.nn.Module  # checkpoints, BN recalibration and evaluation use it
+    step_model: Callable[[torch.Tensor], torch.Tensor]  # trains: `model`, compiled or not
+    steps_per_epoch: int
+    generator: torch.Generator
+    resume: Mapping[str, Any] | None
+    first_epoch: int
+    started_at: float  # unix time
+    train_images: torch.Tensor  # on the device
+    train_labels: torch.Tensor
+    # Built after the first backward pass (see `_step`).
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+    first_step_at: float = math.nan  # unix time the first optimiser step of this attempt ended
+
+    @classmethod
+    def start(
+        cls,
+        config: TrainConfig,
+        data: ImageData,
+        arch: Architecture,
+        resolution_px: int,
+        device: torch.device,
+        *,
+        seed: int,
+        resume: Mapping[str, Any] | None,
+    ) -> _Trial:
+        """The model and the generator seeded (or restored from ``resume``), the training split
+        moved to ``device``."""
+        model = _placed_model(arch, config, device)
+        step_model = torch.compile(model) if config.compile else model
+        steps_per_epoch = max(1, len(data.train_labels) // config.batch_size)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        first_epoch = _restore(resume, model, generator)
+        started_at = time.time()
+        return cls(
+            config=config,
+            data=data,
+            resolution_px=resolution_px,
+            device=device,
+            model=model,
+            step_model=step_model,
+            steps_per_epoch=steps_per_epoch,
+            generator=generator,
+            resume=resume,
+            first_epoch=first_epoch,
+            started_at=started_at,
+            train_images=data.train_images.to(device),
+            train_labels=data.train_labels.to(device),
+        )
+
+    def train_epoch(self, epoch: int, tick: float) -> _Trained:
+        """One pass over the training split in a random order; ``tick``: when the epoch began.
+
+        Raises:
+            FloatingPointError: If the epoch's mean loss is not finite.
+        """
+        self.model.train()
+        order = torch.randperm(len(self.train_labels), generator=self.generator).to(self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        batch_size = self.config.batch_size
+        for step in range(self.steps_per_epoch):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            inputs = prepare_batch(
+                self.train_images[index],
+                resolution_px=self.resolution_px,
+                mean=self.data.mean,
+                std=self.data.std,
+                train=self.config.augment,
+                generator=self.generator if self.device.type == "cpu" else None,
+            )
+            labels = self.train_labels[index]
+            loss, logits = self._step(inputs, labels)
+            # Accumulated on the device: no host synchronisation per step.
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == labels).sum()
+            if math.isnan(self.first_step_at):
+                _synchronize(self.device)  # once per attempt, for the start-up measurement
+                self.first_step_at = time.time()
+        train_loss = loss_sum.item() / self.steps_per_epoch  # waits for the epoch's last step
+        train_seconds = time.perf_counter() - tick
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}")
+        return _Trained(train_loss, correct, train_seconds)
+
+    def _step(
+        self, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on a batch; its loss and logits, not detached."""
+        with _autocast(self.device):
+            logits = self.step_model(inputs)
+            loss = F.cross_entropy(
+                logits.float(), labels, label_smoothing=self.config.label_smoothing
+            )
+        self.model.zero_grad(set_to_none=True)
+        # The optimiser is built after the first backward pass: torch imports torch._dynamo for
+        # the first optimiser of a process (~0.8 s of a CPU core), and that import runs on a
+        # second thread during the pass, which autograd's engine runs without holding the GIL.
+        if self.optimizer is None:
+            _import_in_background("torch._dynamo")
+        loss.backward()
+        if self.optimizer is None or self.schedule is None:
+            self.optimizer, self.schedule = _optimizer_and_schedule(
+                self.model, self.config, self.steps_per_epoch, self.resume
+            )
+        self.optimizer.step()
+        self.schedule.step()
+        return loss, logits
+
+    def evaluate(
+        self, validation: tuple[torch.Tensor, torch.Tensor], *, last_epoch: bool
+    ) -> _Evaluated:
+        """BN statistics recalibrated, then the validation split measured, and at the budget's
+        ``last_epoch`` the test split."""
+        data, resolution_px = self.data, self.resolution_px
+        if self.config.bn_recalibration_images:
+            _recalibrate_batchnorm(
+                self.model,
+                self.train_images[: self.config.bn_recalibration_images],
+                data,
+                resolution_px,
+                self.config.batch_size,
+            )
+        accuracy, val_loss = _evaluate(self.model, data, validation, resolution_px, self.device)
+        test_accuracy = math.nan
+        if last_epoch:  # once, for the record: never used to choose
+            test_split = (data.test_images, data.test_labels)
+            test_accuracy, _ = _evaluate(self.model, data, test_split, resolution_px, self.device)
+        return _Evaluated(accuracy, val_loss, test_accuracy)
+
+    def metrics(
+        self, epoch: int, tick: float, trained: _Trained, evaluated: _Evaluated
+    ) -> EpochMetrics:
+        """What epoch ``epoch`` (from 0), begun at ``tick``, reports."""
+        seconds = time.perf_counter() - tick
+        seen = self.steps_per_epoch * self.config.batch_size
+        return EpochMetrics(
+            epoch=epoch + 1,
+            accuracy=evaluated.accuracy,
+            val_loss=evaluated.val_loss,
+            train_loss=trained.loss,
+            train_accuracy=trained.correct.item() / seen,
+            epoch_seconds=seconds,
+            images_per_second=seen / trained.seconds,
+            started_at=self.started_at,
+            train_seconds=trained.seconds,
+            first_step_at=self.first_step_at,
+            test_accuracy=evaluated.test_accuracy,
+        )
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        """Everything needed to continue after ``epoch`` (see `_state`)."""
+        assert self.optimizer is not None and self.schedule is not None  # an epoch has ≥ 1 step
+        return _state(self.model, self.optimizer, self.schedule, self.generator, epoch)
 
 
 def _state(

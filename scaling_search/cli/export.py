@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import optuna
 
     from scaling_search.results.family import Family, FamilyMember, Recipe
+    from scaling_search.space import Coefficients
 
 __all__ = ["export", "study_classes", "study_recipe"]
 
@@ -26,9 +27,36 @@ def export(args: argparse.Namespace) -> int:
     """`scaling-search export`: the family of a study's winner (its class's representative) or of
     given coefficients (with a study too: at the study's resolution, classes and recipe)."""
     from scaling_search.results.export import dump_family, write_text_atomic
-    from scaling_search.results.family import make_family, phi_for_budget
-    from scaling_search.space import Coefficients
+    from scaling_search.results.family import make_family
 
+    _check_args(args)
+    coefficients, base_px, classes, recipe = _subject(args)
+    phis, budget = _phis_and_budget(args, coefficients, base_px, classes)
+    family = make_family(
+        coefficients,
+        mode=args.mode,
+        phis=phis,
+        base_resolution_px=base_px,
+        num_classes=classes,
+        recipe=recipe,
+    )
+    # The ONNX member is chosen before anything is printed, so that a wrong --member is one line.
+    chosen = _chosen_member(family, args.member) if args.format == "onnx" else None
+    if budget is not None:
+        _say_budget(budget, family.members[0])
+    if chosen is not None:
+        return _write_onnx(chosen, args.out)
+    text = dump_family(family, args.format)
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        write_text_atomic(args.out, text)
+        print(f"wrote {args.out} ({len(family.members)} members, {args.mode})")
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What the arguments alone can tell is wrong, before any study is opened."""
     if args.study is None and args.coefficients is None:
         raise StudyError("export needs a study file, --coefficients A,B,G, or both")
     _check_onnx_args(args)
@@ -38,6 +66,13 @@ def export(args: argparse.Namespace) -> int:
     ):
         if value is not None:  # 0 is a value, not "the default"
             limits.check_range(flag, value, low, high)
+
+
+def _subject(args: argparse.Namespace) -> tuple[Coefficients, int, int, Recipe | None]:
+    """The triple to scale, B0's resolution, the classes, and the study's recipe (None without
+    a study)."""
+    from scaling_search.space import Coefficients
+
     base_px, classes = args.base_resolution or 224, args.num_classes or 1000
     recipe = None
     if args.coefficients is not None:
@@ -54,6 +89,16 @@ def export(args: argparse.Namespace) -> int:
         base_px = args.base_resolution or study.train.base_resolution_px
         classes = args.num_classes or study_classes(study, ot_study)
         recipe = study_recipe(study)
+    return coefficients, base_px, classes, recipe
+
+
+def _phis_and_budget(
+    args: argparse.Namespace, coefficients: Coefficients, base_px: int, classes: int
+) -> tuple[list[float] | None, tuple[str, float] | None]:
+    """The φ values (None: the default 1..7), and the budget (kind, count) that chose the one φ
+    when --target-macs or --target-params gives one."""
+    from scaling_search.results.family import phi_for_budget
+
     phis = None if args.phi is None else _phis(args.phi)
     budget = _budget(args)
     if budget is not None:
@@ -69,32 +114,16 @@ def export(args: argparse.Namespace) -> int:
                 num_classes=classes,
             )
         ]
-    family = make_family(
-        coefficients,
-        mode=args.mode,
-        phis=phis,
-        base_resolution_px=base_px,
-        num_classes=classes,
-        recipe=recipe,
+    return phis, budget
+
+
+def _say_budget(budget: tuple[str, float], member: FamilyMember) -> None:
+    """On stderr: the φ that the budget chose, and what its member costs."""
+    print(
+        f"target {budget[1]:,.0f} {budget[0]}: phi={member.phi:g} gives "
+        f"{member.macs:,} MACs, {member.params:,} params at {member.resolution_px} px",
+        file=sys.stderr,
     )
-    # The ONNX member is chosen before anything is printed, so that a wrong --member is one line.
-    chosen = _chosen_member(family, args.member) if args.format == "onnx" else None
-    if budget is not None:
-        member = family.members[0]
-        print(
-            f"target {budget[1]:,.0f} {budget[0]}: phi={member.phi:g} gives "
-            f"{member.macs:,} MACs, {member.params:,} params at {member.resolution_px} px",
-            file=sys.stderr,
-        )
-    if chosen is not None:
-        return _write_onnx(chosen, args.out)
-    text = dump_family(family, args.format)
-    if args.out is None:
-        sys.stdout.write(text)
-    else:
-        write_text_atomic(args.out, text)
-        print(f"wrote {args.out} ({len(family.members)} members, {args.mode})")
-    return 0
 
 
 def _check_onnx_args(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -47,8 +48,39 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scaling-search", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _run_args(sub.add_parser("run", help="run or continue a study"))
+    for name, text in (
+        ("status", "trial counts and best so far"),
+        ("best", "the winning network, its class of triples, its ties"),
+        ("space", "the candidates with nominal and measured FLOPs ratios"),
+    ):
+        command = sub.add_parser(name, help=text)
+        _study_args(command)
+        command.add_argument("--format", choices=("table", "json"), default="table")
+    _export_args(
+        sub.add_parser(
+            "export", help="write the B1…B7 family for a study's winner (or given α,β,γ)"
+        )
+    )
+    _model_args(sub.add_parser("model", help="params, MACs and shapes of a scaled B0"))
+    _dashboard_args(
+        sub.add_parser(
+            "dashboard", help="open optuna-dashboard on a study's storage (or on --storage URL)"
+        )
+    )
+    report = sub.add_parser(
+        "report", help="write the study's plotly report (one offline HTML file)"
+    )
+    _study_args(report)
+    report.add_argument("--out", type=Path, help="HTML file (default: <output_dir>/report.html)")
+    clean_parser = sub.add_parser(
+        "clean", help="remove the checkpoints and Ray Tune files that stopped runs left"
+    )
+    _study_args(clean_parser)
+    return parser
 
-    run_parser = sub.add_parser("run", help="run or continue a study")
+
+def _run_args(run_parser: argparse.ArgumentParser) -> None:
     _study_args(run_parser)
     run_parser.add_argument("--address", help="join a running Ray cluster (auto or HOST:PORT)")
     run_parser.add_argument(
@@ -65,18 +97,8 @@ def _build_parser() -> argparse.ArgumentParser:
         f"stops (default {PATIENCE_S:.0f})",
     )
 
-    for name, text in (
-        ("status", "trial counts and best so far"),
-        ("best", "the winning network, its class of triples, its ties"),
-        ("space", "the candidates with nominal and measured FLOPs ratios"),
-    ):
-        command = sub.add_parser(name, help=text)
-        _study_args(command)
-        command.add_argument("--format", choices=("table", "json"), default="table")
 
-    export_parser = sub.add_parser(
-        "export", help="write the B1…B7 family for a study's winner (or given α,β,γ)"
-    )
+def _export_args(export_parser: argparse.ArgumentParser) -> None:
     export_parser.add_argument("study", type=Path, nargs="?", help="study file")
     export_parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
@@ -112,16 +134,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     export_parser.add_argument("--out", type=Path, help="file to write (default: stdout)")
 
-    model = sub.add_parser("model", help="params, MACs and shapes of a scaled B0")
+
+def _model_args(model: argparse.ArgumentParser) -> None:
     model.add_argument("--width", type=float, required=True)
     model.add_argument("--depth", type=float, required=True)
     model.add_argument("--resolution", type=int, required=True, metavar="PX")
     model.add_argument("--num-classes", type=int, default=1000)
     model.add_argument("--format", choices=("table", "json"), default="table")
 
-    dashboard = sub.add_parser(
-        "dashboard", help="open optuna-dashboard on a study's storage (or on --storage URL)"
-    )
+
+def _dashboard_args(dashboard: argparse.ArgumentParser) -> None:
     dashboard.add_argument("study", type=Path, nargs="?", help="study file (omit with --storage)")
     dashboard.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE"
@@ -136,55 +158,23 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     dashboard.add_argument("--port", type=int, default=8080)
 
-    report = sub.add_parser(
-        "report", help="write the study's plotly report (one offline HTML file)"
-    )
-    _study_args(report)
-    report.add_argument("--out", type=Path, help="HTML file (default: <output_dir>/report.html)")
-
-    clean_parser = sub.add_parser(
-        "clean", help="remove the checkpoints and Ray Tune files that stopped runs left"
-    )
-    _study_args(clean_parser)
-    return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scaling-search``; returns the exit code."""
     args = _build_parser().parse_args(argv)
-    handlers = {
-        "run": run.run,
-        "status": view.status,
-        "best": view.best,
-        "export": export.export,
-        "space": view.space,
-        "model": view.model,
-        "dashboard": view.dashboard,
-        "report": view.report,
-        "clean": clean.clean,
-    }
     try:
-        return handlers[args.command](args)
+        return _handlers()[args.command](args)
     except (Interrupted, SystemError) as exc:
         interrupted = Interrupted.behind(exc)
         if interrupted is None:
             raise
-        if interrupted.summary is not None:
-            print(run.summary_line(interrupted.summary, "before it was stopped"))
-        print(f"scaling-search: {INTERRUPTED_LINE}", file=sys.stderr)
-        return interrupted.exit_code
+        return _stopped(interrupted)
     except BrokenPipeError:
-        # The reader went away (`scaling-search best … | head`): not an error of ours. Point
-        # stdout at /dev/null so that the interpreter's last flush cannot raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+        return _reader_gone()
     except (ValueError, OSError, KeyError) as exc:
         if args.debug:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        # Every message that names a storage URL masks it already; this catches any other.
-        print(f"scaling-search: error: {' '.join(redact(str(message)).split())}", file=sys.stderr)
-        return USAGE_ERROR
+        return _usage_error(exc)
     except KeyboardInterrupt:
         print(f"scaling-search: {INTERRUPTED_LINE}", file=sys.stderr)
         return 130
@@ -197,6 +187,45 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"scaling-search: error: {line}", file=sys.stderr)
         return DATABASE_FAILED
+
+
+def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
+    """The function of each subcommand."""
+    return {
+        "run": run.run,
+        "status": view.status,
+        "best": view.best,
+        "export": export.export,
+        "space": view.space,
+        "model": view.model,
+        "dashboard": view.dashboard,
+        "report": view.report,
+        "clean": clean.clean,
+    }
+
+
+def _stopped(interrupted: Interrupted) -> int:
+    """A signal stopped the command: what the run did before, one line, and the exit code."""
+    if interrupted.summary is not None:
+        print(run.summary_line(interrupted.summary, "before it was stopped"))
+    print(f"scaling-search: {INTERRUPTED_LINE}", file=sys.stderr)
+    return interrupted.exit_code
+
+
+def _reader_gone() -> int:
+    """Stdout's reader closed the pipe: exit as a shell reports a command killed by SIGPIPE."""
+    # The reader went away (`scaling-search best … | head`): not an error of ours. Point
+    # stdout at /dev/null so that the interpreter's last flush cannot raise again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+
+
+def _usage_error(exc: ValueError | OSError | KeyError) -> int:
+    """One line on stderr, the exit code of an error the user can fix."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    # Every message that names a storage URL masks it already; this catches any other.
+    print(f"scaling-search: error: {' '.join(redact(str(message)).split())}", file=sys.stderr)
+    return USAGE_ERROR
 
 
 if __name__ == "__main__":

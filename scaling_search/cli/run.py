@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scaling_search import limits
 from scaling_search.cli._common import load_optuna_study
 from scaling_search.config import StudyConfig, StudyError, load_study
 from scaling_search.driver.interrupt import StopRequest, handle_signals
+
+if TYPE_CHECKING:
+    from optuna.storages import RDBStorage
+
+    from scaling_search.data.sources import ImageData
 
 MAX_PATIENCE_S = 86_400.0
 FAMILY_FILENAME = "family.json"
@@ -50,41 +55,11 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
 
     _check_address(args.address)
     with collector_paused():  # the set-up imports torch, Optuna and Ray Tune
-        from scaling_search.data.sources import load_data
-        from scaling_search.sampling import ObjectiveNetworkKey, SimplexCoordinates
-        from scaling_search.space import grid_candidates
-        from scaling_search.study.storage import mask_url, open_storage, resolve_url
-
-        study = load_study(args.study, args.overrides)
-        if not 1 <= args.database_patience <= MAX_PATIENCE_S:  # also NaN
-            raise StudyError(
-                f"--database-patience must be 1 to {MAX_PATIENCE_S:.0f} seconds, got "
-                f"{args.database_patience}"
-            )
-        if study.objective is not None:
-            from scaling_search._hooks import load_function
-
-            # Importable here, before anything is launched.
-            load_function(study.objective, what="objective")
-        if study.space.cost == "nominal":  # measured: checked once the classes are known
-            if study.search.sampler != "grid":
-                first = SimplexCoordinates(study.space).to_coefficients(0.5, 0.5)
-            else:
-                first = grid_candidates(study.space)[0]
-            if study.network_key is not None:  # a key function that breaks: one line, now
-                ObjectiveNetworkKey(
-                    study.network_key, base_resolution_px=study.train.base_resolution_px
-                )(first)
-        data = load_data(study.data)
-        if study.space.cost == "measured":  # counts MACs with the data's classes
-            _check_measured_space(study, data.num_classes)
-        from scaling_search.driver import check_address, run_study
-
-        check_address(args.address)  # a cluster that does not answer: before anything is written
-        url = resolve_url(study)
-        storage = open_storage(url)  # everything above is checked before anything is written
+        study, data, url, storage = _set_up(args)
+    from scaling_search.study.storage import mask_url
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
+    from scaling_search.driver import run_study
     from scaling_search.report.publish import LiveDashboard
 
     summary = run_study(
@@ -98,6 +73,58 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
         live_view=LiveDashboard,  # the figures and note optuna-dashboard shows, kept current
     )
     print(summary_line(summary))
+    _write_findings(study, storage, data.num_classes)
+    return 0
+
+
+def _set_up(args: argparse.Namespace) -> tuple[StudyConfig, ImageData, str, RDBStorage]:
+    """The study, its data, and its storage's URL and storage, opened once everything the study
+    asks for is checked (nothing is written before)."""
+    from scaling_search.data.sources import load_data
+    from scaling_search.study.storage import open_storage, resolve_url
+
+    study = load_study(args.study, args.overrides)
+    if not 1 <= args.database_patience <= MAX_PATIENCE_S:  # also NaN
+        raise StudyError(
+            f"--database-patience must be 1 to {MAX_PATIENCE_S:.0f} seconds, got "
+            f"{args.database_patience}"
+        )
+    _check_hooks(study)
+    data = load_data(study.data)
+    if study.space.cost == "measured":  # counts MACs with the data's classes
+        _check_measured_space(study, data.num_classes)
+    from scaling_search.driver import check_address
+
+    check_address(args.address)  # a cluster that does not answer: before anything is written
+    url = resolve_url(study)
+    storage = open_storage(url)  # everything above is checked before anything is written
+    return study, data, url, storage
+
+
+def _check_hooks(study: StudyConfig) -> None:
+    """The study's objective imports, and its network key works on a first point (of a nominal
+    space; a measured one's is checked once the classes are known)."""
+    from scaling_search.sampling import ObjectiveNetworkKey, SimplexCoordinates
+    from scaling_search.space import grid_candidates
+
+    if study.objective is not None:
+        from scaling_search._hooks import load_function
+
+        # Importable here, before anything is launched.
+        load_function(study.objective, what="objective")
+    if study.space.cost == "nominal":  # measured: checked once the classes are known
+        if study.search.sampler != "grid":
+            first = SimplexCoordinates(study.space).to_coefficients(0.5, 0.5)
+        else:
+            first = grid_candidates(study.space)[0]
+        if study.network_key is not None:  # a key function that breaks: one line, now
+            ObjectiveNetworkKey(
+                study.network_key, base_resolution_px=study.train.base_resolution_px
+            )(first)
+
+
+def _write_findings(study: StudyConfig, storage: RDBStorage, num_classes: int) -> None:
+    """The winner's lines, its family's file and the report, each named on stdout."""
     from scaling_search.cli.view import write_report_for
     from scaling_search.results.ranking import best_triple
     from scaling_search.results.verdict import best_view
@@ -105,14 +132,13 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
     ot_study = load_optuna_study(study, storage)
     best = best_triple(ot_study)
     _, lines = best_view(
-        best, base_resolution_px=study.train.base_resolution_px, num_classes=data.num_classes
+        best, base_resolution_px=study.train.base_resolution_px, num_classes=num_classes
     )
     print("\n".join(lines))
     path = study.out_dir / FAMILY_FILENAME
-    _write_family(best.coefficients, study, data.num_classes, path)
+    _write_family(best.coefficients, study, num_classes, path)
     print(f"family: {path} (formula mode, φ = 1…7, for {best.coefficients.label()})")
-    print(f"report: {write_report_for(study, ot_study, None, data.num_classes)}")
-    return 0
+    print(f"report: {write_report_for(study, ot_study, None, num_classes)}")
 
 
 def _check_measured_space(study: StudyConfig, num_classes: int) -> None:

@@ -205,105 +205,201 @@ def run_study(
     stop = stop or StopRequest()
     if progress is None:  # the terminal's stdout: Ray's own output goes to the study's logs
         progress = TerminalLines(sys.stdout)
+    _quiet_optuna()
+    driver = _Driver.open(study, data, storage, progress, stop, started=started)
+    # Drivers on other hosts of this Ray cluster hold trials: plan once the cluster has said
+    # which of them still run.
+    ask_ray = address is not None and ledger.held_by_ray_jobs(driver.ot_study)
+    to_launch, to_race = (0, 0) if ask_ray else driver.plan()
+    if not ask_ray and to_launch == 0 and to_race == 0:
+        progress(driver.nothing)
+        _sweep(study, driver.ot_study, progress, keep_checkpoints)
+        return driver.summary()
+    try:
+        driver.train(
+            to_launch,
+            to_race,
+            _RayOptions(address, ask_ray, fit_fn, live_view, keep_checkpoints, database_patience_s),
+        )
+    except Interrupted as exc:
+        exc.summary = driver.summary()
+        raise
+    _sweep(study, driver.ot_study, progress, keep_checkpoints)
+    return driver.summary()
+
+
+def _quiet_optuna() -> None:
+    """Optuna's own messages down to warnings; its storage's retries, to errors."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Its storage warns when a query fails and it retries another way; a database going away is
     # this run's to report, in one line (scaling_search.study.outage), not Optuna's in several.
     logging.getLogger("optuna.storages._rdb.storage").setLevel(logging.ERROR)
-    ot_study = ledger.open_study(study, storage, num_classes=data.num_classes)
-    ledger.recover_stale(ot_study, progress)
-    before = _state_counts(ot_study)
-    key = study_network_key(study, data.num_classes)
-    classes = None
-    if study.search.sampler == "grid":
-        members = ledger.grid_classes(study, num_classes=data.num_classes, network_key=key)
-        classes = Classes(members, study.train.base_resolution_px, data.num_classes)
-        # Results a stopped driver trained but did not share yet.
-        sharing.share_missing(
-            ot_study,
-            members,
-            base_resolution_px=study.train.base_resolution_px,
-            num_classes=data.num_classes,
-        )
 
-    def plan() -> tuple[int, int]:
+
+def _grid_classes(
+    study: StudyConfig, ot_study: optuna.Study, num_classes: int, key: NetworkKeyFn
+) -> Classes | None:
+    """The grid's classes of triples that train the same network (None for other samplers),
+    once the results a stopped driver trained but did not share yet are shared."""
+    if study.search.sampler != "grid":
+        return None
+    members = ledger.grid_classes(study, num_classes=num_classes, network_key=key)
+    classes = Classes(members, study.train.base_resolution_px, num_classes)
+    sharing.share_missing(
+        ot_study,
+        members,
+        base_resolution_px=study.train.base_resolution_px,
+        num_classes=num_classes,
+    )
+    return classes
+
+
+@dataclass(frozen=True)
+class _RayOptions:
+    """run_study's arguments for the part that runs on Ray."""
+
+    address: str | None
+    ask_ray: bool  # plan once Ray has said which jobs of other drivers still run
+    fit_fn: Fit | None
+    live_view: LiveViewFactory | None
+    keep_checkpoints: bool
+    database_patience_s: float
+
+
+@dataclass
+class _Driver:
+    """One invocation of :func:`run_study` on its opened study: what it plans, and the stages it
+    runs on Ray."""
+
+    study: StudyConfig
+    data: ImageData
+    storage: optuna.storages.RDBStorage
+    progress: Progress
+    stop: StopRequest
+    ot_study: optuna.Study
+    before: Counter[TrialState | str]  # trials by state when the run began
+    started: float  # time.perf_counter()
+    network_key: NetworkKeyFn
+    classes: Classes | None
+    stage: _Stage | None = None  # once Ray runs
+
+    @classmethod
+    def open(
+        cls,
+        study: StudyConfig,
+        data: ImageData,
+        storage: optuna.storages.RDBStorage,
+        progress: Progress,
+        stop: StopRequest,
+        *,
+        started: float,
+    ) -> _Driver:
+        """The study opened (created on first use) and its stale trials recovered."""
+        ot_study = ledger.open_study(study, storage, num_classes=data.num_classes)
+        ledger.recover_stale(ot_study, progress)
+        before = _state_counts(ot_study)
+        key = study_network_key(study, data.num_classes)
+        classes = _grid_classes(study, ot_study, data.num_classes, key)
+        return cls(study, data, storage, progress, stop, ot_study, before, started, key, classes)
+
+    @property
+    def nothing(self) -> str:
+        """The line that says there is nothing to train."""
+        return f"study {self.study.name!r}: every trial is already done or held; nothing to train"
+
+    def plan(self) -> tuple[int, int]:
+        """Trials queued: to launch in the search, and (once it has ended) to race."""
+        study, ot_study = self.study, self.ot_study
         to_launch = ledger.plan_trials(
-            study, ot_study, num_classes=data.num_classes, network_key=key
+            study, ot_study, num_classes=self.data.num_classes, network_key=self.network_key
         )
-        to_race = _racing_after_search(study, ot_study, progress) if to_launch == 0 else 0
+        to_race = _racing_after_search(study, ot_study, self.progress) if to_launch == 0 else 0
         return to_launch, to_race
 
-    nothing = f"study {study.name!r}: every trial is already done or held; nothing to train"
-    # Drivers on other hosts of this Ray cluster hold trials: plan once the cluster has said
-    # which of them still run.
-    ask_ray = address is not None and ledger.held_by_ray_jobs(ot_study)
-    to_launch, to_race = (0, 0) if ask_ray else plan()
-    if not ask_ray and to_launch == 0 and to_race == 0:
-        progress(nothing)
-        _sweep(study, ot_study, progress, keep_checkpoints)
-        return _summary(0, before, ot_study, started)
-    logs = study.out_dir / "logs"
-    stage: _Stage | None = None
-    try:
+    def summary(self) -> RunSummary:
+        """What this run did so far."""
+        return _summary(
+            self.stage.launched if self.stage else 0, self.before, self.ot_study, self.started
+        )
+
+    def train(self, to_launch: int, to_race: int, options: _RayOptions) -> None:
+        """Start (or join) Ray and run the search's stage, then racing's, as planned."""
+        study, progress = self.study, self.progress
+        logs = study.out_dir / "logs"
         with ray_output_to(logs / f"driver-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"):
-            builtin = fit_fn is None and study.objective is None
+            builtin = options.fit_fn is None and study.objective is None
             # The estimate (forward passes, ~1 s) runs while Ray starts.
             with ThreadPoolExecutor(1, thread_name_prefix="memory-estimate") as pool:
-                memory = pool.submit(_memory_per_trial, study, data, builtin, progress)
-                _init_ray(study, address, stop)
+                memory = pool.submit(_memory_per_trial, study, self.data, builtin, progress)
+                _init_ray(study, options.address, self.stop)
                 wanted = _resources(study, memory.result())
-            if ask_ray:  # the points of the trials of ended jobs are queued again
-                ledger.recover_ended_jobs(ot_study, progress, ended_jobs)
-                to_launch, to_race = plan()
+            if options.ask_ray:  # the points of the trials of ended jobs are queued again
+                ledger.recover_ended_jobs(self.ot_study, progress, ended_jobs)
+                to_launch, to_race = self.plan()
                 if to_launch == 0 and to_race == 0:
-                    progress(nothing)
+                    progress(self.nothing)
             if builtin and study.resources.memory_per_trial is None:
                 _estimate_within_nodes(wanted, progress)
             check_resources(wanted)
+            fit_fn = options.fit_fn
             if fit_fn is None:
                 fit_fn = ObjectiveFit(study.objective) if study.objective else fit
-            live = (live_view or NoView)(ot_study, progress)
-            watch = DatabaseWatch(
-                mask_url(storage.url), patience_s=database_patience_s, say=progress
+            self._run_stages(to_launch, to_race, options, fit_fn, wanted)
+
+    def _run_stages(
+        self,
+        to_launch: int,
+        to_race: int,
+        options: _RayOptions,
+        fit_fn: Fit,
+        wanted: dict[str, float],
+    ) -> None:
+        """The stages under Ray's watchdog and the study's heartbeat; the live view's figures
+        brought up to date at the end."""
+        study, progress = self.study, self.progress
+        live = (options.live_view or NoView)(self.ot_study, progress)
+        watch = DatabaseWatch(
+            mask_url(self.storage.url), patience_s=options.database_patience_s, say=progress
+        )
+        with (
+            RayWatchdog(study.out_dir / "logs", local=options.address is None),
+            Heartbeat(self.storage, ledger.HEARTBEAT_INTERVAL_S, watch) as heartbeat,
+        ):
+            self.stage = _Stage(
+                study,
+                self.data,
+                self.storage,
+                heartbeat,
+                fit_fn,
+                progress,
+                live,
+                self.network_key,
+                self.classes,
+                self.stop,
+                options.keep_checkpoints,
+                watch,
+                wanted,
             )
-            with (
-                RayWatchdog(logs, local=address is None),
-                Heartbeat(storage, ledger.HEARTBEAT_INTERVAL_S, watch) as heartbeat,
-            ):
-                stage = _Stage(
-                    study,
-                    data,
-                    storage,
-                    heartbeat,
-                    fit_fn,
-                    progress,
-                    live,
-                    key,
-                    classes,
-                    stop,
-                    keep_checkpoints,
-                    watch,
-                    wanted,
-                )
-                if to_launch:
-                    progress(
-                        f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
-                        f"up to {study.search.max_concurrent_trials} at a time"
-                    )
-                    stage.run(to_launch, racing_stage=False)
-                    to_race = _racing_after_search(study, ot_study, progress)
-                if to_race and study.search.racing is not None:
-                    progress(
-                        f"racing: the top {study.search.racing.top_k} triple(s) of the search, "
-                        f"{study.search.racing.repeats} new seed(s) each at the full budget: "
-                        f"{to_race} trial(s)"
-                    )
-                    stage.run(to_race, racing_stage=True)
-                live.update(force=True)  # the figures and note of the finished run
-    except Interrupted as exc:
-        exc.summary = _summary(stage.launched if stage else 0, before, ot_study, started)
-        raise
-    _sweep(study, ot_study, progress, keep_checkpoints)
-    return _summary(stage.launched if stage else 0, before, ot_study, started)
+            self._search_then_race(self.stage, to_launch, to_race)
+            live.update(force=True)  # the figures and note of the finished run
+
+    def _search_then_race(self, stage: _Stage, to_launch: int, to_race: int) -> None:
+        """The search's stage, then (once it has ended) racing's."""
+        study, progress = self.study, self.progress
+        if to_launch:
+            progress(
+                f"study {study.name!r}: up to {to_launch} trial(s) to launch, "
+                f"up to {study.search.max_concurrent_trials} at a time"
+            )
+            stage.run(to_launch, racing_stage=False)
+            to_race = _racing_after_search(study, self.ot_study, progress)
+        if to_race and study.search.racing is not None:
+            progress(
+                f"racing: the top {study.search.racing.top_k} triple(s) of the search, "
+                f"{study.search.racing.repeats} new seed(s) each at the full budget: "
+                f"{to_race} trial(s)"
+            )
+            stage.run(to_race, racing_stage=True)
 
 
 def _sweep(
@@ -376,9 +472,25 @@ class _Stage:
     launched: int = 0  # trials handed to Ray, over the stages run so far
 
     def run(self, count: int, *, racing_stage: bool) -> None:
+        """Run up to ``count`` trials of this stage, then remove its Ray Tune folder."""
+        searcher = self._searcher(count, racing_stage=racing_stage)
+        scheduler = FIFOScheduler() if racing_stage else _scheduler(self.study)
+        trial_failures_for_lost_workers()
+        experiment = leftovers.new_experiment(self.study, ledger.driver_id())
+        tuner = self._tuner(searcher, count, scheduler, experiment)
+        self._fit(tuner, searcher)
+        # Nothing in it is needed any more: the study holds every result, and an interrupted
+        # trial starts again from scratch. (A stage that raised leaves it, for
+        # `scaling-search clean` or the study's next finished run.)
+        if not self.keep_checkpoints:
+            leftovers.remove_experiment(experiment)
+        self.watch.check(searcher.lost())  # the database stayed away: one line, no more stages
+        self.stop.check()  # never another stage after a signal
+
+    def _define(self, *, racing_stage: bool) -> DefineByRun:
+        """How a trial of this stage gets its point: sampled, or the queued grid or racing one."""
         study = self.study
-        searching = not racing_stage and study.search.sampler != "grid"
-        define = DefineByRun(
+        return DefineByRun(
             study.space,
             # Racing trials are queued points, as the grid's are, with their seed as an attribute.
             sampler="grid" if racing_stage else study.search.sampler,
@@ -388,8 +500,13 @@ class _Stage:
             seed_attr=racing_stage,
             network_key=self.network_key,
         )
-        searcher = StudySearch(
-            space=define,
+
+    def _searcher(self, count: int, *, racing_stage: bool) -> StudySearch:
+        """The stage's Tune searcher on the study: it hands out up to ``count`` trials."""
+        study = self.study
+        searching = not racing_stage and study.search.sampler != "grid"
+        return StudySearch(
+            space=self._define(racing_stage=racing_stage),
             metric=METRIC,
             mode="max",
             sampler=ledger.sampler(study),
@@ -413,23 +530,9 @@ class _Stage:
             watch=self.watch,
             n_trials=study.search.n_trials if searching else None,
         )
-        scheduler = FIFOScheduler() if racing_stage else _scheduler(study)
-        trial_failures_for_lost_workers()
-        experiment = leftovers.new_experiment(study, ledger.driver_id())
-        tuner = _tuner(
-            study,
-            self.data,
-            self.fit_fn,
-            searcher,
-            count,
-            self.progress,
-            self.live,
-            scheduler,
-            _StopRun(self.stop, self.watch, searcher),
-            experiment=experiment,
-            keep_checkpoints=self.keep_checkpoints,
-            resources=self.resources,
-        )
+
+    def _fit(self, tuner: tune.Tuner, searcher: StudySearch) -> None:
+        """Run the Tuner, to its end or to a signal."""
         with self.stop.graceful(), _tune_quiet():
             try:
                 tuner.fit()
@@ -442,13 +545,51 @@ class _Stage:
                         f"{stopped} running trial(s) stopped and recorded as interrupted; "
                         "the next run trains them again"
                     )
-        # Nothing in it is needed any more: the study holds every result, and an interrupted
-        # trial starts again from scratch. (A stage that raised leaves it, for
-        # `scaling-search clean` or the study's next finished run.)
-        if not self.keep_checkpoints:
-            leftovers.remove_experiment(experiment)
-        self.watch.check(searcher.lost())  # the database stayed away: one line, no more stages
-        self.stop.check()  # never another stage after a signal
+
+    def _tuner(
+        self,
+        searcher: StudySearch,
+        to_launch: int,
+        scheduler: TrialScheduler,
+        experiment: Path,
+    ) -> tune.Tuner:
+        """The stage's Tuner: the trainable with its resources, searcher and scheduler."""
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                train_trial, study=self.study, shared=SharedData(self.data), fit_fn=self.fit_fn
+            ),
+            self.resources,
+        )
+        return tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=to_launch,
+                max_concurrent_trials=self.study.search.max_concurrent_trials,
+                # A worker process (torch imported, data fetched) runs many trials.
+                reuse_actors=True,
+            ),
+            run_config=self._run_config(searcher, experiment),
+        )
+
+    def _run_config(self, searcher: StudySearch, experiment: Path) -> tune.RunConfig:
+        """Where the stage's experiment lives, what stops it, and who hears of its trials."""
+        return tune.RunConfig(
+            # A new experiment each stage: the Optuna study, not Tune's state, says what is done.
+            # A local (or mounted) folder, which TrialCheckpoints and leftovers remove from.
+            name=experiment.name,
+            storage_path=str(experiment.parent),
+            verbose=0,
+            stop=_StopRun(self.stop, self.watch, searcher),
+            callbacks=[
+                # First: it hands an errored trial's reason to the searcher, to be recorded
+                # before TrialCheckpoints removes the trial's checkpoints.
+                ProgressCallback(self.study.train.epochs, self.progress, searcher, self.live),
+                TrialCheckpoints(searcher, keep=self.keep_checkpoints),
+            ],
+            failure_config=tune.FailureConfig(max_failures=self.study.search.trial_retries),
+        )
 
     def _unfinished_reason(self) -> str:
         if self.watch.gave_up:
@@ -495,49 +636,3 @@ class _StopRun(tune.Stopper):
 
     def stop_all(self) -> bool:
         return self._stop.requested or self._watch.gave_up
-
-
-def _tuner(
-    study: StudyConfig,
-    data: ImageData,
-    fit_fn: Fit,
-    searcher: StudySearch,
-    to_launch: int,
-    progress: Progress,
-    live: LiveView,
-    scheduler: TrialScheduler,
-    stopper: tune.Stopper,
-    *,
-    experiment: Path,
-    keep_checkpoints: bool,
-    resources: dict[str, float],
-) -> tune.Tuner:
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, study=study, shared=SharedData(data), fit_fn=fit_fn),
-        resources,
-    )
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=scheduler,
-            num_samples=to_launch,
-            max_concurrent_trials=study.search.max_concurrent_trials,
-            reuse_actors=True,  # a worker process (torch imported, data fetched) runs many trials
-        ),
-        run_config=tune.RunConfig(
-            # A new experiment each stage: the Optuna study, not Tune's state, says what is done.
-            # A local (or mounted) folder, which TrialCheckpoints and leftovers remove from.
-            name=experiment.name,
-            storage_path=str(experiment.parent),
-            verbose=0,
-            stop=stopper,
-            callbacks=[
-                # First: it hands an errored trial's reason to the searcher, to be recorded
-                # before TrialCheckpoints removes the trial's checkpoints.
-                ProgressCallback(study.train.epochs, progress, searcher, live),
-                TrialCheckpoints(searcher, keep=keep_checkpoints),
-            ],
-            failure_config=tune.FailureConfig(max_failures=study.search.trial_retries),
-        ),
-    )

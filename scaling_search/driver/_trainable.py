@@ -77,18 +77,8 @@ def _train_trial(
     torch.set_num_threads(max(1, int(study.resources.cpus_per_trial)))
     device = pick_device()
     data, data_reused = shared.get(device)
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / "state.pt", weights_only=False)
-    placement = {
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "node_ip": ray.util.get_node_ip_address(),
-        "worker_pid": os.getpid(),  # the process to look at (or to stop) while it trains
-        "resumed_from_epoch": int(resume["epoch"]) if resume else 0,
-        "data_reused": data_reused,
-    }
+    resume = _last_checkpoint()
+    placement = _placement(resume, data_reused)
     epochs_done = placement["resumed_from_epoch"]
 
     def report(metrics: EpochMetrics, state: Any) -> None:
@@ -116,10 +106,33 @@ def _train_trial(
         reason = str(exc) if isinstance(exc, ObjectiveError) else failure_reason(exc)
         if reason is None:
             raise
-        # Imported here: the ledger brings Optuna, which a worker needs only on this path.
-        from scaling_search.study.ledger import FAIL_REASON_ATTR
+        _report_failure(reason, epochs_done, placement)
 
-        # A result with this key ends its trial as FAIL (the searcher reads it).
-        tune.report(
-            {FAIL_REASON_ATTR: reason, "epoch": epochs_done, METRIC: float("nan"), **placement}
-        )
+
+def _last_checkpoint() -> Any:
+    """The state this trial's last checkpoint holds (its retry resumes from it); None if none."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / "state.pt", weights_only=False)
+
+
+def _placement(resume: Any, data_reused: bool) -> dict[str, Any]:
+    """Where and how the trial runs, reported with every result."""
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "worker_pid": os.getpid(),  # the process to look at (or to stop) while it trains
+        "resumed_from_epoch": int(resume["epoch"]) if resume else 0,
+        "data_reused": data_reused,
+    }
+
+
+def _report_failure(reason: str, epochs_done: int, placement: dict[str, Any]) -> None:
+    """End the trial as failed, for ``reason``, without a retry."""
+    # Imported here: the ledger brings Optuna, which a worker needs only on this path.
+    from scaling_search.study.ledger import FAIL_REASON_ATTR
+
+    # A result with this key ends its trial as FAIL (the searcher reads it).
+    tune.report({FAIL_REASON_ATTR: reason, "epoch": epochs_done, METRIC: float("nan"), **placement})

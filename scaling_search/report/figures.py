@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         TrialPoint,
         TrialsInfo,
     )
+    from scaling_search.space import Coefficients
 
 __all__ = ["cost_figure", "curves_figure", "family_figure", "simplex_figure", "top_table_figure"]
 
@@ -116,14 +117,7 @@ def simplex_figure(info: TrialsInfo) -> go.Figure:
                 hoverinfo="text",
             )
         )
-    marks = [("paper (ImageNet) 1.2, 1.1, 1.15", [PAPER_TRIPLE], "square-open", "#555")]
-    if info.winner is not None:
-        others = [m for m in info.winner_class if m != info.winner]
-        marks.append((f"winner {info.winner.label()}", [info.winner], "star", _WINNER))
-        if others:
-            marks.append((f"its class (+{len(others)}, same φ = 1 network)", others,
-                          "star-open", _WINNER))  # fmt: skip
-    for name, triples, symbol, color in marks:
+    for name, triples, symbol, color in _marks(info):
         shares = [log_flops_shares(triple) for triple in triples]
         figure.add_trace(
             go.Scatterternary(
@@ -143,6 +137,18 @@ def simplex_figure(info: TrialsInfo) -> go.Figure:
         },
     )
     return figure
+
+
+def _marks(info: TrialsInfo) -> list[tuple[str, list[Coefficients], str, str]]:
+    """The triples marked on the simplex: (legend name, triples, marker symbol, colour)."""
+    marks = [("paper (ImageNet) 1.2, 1.1, 1.15", [PAPER_TRIPLE], "square-open", "#555")]
+    if info.winner is not None:
+        others = [m for m in info.winner_class if m != info.winner]
+        marks.append((f"winner {info.winner.label()}", [info.winner], "star", _WINNER))
+        if others:
+            marks.append((f"its class (+{len(others)}, same φ = 1 network)", others,
+                          "star-open", _WINNER))  # fmt: skip
+    return marks
 
 
 def cost_figure(info: TrialsInfo) -> go.Figure:
@@ -165,18 +171,7 @@ def cost_figure(info: TrialsInfo) -> go.Figure:
                 hoverinfo="text",
             )
         )
-    winners = [p for p in info.points if p.outcome == FULL and p.coefficients in info.winner_class]
-    if winners:
-        figure.add_trace(
-            go.Scatter(
-                x=[p.flops_ratio_measured for p in winners],
-                y=[p.accuracy for p in winners],
-                mode="markers",
-                name="winner",
-                marker={"symbol": "star", "size": 18, "color": _WINNER},
-                hoverinfo="skip",
-            )
-        )
+    _add_cost_winners(figure, info)
     figure.add_vline(
         x=info.product,
         line={"dash": "dash", "color": "#555"},
@@ -193,6 +188,22 @@ def cost_figure(info: TrialsInfo) -> go.Figure:
         },
     )
     return figure
+
+
+def _add_cost_winners(figure: go.Figure, info: TrialsInfo) -> None:
+    """A star on each full-budget trial of the winning class, if any."""
+    winners = [p for p in info.points if p.outcome == FULL and p.coefficients in info.winner_class]
+    if winners:
+        figure.add_trace(
+            go.Scatter(
+                x=[p.flops_ratio_measured for p in winners],
+                y=[p.accuracy for p in winners],
+                mode="markers",
+                name="winner",
+                marker={"symbol": "star", "size": 18, "color": _WINNER},
+                hoverinfo="skip",
+            )
+        )
 
 
 def curves_figure(info: CurvesInfo) -> go.Figure:
@@ -255,6 +266,21 @@ def family_figure(info: FamilyInfo) -> go.Figure:
                 ),
                 row=1, col=col,
             )  # fmt: skip
+    _add_class_formulas(figure, info)
+    figure.update_yaxes(type="log", row=1, col=2)
+    figure.update_xaxes(title_text="φ")
+    figure.update_layout(
+        _LAYOUT,
+        title={
+            "text": f"The family of {info.coefficients.label()} "
+            f"({info.num_classes} output classes) against the official B0–B7"
+        },
+    )
+    return figure
+
+
+def _add_class_formulas(figure: go.Figure, info: FamilyInfo) -> None:
+    """Dashed: the formula families of the other triples of the winner's class."""
     for index, members in enumerate(info.class_formulas):
         name = "same φ = 1 network, other triples"
         for col, values in (
@@ -270,37 +296,12 @@ def family_figure(info: FamilyInfo) -> go.Figure:
                 ),
                 row=1, col=col,
             )  # fmt: skip
-    figure.update_yaxes(type="log", row=1, col=2)
-    figure.update_xaxes(title_text="φ")
-    figure.update_layout(
-        _LAYOUT,
-        title={
-            "text": f"The family of {info.coefficients.label()} "
-            f"({info.num_classes} output classes) against the official B0–B7"
-        },
-    )
-    return figure
 
 
 def top_table_figure(info: TopInfo) -> go.Figure:
     """The best networks: mean validation accuracy ± sample std over seeds, test accuracy,
     seeds, epochs, cost; each named by its class's representative, with the class beside."""
-    rows = [
-        (
-            str(rank) if c.eligible else "–",
-            f"{c.coefficients.alpha:.4g}",
-            f"{c.coefficients.beta:.4g}",
-            f"{c.coefficients.gamma:.4g}",
-            class_cell(c),
-            mean_spread(c),
-            test_cell(c),
-            str(c.n_seeds),
-            f"{c.epochs}/{info.budget_epochs}",
-            f"{c.flops_ratio_measured:.3f}",
-            f"{c.params / 1e6:.2f}",
-        )
-        for rank, c in enumerate(info.candidates, start=1)
-    ]
+    rows = _top_rows(info)
     header = [
         "rank",
         "α",
@@ -332,6 +333,26 @@ def top_table_figure(info: TopInfo) -> go.Figure:
         },
     )
     return figure
+
+
+def _top_rows(info: TopInfo) -> list[tuple[str, ...]]:
+    """One row of cells per candidate, best first."""
+    return [
+        (
+            str(rank) if c.eligible else "–",
+            f"{c.coefficients.alpha:.4g}",
+            f"{c.coefficients.beta:.4g}",
+            f"{c.coefficients.gamma:.4g}",
+            class_cell(c),
+            mean_spread(c),
+            test_cell(c),
+            str(c.n_seeds),
+            f"{c.epochs}/{info.budget_epochs}",
+            f"{c.flops_ratio_measured:.3f}",
+            f"{c.params / 1e6:.2f}",
+        )
+        for rank, c in enumerate(info.candidates, start=1)
+    ]
 
 
 def placeholder_figure(text: str) -> go.Figure:

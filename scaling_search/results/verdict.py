@@ -142,6 +142,19 @@ def best_view(
         "representative_rule": REPRESENTATIVE_RULE,
         f"phi_{_SPREAD_PHI}": spread.to_dict(),
     }
+    chosen, cost = _accuracy_text(best), _cost_text(best)
+    lines = [
+        f"best: {best.coefficients.label()}  {chosen}",
+        f"  among {best.n_candidates} full-budget network(s); {cost}",
+        *class_lines(best, spread),
+        *tied_lines(data),
+        *tracking_lines(best),
+    ]
+    return data, lines
+
+
+def _accuracy_text(best: BestTriple) -> str:
+    """The winner's accuracy, and the split it was chosen on."""
     accuracy = format_accuracy(best.mean_accuracy, best.std_accuracy, best.n_seeds)
     if best.chosen_on == "validation":
         chosen = f"validation accuracy {accuracy}"
@@ -154,6 +167,11 @@ def best_view(
         chosen = (
             f"accuracy {accuracy}, chosen on the test split (recorded before validation splits)"
         )
+    return chosen
+
+
+def _cost_text(best: BestTriple) -> str:
+    """What the winner costs: measured (the built-in trainer), else its nominal α·β²·γ²."""
     if best.builtin:
         cost = (
             f"cost: measured MACs ratio {best.flops_ratio_measured:.4f} for c = {best.product:g} "
@@ -162,14 +180,7 @@ def best_view(
         )
     else:  # the objective trains its own networks: what they cost is not the tool's to say
         cost = f"α·β²·γ² = {best.flops_ratio_nominal:.4f} for c = {best.product:g}"
-    lines = [
-        f"best: {best.coefficients.label()}  {chosen}",
-        f"  among {best.n_candidates} full-budget network(s); {cost}",
-        *class_lines(best, spread),
-        *tied_lines(data),
-        *tracking_lines(best),
-    ]
-    return data, lines
+    return cost
 
 
 def class_lines(best: BestTriple, spread: ClassSpread) -> list[str]:
