@@ -388,13 +388,19 @@ class _Stage:
             seed_attr=racing_stage,
             network_key=self.network_key,
         )
-        searcher = StudySearch(
-            space=define,
-            metric=METRIC,
-            mode="max",
-            sampler=ledger.sampler(study),
+        # The study with this stage's sampler (Optuna's public API; trials are never pruned
+        # through Optuna: Tune's scheduler stops them, and they are told as PRUNED).
+        ot_study = optuna.load_study(
             study_name=study.name,
             storage=self.storage,
+            sampler=ledger.sampler(study),
+            pruner=optuna.pruners.NopPruner(),
+        )
+        searcher = StudySearch(
+            define,
+            ot_study=ot_study,
+            metric=METRIC,
+            mode="max",
             budget_epochs=study.train.epochs,
             queued_only=racing_stage or study.search.sampler == "grid",
             stage=ledger.RACING_STAGE if racing_stage else ledger.SEARCH_STAGE,
