@@ -154,7 +154,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "space",
         "config _config_errors _yamlfile",
         "network",  # below space and config: both count networks (the design's table has it above)
-        "limits _redact _startup",  # leaves: the bounds, password masking, process start-up
+        # Leaves: the bounds, password masking, process start-up, private library names.
+        "limits _redact _startup _compat",
     )
 )
 

@@ -57,7 +57,7 @@ class Driver:
         self.watch = DatabaseWatch(mask_url(url), patience_s=patience_s, say=self.says.append)
         self.heartbeat = ledger.Heartbeat(self.storage, 0.2, self.watch).__enter__()
         self.searcher = StudySearch(
-            space=DefineByRun(
+            DefineByRun(
                 study.space,
                 sampler="grid",
                 seeds=ledger.seeds(study),
@@ -66,9 +66,9 @@ class Driver:
             ),
             metric="accuracy",
             mode="max",
-            sampler=ledger.sampler(study),
-            study_name=study.name,
-            storage=self.storage,
+            ot_study=optuna.load_study(
+                study_name=study.name, storage=self.storage, sampler=ledger.sampler(study)
+            ),
             budget_epochs=2,
             queued_only=True,
             stage=ledger.SEARCH_STAGE,

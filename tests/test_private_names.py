@@ -5,10 +5,10 @@ is gone must leave the list, so it only shrinks.
 
 Found by reading the package's syntax trees: imports of an underscored module or name of those
 libraries, underscored attributes read on anything but `self`/`cls` (the package's own private
-attributes are on `self`; `os._exit` is the standard library's), underscored keyword arguments,
-and strings naming an underscored module (logger names). Not seen: what a subclass reaches
-through `self` (driver/_search.py's StudySearch reads OptunaSearch's `_ot_trials`, `_ot_study`,
-...; they go with the searcher on Ray Tune's public Searcher), and ATen ops without an underscore
+attributes are on `self`; `os._exit` is the standard library's), underscored keyword arguments, and
+strings naming an underscored module (logger names), and underscored attributes that a subclass of
+one of their classes reads through `self` without setting them itself (inherited private state, as a
+subclass of Ray's OptunaSearch once read `_ot_trials`). Not seen: ATen ops without an underscore
 that carry no stability promise either (network/_fused.py's `native_batch_norm_backward`,
 `silu_backward`, `convolution_backward`, pinned by tests/test_model.py's bit-for-bit test).
 """
@@ -24,6 +24,14 @@ LIBRARIES = ("optuna", "ray", "torch")
 
 # file -> the private names it uses today. Where each goes: issue 15 and the closing notes.
 ALLOWED: dict[str, set[str]] = {
+    "_compat.py": {
+        "'torch._dynamo'",
+        "'torch.onnx._internal.exporter._registration'",
+        "._get_stale_trial_ids",
+        "._storage",
+        "._thread_local",
+        "._trial_id",
+    },
     "driver/_epochs.py": {"._storage", "._trial_id"},
     "driver/_ray_compat.py": {
         "._actor_task_failed",
@@ -57,9 +65,60 @@ def _private(dotted: str) -> bool:
     return parts[0] in LIBRARIES and any(part.startswith("_") for part in parts)
 
 
+def _library_names(tree: ast.Module) -> set[str]:
+    """The names a module binds to the libraries' objects (`from ray.tune import Searcher`,
+    `import optuna`)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] in LIBRARIES:
+                names.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] in LIBRARIES:
+                    names.add(alias.asname or alias.name.split(".")[0])
+    return names
+
+
+def _inherited_private(cls: ast.ClassDef, library: set[str]) -> set[str]:
+    """`self._x` read in a subclass of a library class that the class never sets or defines:
+    the base class's private state."""
+    bases = {ast.unparse(base).split(".")[0] for base in cls.bases}
+    if not bases & library:
+        return set()
+    own = {
+        node.name
+        for node in cls.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+    }
+    read: set[str] = set()
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for target in targets:
+                for part in ast.walk(target):
+                    if isinstance(part, ast.Name):
+                        own.add(part.id)  # class-level names
+                    elif isinstance(part, ast.Attribute) and ast.unparse(part.value) == "self":
+                        own.add(part.attr)
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+            and node.attr[0] == "_"
+            and node.attr[:2] != "__"
+        ):
+            read.add(node.attr)
+    return {f"self.{name} (inherited)" for name in read - own}
+
+
 def private_names(source: str) -> set[str]:
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    tree = ast.parse(source)
+    library = _library_names(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            found |= _inherited_private(node, library)
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if _private(node.module):
                 found.add(node.module)
@@ -93,6 +152,18 @@ def test_the_scan_finds_each_kind_of_private_use() -> None:
         "    ray.init(_system_config={})\n"
         "    os._exit(1)\n"
         "    return study._storage, self._own, 'not torch._x here'\n"
+        "from ray.tune.search.optuna import OptunaSearch\n"
+        "class Search(OptunaSearch):\n"
+        "    limit = 3\n"
+        "    def __init__(self):\n"
+        "        self._mine = {}\n"
+        "    def suggest(self, trial_id):\n"
+        "        return self._ot_trials, self._mine, self._helper(), self.limit\n"
+        "    def _helper(self):\n"
+        "        return self._space\n"
+        "class Own:\n"
+        "    def f(self):\n"
+        "        return self._anything\n"
     )
     assert private_names(source) == {
         "torch._dynamo",
@@ -101,6 +172,8 @@ def test_the_scan_finds_each_kind_of_private_use() -> None:
         "'optuna.storages._rdb.storage'",
         "_system_config=",
         "._storage",
+        "self._ot_trials (inherited)",
+        "self._space (inherited)",
     }
 
 

@@ -111,7 +111,7 @@ def _searcher(
         members = ledger.grid_classes(study, num_classes=4)
         classes = Classes(members, study.train.base_resolution_px, 4)
     searcher = StudySearch(
-        space=DefineByRun(
+        DefineByRun(
             study.space,
             sampler=sampler,
             seeds=ledger.seeds(study),
@@ -120,9 +120,9 @@ def _searcher(
         ),
         metric="accuracy",
         mode="max",
-        sampler=ledger.sampler(study),
-        study_name=study.name,
-        storage=storage,
+        ot_study=optuna.load_study(
+            study_name=study.name, storage=storage, sampler=ledger.sampler(study)
+        ),
         budget_epochs=study.train.epochs,
         queued_only=sampler == "grid",
         stage=ledger.SEARCH_STAGE,

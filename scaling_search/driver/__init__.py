@@ -1,4 +1,5 @@
-"""The search on Ray Tune: OptunaSearch on the study's storage, a scheduler, trials on workers.
+"""The search on Ray Tune: a searcher on the study (Tune's public Searcher over Optuna's public
+API), a scheduler, trials on workers.
 
 This is the only package that imports ray. Only the driver writes to the Optuna study; workers
 report through ``ray.tune.report``. What to train is the ledger's job

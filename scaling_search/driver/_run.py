@@ -505,13 +505,19 @@ class _Stage:
         """The stage's Tune searcher on the study: it hands out up to ``count`` trials."""
         study = self.study
         searching = not racing_stage and study.search.sampler != "grid"
-        return StudySearch(
-            space=self._define(racing_stage=racing_stage),
-            metric=METRIC,
-            mode="max",
-            sampler=ledger.sampler(study),
+        # The study with this stage's sampler (Optuna's public API; trials are never pruned
+        # through Optuna: Tune's scheduler stops them, and they are told as PRUNED).
+        ot_study = optuna.load_study(
             study_name=study.name,
             storage=self.storage,
+            sampler=ledger.sampler(study),
+            pruner=optuna.pruners.NopPruner(),
+        )
+        return StudySearch(
+            self._define(racing_stage=racing_stage),
+            ot_study=ot_study,
+            metric=METRIC,
+            mode="max",
             budget_epochs=study.train.epochs,
             queued_only=racing_stage or study.search.sampler == "grid",
             stage=ledger.RACING_STAGE if racing_stage else ledger.SEARCH_STAGE,

@@ -1,5 +1,6 @@
-"""The searcher: Ray Tune's OptunaSearch on the study's storage, claiming trials through the
-ledger and recording what happened to each on its Optuna trial."""
+"""The searcher: Ray Tune's public ``Searcher`` interface over Optuna's public study API (claims
+through the ledger, the define-by-run function on each claimed trial, ``tell``), recording what
+happened to each trial on its Optuna trial."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from scaling_search.driver._epochs import Writes
 from scaling_search.driver._ray_compat import this_job
@@ -34,8 +34,11 @@ Prepared = tuple[optuna.Trial, dict[str, Any]] | None  # a claimed trial and its
 MAX_UNTRAINED_IN_A_ROW = 200
 
 
-class StudySearch(OptunaSearch):
-    """OptunaSearch that claims trials through the ledger and keeps their heartbeats.
+class StudySearch(Searcher):
+    """A Tune searcher on the Optuna study ``ot_study``: it claims trials through the ledger,
+    keeps their heartbeats, samples each claimed trial's point with ``define`` (the
+    define-by-run function: it suggests on the Optuna trial and returns Tune's config), and
+    tells the study how each trial ended.
 
     It also records on each Optuna trial: epochs, timing, the Ray node it ran on, stops by the
     scheduler (PRUNED) and failures (FAIL with ``fail_reason``).
@@ -61,7 +64,11 @@ class StudySearch(OptunaSearch):
 
     def __init__(
         self,
-        *args: Any,
+        define: Callable[[optuna.Trial], dict[str, Any]],
+        *,
+        ot_study: optuna.Study,
+        metric: str,
+        mode: str,
         budget_epochs: int,
         queued_only: bool,
         stage: str,
@@ -73,9 +80,10 @@ class StudySearch(OptunaSearch):
         stopping: Callable[[], bool] = lambda: False,
         watch: DatabaseWatch | None = None,
         n_trials: int | None = None,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(metric=metric, mode=mode)
+        self._define = define
+        self._ot_study = ot_study
         self._waiting = Waiting(heartbeat, classes, self._end_as_failed)
         self._stopping = stopping  # a signal asked the run to stop: launch nothing more
         self._watch = watch or DatabaseWatch(say=say)
@@ -88,24 +96,31 @@ class StudySearch(OptunaSearch):
         self._holder = ledger.driver_id()
         self._ray_job = this_job()  # named with each claim (ledger.recover_ended_jobs)
         self._limit, self._adaptive = limit, adaptive
+        self._writes = Writes(heartbeat, say)
+        self._recorder = Recorder(watch=self._watch)
+        self._best_line: str | None = None  # the progress line's winner, as last ranked
+        self._track()
+
+    def _track(self) -> None:
+        """What the searcher keeps of the trials it claims and hands to Tune."""
+        self._ot_trials: dict[str, optuna.Trial] = {}  # Tune's trial id -> its Optuna trial
+        self._configs: dict[str, dict[str, Any]] = {}  # Tune's trial id -> the config handed out
+        self._completed_trials: set[str] = set()  # ended, as far as this searcher was told
         self._served = 0
         self._ahead: deque[Future[Prepared]] = deque()  # claimed and sampled, oldest first
         # Claimed while the database went away, before they were sampled: given back later.
         self._stranded: list[optuna.Trial] = []
-        self._writes = Writes(heartbeat, say)
-        self._recorder = Recorder(watch=self._watch)
         self._epochs: dict[str, int] = {}  # the last epoch recorded (handed to the recorder)
         self._attempts: dict[str, tuple[Any, Any]] = {}  # (started_at, node) last written
         self._errored: set[str] = set()
-        self._best_line: str | None = None  # the progress line's winner, as last ranked
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         self._recorder.busy()
         if self._ending():
             return Searcher.FINISHED  # type: ignore[return-value]
         self._recorder.check()  # a storage that stopped taking writes stops the launches
-        if trial_id in self._ot_trials:
-            return super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # asked again for a trial it has handed out
+            return self._configs[trial_id]
         if self._stopping():
             return Searcher.FINISHED  # type: ignore[return-value]
         if self._watch.away:
@@ -123,6 +138,7 @@ class StudySearch(OptunaSearch):
             # which Searcher.suggest's annotation leaves out.
             return Searcher.FINISHED  # type: ignore[return-value]
         self._ot_trials[trial_id], params = prepared
+        self._configs[trial_id] = params
         self._served += 1
         if not self._adaptive:
             self._prepare_next()
@@ -135,7 +151,6 @@ class StudySearch(OptunaSearch):
     def _search_is_full(self) -> bool:
         """A sampler's search whose ``n_trials`` are all trained or training (other drivers'
         trials included)."""
-        assert self._ot_study is not None
         if self._n_trials is None:
             return False
         return ledger.search_trials_left(self._ot_study, self._n_trials) <= 0
@@ -148,7 +163,6 @@ class StudySearch(OptunaSearch):
         """Claim the next trial to train and run the define-by-run function on it (recorder
         thread); sampled triples that need no training are ended here and the sampler is asked
         again."""
-        assert self._ot_study is not None  # set up by OptunaSearch before any suggestion
         self._give_back_stranded()
         mine = {trial.number for trial in list(self._ot_trials.values())}
         self._waiting.settle(self._ot_study, except_sources=mine)
@@ -160,7 +174,7 @@ class StudySearch(OptunaSearch):
                 return None
             try:
                 self._heartbeat.hold(ot_trial._trial_id)
-                params = self._suggest_from_define_by_run_func(self._space, ot_trial)
+                params = self._sample(ot_trial)
                 if self._queued_only or not self._waiting.share(self._ot_study, ot_trial):
                     return ot_trial, params
             except Exception as exc:  # ended here, not left RUNNING
@@ -179,10 +193,15 @@ class StudySearch(OptunaSearch):
         )
         return None
 
+    def _sample(self, ot_trial: optuna.Trial) -> dict[str, Any]:
+        """The config Tune trains: what ``define`` returns, with every parameter it suggested
+        on the trial (as Ray's OptunaSearch hands them out)."""
+        config = self._define(ot_trial)
+        return {**ot_trial.params, **config}
+
     def _claim(self) -> optuna.Trial | None:
         """:func:`ledger.claim`; a trial taken as the database went away, before its holder
         was named, is given back once the database answers."""
-        assert self._ot_study is not None
         taken: list[int] = []
         try:
             return ledger.claim(
@@ -229,7 +248,7 @@ class StudySearch(OptunaSearch):
     ) -> None:
         self._recorder.busy()
         if trial_id not in self._ot_trials or trial_id in self._completed_trials:
-            super().on_trial_complete(trial_id, result, error)
+            logger.warning("trial %s ended again, or was never handed out: ignored", trial_id)
             return
         if error:
             # Tune tells searchers before callbacks; the reason arrives through fail() next.
@@ -253,14 +272,13 @@ class StudySearch(OptunaSearch):
 
     def _tell(self, trial_id: str, ot_trial: optuna.Trial, value: float | None) -> None:
         # The heartbeat goes on until the end is written: it may wait out an outage.
-        assert self._ot_study is not None
         if self._writes.ended_elsewhere(trial_id, ot_trial):
             self._waiting.source_ended(self._ot_study, ot_trial)  # those waiting fail with it
             return
         state = TrialState.PRUNED if value is None else TrialState.COMPLETE
         try:
             self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
-        except ValueError as exc:  # e.g. a NaN value; OptunaSearch logs these too
+        except ValueError as exc:  # e.g. a NaN value: logged, the trial ends as Optuna says
             logger.warning("trial %d: %s", ot_trial.number, exc)
         except UpdateFinishedTrialError:  # failed elsewhere since it was read just now
             if not self._writes.ended_elsewhere(trial_id, ot_trial):
@@ -285,7 +303,6 @@ class StudySearch(OptunaSearch):
     def _end_as_failed(
         self, ot_trial: optuna.Trial, reason: str, *, given_back: bool = False
     ) -> None:
-        assert self._ot_study is not None
         ledger.fail_trial(
             self._ot_study._storage, ot_trial._trial_id, reason, given_back=given_back
         )
@@ -296,11 +313,10 @@ class StudySearch(OptunaSearch):
     # The Optuna study, not Tune, is what this project resumes from; and the storage inside
     # would write the database password to disk. So both copies hold no storage.
     _NOT_PICKLED = (
-        "_storage",
+        "_define",
         "_ot_study",
         "_ot_trials",
         "_heartbeat",
-        "_sampler",
         "_recorder",
         "_ahead",
         "_waiting",
@@ -354,14 +370,13 @@ class StudySearch(OptunaSearch):
         self._recorder.submit(call)
 
     def best_so_far(self, *, refresh: bool) -> str:
-        """' | best so far <winner>' by :func:`scaling_search.results.ranking.best_triple`, or ''
-        before
-        any trial completed its budget (recorder thread). ``refresh``: rank again (a result that
-        can change the winner arrived); else the last answer, without reading the study."""
+        """' | best so far <winner>' by :func:`scaling_search.results.ranking.best_triple`, or
+        '' before any trial completed its budget (recorder thread). ``refresh``: rank again (a
+        result that can change the winner arrived); else the last answer, without reading the
+        study."""
         from scaling_search.results.ranking import ResultsError, best_triple
         from scaling_search.results.verdict import format_accuracy
 
-        assert self._ot_study is not None
         if not refresh and self._best_line is not None:
             return self._best_line
         try:
@@ -382,7 +397,6 @@ class StudySearch(OptunaSearch):
         again), and those still waiting for a result another driver's trial will give. An error
         on one (other than the database's absence, which the recorder waits out) does not stop
         the others; those left are said, and the next run recovers them."""
-        assert self._ot_study is not None
         failures: list[str] = []
         # A claim whose preparing failed was ended there, or is stranded (given back below).
         claimed = [f.result() for f in ahead if f.exception() is None]
