@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DYNAMO_MODULE",
     "ONNX_EXPORTER_LOGGER",
+    "OPTUNA_RDB_LOGGER",
     "forget_cached_trials",
     "stale_trial_ids",
     "storage_of",
@@ -31,6 +32,10 @@ DYNAMO_MODULE = "torch._dynamo"
 # The ONNX exporter logs every operator it registers at INFO through this logger, hundreds of
 # lines for one export; scaling_search.network.onnx quiets it for the export's duration.
 ONNX_EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
+# Optuna's RDB storage warns through this logger when a query fails and it retries another way;
+# a database going away is the run's to report once (scaling_search.study.outage), so the driver
+# raises this logger's level.
+OPTUNA_RDB_LOGGER = "optuna.storages._rdb.storage"
 
 
 def storage_of(study: optuna.Study) -> BaseStorage:

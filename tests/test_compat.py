@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from optuna.trial import TrialState
 from scaling_search._compat import (
     DYNAMO_MODULE,
     ONNX_EXPORTER_LOGGER,
+    OPTUNA_RDB_LOGGER,
     forget_cached_trials,
     stale_trial_ids,
     storage_of,
@@ -88,3 +91,24 @@ def test_the_torch_modules_named_exist() -> None:
     assert importlib.import_module(DYNAMO_MODULE).__name__ == DYNAMO_MODULE
     # The exporter's registration module logs under its own name.
     assert importlib.util.find_spec(ONNX_EXPORTER_LOGGER) is not None
+
+
+def test_optunas_storage_logs_under_the_name_the_driver_quiets() -> None:
+    import optuna.storages
+
+    assert any(name == OPTUNA_RDB_LOGGER for name in logging.root.manager.loggerDict), (
+        "optuna's RDB storage logger"
+    )
+    assert optuna.storages.RDBStorage.__module__ == OPTUNA_RDB_LOGGER
+
+
+def test_ray_init_takes_the_private_keyword_and_the_token_logger_exists() -> None:
+    # The names in scaling_search/driver/_ray_compat.py that need no running Ray (the others
+    # are exercised by tests/test_ray_failures.py).
+    import ray
+
+    from scaling_search.driver._ray_compat import AUTH_TOKEN_LOGGER
+
+    # ray.init takes it through **kwargs (and rejects keywords it does not know).
+    assert 'kwargs.pop("_system_config"' in inspect.getsource(ray.init)
+    assert importlib.util.find_spec(AUTH_TOKEN_LOGGER) is not None

@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "_compat.py": {
         "'torch._dynamo'",
         "'torch.onnx._internal.exporter._registration'",
+        "'optuna.storages._rdb.storage'",
         "._get_stale_trial_ids",
         "._storage",
         "._thread_local",
@@ -36,13 +37,10 @@ ALLOWED: dict[str, set[str]] = {
     "driver/_ray_compat.py": {
         "._actor_task_failed",
         "._scaling_search",  # the package's own marker on Ray's class, set by the patch
-        "ray._private.state",
-        "ray.air.execution._internal.actor_manager",
-    },
-    "driver/_run.py": {
-        "'optuna.storages._rdb.storage'",
         "'ray._private.authentication.authentication_token_setup'",
         "_system_config=",
+        "ray._private.state",
+        "ray.air.execution._internal.actor_manager",
     },
     "driver/_search.py": {"._storage", "._trial_id"},
     "driver/_waiting.py": {"._storage", "._trial_id"},

@@ -13,7 +13,25 @@ import ray
 from ray.air.execution._internal.actor_manager import RayActorManager
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-__all__ = ["LostWorker", "ended_jobs", "this_job", "trial_failures_for_lost_workers"]
+__all__ = [
+    "AUTH_TOKEN_LOGGER",
+    "LostWorker",
+    "ended_jobs",
+    "init_ray",
+    "this_job",
+    "trial_failures_for_lost_workers",
+]
+
+# Ray logs a notice about its token authentication through this logger as it starts; the
+# driver quiets it for a local Ray, whose token is this machine's own.
+AUTH_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def init_ray(system_config: dict[str, Any] | None, **kwargs: Any) -> None:
+    """``ray.init(**kwargs)``, with ``system_config`` for a local Ray's own processes (its
+    start-up and its health checks, see driver/_run.py): only ray.init's private keyword
+    reaches those settings."""
+    ray.init(_system_config=system_config, **kwargs)
 
 
 class LostWorker(RayActorError):

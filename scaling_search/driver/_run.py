@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from scaling_search._compat import OPTUNA_RDB_LOGGER
 from scaling_search.config import StudyConfig
 from scaling_search.data.sources import ImageData
 from scaling_search.driver._checkpoints import TrialCheckpoints
@@ -32,7 +33,12 @@ from scaling_search.driver._progress import (
     Progress,
     ProgressCallback,
 )
-from scaling_search.driver._ray_compat import ended_jobs, trial_failures_for_lost_workers
+from scaling_search.driver._ray_compat import (
+    AUTH_TOKEN_LOGGER,
+    ended_jobs,
+    init_ray,
+    trial_failures_for_lost_workers,
+)
 from scaling_search.driver._search import Classes, StudySearch
 from scaling_search.driver._trainable import METRIC, Fit, SharedData, train_trial
 from scaling_search.driver._watchdog import RayWatchdog, TerminalLines, ray_output_to
@@ -105,13 +111,11 @@ def _init_ray(study: StudyConfig, address: str | None, stop: StopRequest) -> Non
     local = address is None
     check_address(address)
     if local:  # the token is this machine's own; its notice is for clusters that others join
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-            logging.ERROR
-        )
-    ray.init(
+        logging.getLogger(AUTH_TOKEN_LOGGER).setLevel(logging.ERROR)
+    init_ray(
+        _LOCAL_RAY_CONFIG if local else None,
         address=address,
         num_cpus=study.resources.num_cpus if local else None,
-        _system_config=_LOCAL_RAY_CONFIG if local else None,
         include_dashboard=False,
         runtime_env={"env_vars": WORKER_ENV},  # the trial workers' allocator (memory.py)
         logging_level=logging.WARNING,
@@ -233,7 +237,7 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # Its storage warns when a query fails and it retries another way; a database going away is
     # this run's to report, in one line (scaling_search.study.outage), not Optuna's in several.
-    logging.getLogger("optuna.storages._rdb.storage").setLevel(logging.ERROR)
+    logging.getLogger(OPTUNA_RDB_LOGGER).setLevel(logging.ERROR)
 
 
 def _grid_classes(
