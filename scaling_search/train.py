@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from scaling_search._compat import DYNAMO_MODULE
 from scaling_search.config import TrainConfig
 from scaling_search.data.batches import prepare_batch
 from scaling_search.data.sources import DataError, ImageData
@@ -427,7 +428,7 @@ class _Trial:
         # the first optimiser of a process (~0.8 s of a CPU core), and that import runs on a
         # second thread during the pass, which autograd's engine runs without holding the GIL.
         if self.optimizer is None:
-            _import_in_background("torch._dynamo")
+            _import_in_background(DYNAMO_MODULE)
         loss.backward()
         if self.optimizer is None or self.schedule is None:
             self.optimizer, self.schedule = _optimizer_and_schedule(

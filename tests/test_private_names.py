@@ -52,9 +52,7 @@ ALLOWED: dict[str, set[str]] = {
         "optuna.storages._heartbeat",
     },
     "study/liveness.py": {"._get_stale_trial_ids", "._storage", "._study_id", "._trial_id"},
-    "network/onnx.py": {"'torch.onnx._internal.exporter._registration'"},
     "study/sharing.py": {"._storage", "._trial_id"},
-    "train.py": {"'torch._dynamo'"},
 }
 
 

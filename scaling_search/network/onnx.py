@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scaling_search._compat import ONNX_EXPORTER_LOGGER
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -27,7 +29,6 @@ BATCH_AXIS = "batch"
 # so that the same command writes the same file and a test can rebuild the same module.
 ONNX_SEED = 0
 _PACKAGES = ("onnx", "onnxscript")
-_EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
 def require_onnx() -> None:
@@ -54,7 +55,7 @@ def _quiet_exporter() -> Iterator[None]:
     # The exporter logs a warning per torchvision operator it cannot register (torchvision is not
     # a dependency) and torch.export raises a FutureWarning from its own pytree code; neither is
     # about the model, so a user of the CLI should not see them.
-    logger = logging.getLogger(_EXPORTER_LOGGER)
+    logger = logging.getLogger(ONNX_EXPORTER_LOGGER)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
