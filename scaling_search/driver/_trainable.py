@@ -116,8 +116,8 @@ def _train_trial(
         reason = str(exc) if isinstance(exc, ObjectiveError) else failure_reason(exc)
         if reason is None:
             raise
-        # Imported here: the ledger brings Optuna, which a worker needs only on this path.
-        from scaling_search.study.ledger import FAIL_REASON_ATTR
+        # Imported here: the record brings Optuna, which a worker needs only on this path.
+        from scaling_search.study.record import FAIL_REASON_ATTR
 
         # A result with this key ends its trial as FAIL (the searcher reads it).
         tune.report(
