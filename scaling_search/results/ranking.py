@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 # The frame's columns of trial attributes, named as the attributes are (study/record.py).
-_ATTRS = (
+_COLUMNS = (
     rec.ALPHA_ATTR,
     rec.BETA_ATTR,
     rec.GAMMA_ATTR,
@@ -227,7 +227,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row[_KEY] = None if record.point is None else record.point[0]
         row["shared"] = record.shared
         rows.append(row)
-    columns = ["number", "state", "accuracy", "duration_s", *_ATTRS, _KEY, "shared"]
+    columns = ["number", "state", "accuracy", "duration_s", *_COLUMNS, _KEY, "shared"]
     frame = pd.DataFrame(rows, columns=columns)
     frame["test_accuracy"] = pd.to_numeric(frame["test_accuracy"], errors="coerce")
     return frame
