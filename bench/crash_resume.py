@@ -59,6 +59,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from scaling_search.config import StudyConfig, load_study
 from scaling_search.study import racing
 from scaling_search.study.ledger import Point, grid_classes, is_shared, point_of, seeds, stage_of
+from scaling_search.study.record import RACING_STAGE, TrialRecord
 from scaling_search.study.storage import StorageError, mask_url, study_exists
 
 PG_ADMIN_URL = os.environ.get(
@@ -254,7 +255,8 @@ def well_into_training(trials: list[FrozenTrial] | None, since: datetime) -> boo
     a RUNNING one that has trained an epoch."""
     mine = [t for t in trials or [] if t.datetime_start and t.datetime_start >= since]
     return any(t.state == TrialState.COMPLETE for t in mine) and any(
-        t.state == TrialState.RUNNING and t.user_attrs.get("epochs_completed", 0) >= 1 for t in mine
+        t.state == TrialState.RUNNING and (TrialRecord.of(t).epochs_completed or 0) >= 1
+        for t in mine
     )
 
 
@@ -272,7 +274,7 @@ def phase(trials: list[FrozenTrial] | None) -> str:
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if not running:
         return "set-up, no trial running"
-    epochs = [int(t.user_attrs.get("epochs_completed", 0)) for t in running]
+    epochs = [TrialRecord.of(t).epochs_completed or 0 for t in running]
     where = "mid-training" if any(epochs) else "trials claimed, no epoch done yet"
     return f"{where}, epochs done by the {len(running)} running: {epochs}"
 
@@ -313,10 +315,11 @@ def kill_driver(proc: subprocess.Popen[bytes], ray_tmp: str) -> None:
 def kill_worker(trials: list[FrozenTrial] | None) -> bool:
     """SIGKILL the worker of a RUNNING trial that has trained an epoch; False if none has."""
     for trial in trials or []:
-        pid = trial.user_attrs.get("worker_pid")
-        if trial.state == TrialState.RUNNING and pid and trial.user_attrs.get("epochs_completed"):
+        record = TrialRecord.of(trial)
+        pid = record.worker_pid
+        if trial.state == TrialState.RUNNING and pid and record.epochs_completed:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 return True
     return False
 
@@ -421,7 +424,7 @@ def rerun_trials(trials: list[FrozenTrial]) -> set[int]:
     rerun = set()
     for trial in trials:
         point = point_of(trial)
-        if "duplicate_of" in trial.user_attrs or is_shared(trial):
+        if TrialRecord.of(trial).duplicate or is_shared(trial):
             continue
         if point is None or trial.datetime_start is None:
             continue
@@ -437,9 +440,9 @@ def wrong_stage(trials: list[FrozenTrial], study: StudyConfig) -> set[str]:
     wrong = set()
     for trial in trials:
         point = point_of(trial)
-        if point is None or is_shared(trial) or "duplicate_of" in trial.user_attrs:
+        if point is None or is_shared(trial) or TrialRecord.of(trial).duplicate:
             continue
-        raced = stage_of(trial) == "racing"
+        raced = stage_of(trial) == RACING_STAGE
         if raced and ("seed" in trial.params or point[1] not in racing_seeds):
             wrong.add(f"trial {trial.number}: racing, trained as a search trial")
         if not raced and point[1] not in search_seeds:

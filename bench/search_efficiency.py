@@ -86,6 +86,7 @@ def main() -> None:
     from scaling_search.driver import run_study
     from scaling_search.results.ranking import best_triple
     from scaling_search.study.ledger import grid_classes, is_shared
+    from scaling_search.study.record import TrialRecord
     from scaling_search.study.storage import open_storage
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables
@@ -135,7 +136,7 @@ def main() -> None:
                 )
                 ot_study = optuna.load_study(study_name=study.name, storage=storage)
                 trained = sum(
-                    int(t.user_attrs.get("epochs_completed", 0))
+                    TrialRecord.of(t).epochs_completed or 0
                     for t in ot_study.get_trials()
                     if not is_shared(t)
                 )

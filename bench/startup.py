@@ -24,6 +24,8 @@ from pathlib import Path
 
 import optuna
 
+from scaling_search.study.record import TrialRecord
+
 STUDY = """\
 name: startup
 output_dir: {out}
@@ -57,9 +59,13 @@ def _one_run(folder: Path) -> tuple[float, float, float]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{folder / 'runs' / 'optuna.db'}"
     trials = optuna.load_study(study_name="startup", storage=storage).get_trials()
-    first = min(trials, key=lambda t: t.user_attrs["first_step_at"])
-    attrs = first.user_attrs
-    return attrs["train_started_at"] - launched, attrs["first_step_at"] - launched, wall
+    records = [TrialRecord.of(t) for t in trials]
+    first_step, started = min(
+        (r.first_step_at, r.train_started_at)
+        for r in records
+        if r.first_step_at is not None and r.train_started_at is not None
+    )
+    return started - launched, first_step - launched, wall
 
 
 def main() -> None:

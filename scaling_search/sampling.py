@@ -1,4 +1,4 @@
-"""How a trial's point is chosen: the continuous coordinates and the define-by-run function.
+"""How a trial's point is chosen: the continuous coordinates and the network keys.
 
 * **Continuous coordinates** for TPE, random and QMC samplers: two numbers u, v in [0, 1] that map
   onto the part of the surface α·β²·γ² = c inside the bounds, so every sample is feasible. With
@@ -7,8 +7,8 @@
   (:class:`SimplexCoordinates`). With ``space.cost: measured`` the coordinates map onto the
   triples whose *built* network costs c × B0 within the tolerance instead
   (:class:`MeasuredCoordinates`).
-* :class:`DefineByRun`, run by the searcher on each Optuna trial: a queued grid point re-checked
-  against the constraint, or a sampled one; its costs and network key recorded on the trial.
+* The define-by-run function that the searcher runs on each Optuna trial, and that records the
+  point on it, is :class:`scaling_search.study.define.DefineByRun` (it writes the trial record).
 * The network key of a study's triples (:func:`study_network_key`): the built-in trainer's scaled
   B0 (:func:`scaling_search.space.network_key`), or an objective's own ``network_key`` function.
 """
@@ -16,8 +16,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from scaling_search.network import scale_resolution
 from scaling_search.space import (
@@ -26,21 +26,16 @@ from scaling_search.space import (
     CostModel,
     NetworkKeyFn,
     SpaceError,
-    describe,
-    log_flops_shares,
     network_key,
     scaled_network,
     triple_key,
 )
 
 if TYPE_CHECKING:
-    import optuna
-
     from scaling_search.config import Bounds, SpaceConfig, StudyConfig
 
 __all__ = [
     "BuiltinNetworkKey",
-    "DefineByRun",
     "MeasuredCoordinates",
     "ObjectiveNetworkKey",
     "SimplexCoordinates",
@@ -308,103 +303,3 @@ class MeasuredCoordinates(CostModel):
             if inside and scale_resolution(base, gamma) == px:
                 return gamma
         return None
-
-
-class DefineByRun:
-    """The define-by-run function handed to the searcher (a class, so Ray can pickle it).
-
-    Grid trials arrive with α, β, γ and seed fixed by the queue (``Study.enqueue_trial``); the
-    call re-checks the constraint so that a point outside the queue is refused, never trained.
-    Continuous samplers suggest (u, v) and every pair is feasible: on the nominal surface
-    (:class:`SimplexCoordinates`) or, with ``space.cost`` "measured", on the triples whose
-    built network costs ``product`` × B0 (:class:`MeasuredCoordinates`).
-    Derived values, the network key among them, are stored on the trial as user attributes so
-    the dashboard and SQL clients see them.
-    """
-
-    def __init__(
-        self,
-        space: SpaceConfig,
-        *,
-        sampler: str,
-        seeds: Sequence[int],
-        base_resolution_px: int,
-        num_classes: int,
-        seed_attr: bool = False,
-        network_key: NetworkKeyFn | None = None,
-    ) -> None:
-        if not seeds:
-            raise ValueError("seeds must name at least one seed")
-        self.space, self.seeds = space, list(seeds)
-        # Queued points whose seed is the user attribute "seed", not a parameter (racing: new
-        # seeds as a parameter would change its distribution, which Optuna refuses).
-        self.seed_attr = seed_attr
-        self.base_resolution_px, self.num_classes = base_resolution_px, num_classes
-        self.cost = MeasuredCoordinates(
-            space, base_resolution_px=base_resolution_px, num_classes=num_classes
-        )
-        self.continuous = sampler != "grid"
-        # The nominal surface's coordinates; with measured cost, self.cost maps (u, v) instead
-        # (and a box with no network costing c is refused here).
-        self.coordinates = None
-        if self.continuous and space.cost == "nominal":
-            self.coordinates = SimplexCoordinates(space)
-        elif self.continuous:
-            self.cost.alpha_range()
-        self.network_key = network_key or BuiltinNetworkKey(
-            base_resolution_px=base_resolution_px, num_classes=num_classes
-        )
-
-    def __call__(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
-        coefficients, seed = self._suggest(trial)
-        candidate = describe(
-            coefficients, base_resolution_px=self.base_resolution_px, num_classes=self.num_classes
-        )
-        attrs = {**candidate.to_dict(), "network_key": self.network_key(coefficients)}
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        trial.set_user_attr("seed", seed)
-        return {
-            "alpha": coefficients.alpha,
-            "beta": coefficients.beta,
-            "gamma": coefficients.gamma,
-            "seed": seed,
-        }
-
-    def _suggest(self, trial: optuna.trial.BaseTrial) -> tuple[Coefficients, int]:
-        space = self.space
-        if not self.continuous:
-            coefficients = Coefficients(
-                trial.suggest_float("alpha", space.alpha.low, space.alpha.high),
-                trial.suggest_float("beta", space.beta.low, space.beta.high),
-                trial.suggest_float("gamma", space.gamma.low, space.gamma.high),
-            )
-            in_bounds = all(
-                bounds.low - 1e-9 <= value <= bounds.high + 1e-9
-                for bounds, value in zip(
-                    (space.alpha, space.beta, space.gamma), coefficients.as_tuple(), strict=True
-                )
-            )
-            if not in_bounds or not self.cost.feasible(coefficients, slack=1e-9):
-                raise SpaceError(f"grid trial got a point outside the space: {coefficients}")
-            if self.seed_attr:
-                return coefficients, int(trial.user_attrs["seed"])
-            return coefficients, int(trial.suggest_categorical("seed", self.seeds))
-        u = trial.suggest_float("depth_coordinate", 0.0, 1.0)
-        v = trial.suggest_float("width_coordinate", 0.0, 1.0)
-        if space.cost == "measured":
-            found = self.cost.to_coefficients(u, v)
-            if found is None:
-                raise SpaceError(
-                    f"coordinates ({u:.4f}, {v:.4f}) give no network that costs {space.product:g} "
-                    f"± {space.tolerance:g} × B0 once pixels are whole (space.cost: measured)"
-                )
-            coefficients = found
-            shares = log_flops_shares(coefficients)
-        else:
-            assert self.coordinates is not None  # made for the nominal cost in __init__
-            coefficients = self.coordinates.to_coefficients(u, v)
-            shares = self.coordinates.shares(u, v)
-        for name, share in zip(("depth", "width", "resolution"), shares, strict=True):
-            trial.set_user_attr(f"{name}_share", round(share, 6))
-        return coefficients, self.seeds[0]

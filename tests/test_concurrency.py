@@ -17,7 +17,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.config import load_study
 from scaling_search.space import grid_candidates
-from scaling_search.study.ledger import DRIVER_ATTR, Point, grid_classes, is_shared, point_of
+from scaling_search.study.ledger import Point, grid_classes, is_shared, point_of
+from scaling_search.study.record import DRIVER_ATTR
 
 pytestmark = pytest.mark.slow
 SECRET = "Sup3rSecretPw"

@@ -27,9 +27,9 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.config import StudyConfig, load_study
-from scaling_search.sampling import DefineByRun
 from scaling_search.space import Coefficients, describe, grid_candidates
-from scaling_search.study import ledger, liveness, racing
+from scaling_search.study import ledger, liveness, racing, record
+from scaling_search.study.define import DefineByRun
 from scaling_search.study.ledger import (
     HEARTBEAT_GRACE_S,
     Heartbeat,
@@ -80,7 +80,7 @@ def _triple(trial: FrozenTrial) -> tuple[float, float, float]:
 def _point(trial: FrozenTrial) -> Point:
     """(network key, seed) of a trial: the key it was queued with, the seed of its params."""
     params = trial.params or trial.system_attrs["fixed_params"]
-    return trial.user_attrs[ledger.NETWORK_ATTR], int(params["seed"])
+    return trial.user_attrs[record.NETWORK_ATTR], int(params["seed"])
 
 
 def _key(study: StudyConfig, triple: tuple[float, float, float]) -> str:
@@ -295,10 +295,10 @@ def test_a_sampler_plan_counts_the_trials_running_under_live_drivers(
     other = sampled(OTHER_HOST)  # a driver on another host, heartbeat just recorded
     dead = sampled(_dead_local_driver())  # a driver on this host that has exited
     sharer = sampled(driver_id())  # shares mine[0]'s network: no training of its own
-    sharer.set_user_attr(ledger.SHARED_ATTR, mine[0].number)
+    sharer.set_user_attr(record.SHARED_ATTR, mine[0].number)
     raced = ledger.point_params(Coefficients(1.1, 1.0, 1.3), seed=7)
-    ot_study.enqueue_trial(raced, user_attrs={ledger.STAGE_ATTR: ledger.RACING_STAGE})
-    racer = claim(ot_study, queued_only=True, holder=OTHER_HOST, stage=ledger.RACING_STAGE)
+    ot_study.enqueue_trial(raced, user_attrs={record.STAGE_ATTR: record.RACING_STAGE})
+    racer = claim(ot_study, queued_only=True, holder=OTHER_HOST, stage=record.RACING_STAGE)
     assert racer is not None  # running too, but for the racing stage
 
     assert recover_stale(ot_study, lambda _: None) == 1  # the dead driver's trial
@@ -329,7 +329,7 @@ def test_claim_takes_each_queued_trial_once(grid: Ledger) -> None:
     assert claim(grid.ot_study, queued_only=True, holder=SOME_DRIVER) is None
     for frozen in _trials(grid.ot_study):
         assert frozen.state == TrialState.RUNNING
-        assert frozen.system_attrs[ledger.DRIVER_ATTR] == SOME_DRIVER
+        assert frozen.system_attrs[record.DRIVER_ATTR] == SOME_DRIVER
 
 
 def test_concurrent_drivers_never_claim_the_same_trial(grid: Ledger) -> None:
@@ -362,7 +362,7 @@ def test_concurrent_drivers_never_claim_the_same_trial(grid: Ledger) -> None:
     assert [i for i, times in Counter(everything).items() if times > 1] == []  # none twice
     assert sorted(everything) == sorted(t._trial_id for t in _trials(grid.ot_study))
     assert len(everything) == queued
-    holders = {t._trial_id: t.system_attrs[ledger.DRIVER_ATTR] for t in _trials(grid.ot_study)}
+    holders = {t._trial_id: t.system_attrs[record.DRIVER_ATTR] for t in _trials(grid.ot_study)}
     for k, ids in enumerate(claimed):
         assert all(holders[trial_id] == f"d{k}" for trial_id in ids)
     for storage in storages:
@@ -375,7 +375,7 @@ def test_concurrent_drivers_never_claim_the_same_trial(grid: Ledger) -> None:
 def test_a_point_queued_twice_is_trained_once(grid: Ledger) -> None:
     # Two drivers planning at the same moment: each queues the same point.
     params = {"alpha": 1.15, "beta": 1.15, "gamma": 1.15, "seed": 0}
-    attrs = {ledger.NETWORK_ATTR: _key(grid.study, (1.15, 1.15, 1.15))}
+    attrs = {record.NETWORK_ATTR: _key(grid.study, (1.15, 1.15, 1.15))}
     grid.ot_study.enqueue_trial(params, user_attrs=attrs)
     grid.ot_study.enqueue_trial(params, user_attrs=attrs)
 
@@ -384,8 +384,8 @@ def test_a_point_queued_twice_is_trained_once(grid: Ledger) -> None:
     assert claim(grid.ot_study, queued_only=True, holder=SOME_DRIVER) is None
     skipped = _trials(grid.ot_study)[1]
     assert skipped.state == TrialState.FAIL
-    assert skipped.user_attrs[ledger.DUPLICATE_ATTR] == 0
-    assert "duplicate" in skipped.user_attrs[ledger.FAIL_REASON_ATTR]
+    assert skipped.user_attrs[record.DUPLICATE_ATTR] == 0
+    assert "duplicate" in skipped.user_attrs[record.FAIL_REASON_ATTR]
     assert duplicates(_trials(grid.ot_study)) == {"skipped_duplicates": 1, "trained_twice": 0}
     # The skipped copy does not count as the point's holder, and the first does.
     assert plan_trials(grid.study, grid.ot_study) == 12 - 1
@@ -429,7 +429,7 @@ def test_a_dead_driver_on_this_host_has_its_trial_failed_and_requeued(grid: Ledg
     assert recover_stale(grid.ot_study, messages.append) == 1
     failed = _frozen(grid, orphan)
     assert failed.state == TrialState.FAIL
-    assert failed.user_attrs[ledger.FAIL_REASON_ATTR] == f"driver {holder} stopped mid-trial"
+    assert failed.user_attrs[record.FAIL_REASON_ATTR] == f"driver {holder} stopped mid-trial"
     assert len(messages) == 1 and "1 trial" in messages[0]
     assert plan_trials(grid.study, grid.ot_study) == 12  # its point is queued again
     assert _point(_trials(grid.ot_study)[-1]) == _point(failed)
@@ -481,7 +481,7 @@ def test_another_hosts_trial_with_a_stale_heartbeat_is_failed(grid: Ledger) -> N
         assert recover_stale(ot_study, lambda _: None) == 1
         failed = _frozen(grid, stale)
         assert failed.state == TrialState.FAIL
-        assert "no heartbeat" in failed.user_attrs[ledger.FAIL_REASON_ATTR]
+        assert "no heartbeat" in failed.user_attrs[record.FAIL_REASON_ATTR]
         assert _frozen(grid, fresh).state == TrialState.RUNNING
         assert plan_trials(grid.study, grid.ot_study) == 12 - 2 + 1
     finally:
@@ -499,7 +499,7 @@ def test_a_trial_without_holder_fails_once_it_started_long_ago(grid: Ledger) -> 
     assert recover_stale(grid.ot_study, lambda _: None) == 1
     failed = grid.storage.get_trial(old._trial_id)
     assert failed.state == TrialState.FAIL
-    assert "before it sent a heartbeat" in failed.user_attrs[ledger.FAIL_REASON_ATTR]
+    assert "before it sent a heartbeat" in failed.user_attrs[record.FAIL_REASON_ATTR]
     assert grid.storage.get_trial(recent._trial_id).state == TrialState.RUNNING
     assert plan_trials(grid.study, grid.ot_study) == 12 - 2 + 1
 
@@ -577,7 +577,7 @@ def test_fail_trial_on_a_finished_trial_changes_nothing(grid: Ledger) -> None:
     _finish(grid, pruned, TrialState.PRUNED)
     assert fail_trial(grid.ot_study._storage, failed._trial_id, "x" * 2000)
     assert _frozen(grid, failed).state == TrialState.FAIL
-    assert _frozen(grid, failed).user_attrs[ledger.FAIL_REASON_ATTR] == "x" * 500  # kept short
+    assert _frozen(grid, failed).user_attrs[record.FAIL_REASON_ATTR] == "x" * 500  # kept short
 
     for trial in (complete, pruned, failed):
         before = _frozen(grid, trial)
@@ -636,7 +636,7 @@ def test_trials_of_an_ended_ray_job_on_another_host_are_failed_at_once(grid: Led
     assert asked == [{ended_job, live_job}]  # this host's drivers are judged by their process
     failed = _frozen(grid, dead)
     assert failed.state == TrialState.FAIL
-    reason = failed.user_attrs[ledger.FAIL_REASON_ATTR]
+    reason = failed.user_attrs[record.FAIL_REASON_ATTR]
     assert reason == f"driver {OTHER_HOST} stopped mid-trial (its Ray job {ended_job} has ended)"
     for trial in (live, unnamed, mine):
         assert _frozen(grid, trial).state == TrialState.RUNNING

@@ -19,7 +19,8 @@ from conftest import TINY_STUDY, run_cli
 
 from scaling_search.config import load_study
 from scaling_search.study.leftovers import DRIVER_FILE, format_bytes
-from scaling_search.study.liveness import DRIVER_ATTR, driver_id
+from scaling_search.study.liveness import driver_id
+from scaling_search.study.record import DRIVER_ATTR
 from scaling_search.study.storage import open_storage, resolve_url
 
 HOUR_S = 3600.0

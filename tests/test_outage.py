@@ -23,8 +23,8 @@ from scaling_search.config import load_study
 from scaling_search.driver._run import _StopRun
 from scaling_search.driver._search import StudySearch
 from scaling_search.driver.interrupt import StopRequest
-from scaling_search.sampling import DefineByRun
-from scaling_search.study import ledger, storage
+from scaling_search.study import ledger, record, storage
+from scaling_search.study.define import DefineByRun
 from scaling_search.study.outage import DatabaseAway, DatabaseWatch, failure_line
 from scaling_search.study.storage import StorageError, mask_url, open_storage
 
@@ -71,7 +71,7 @@ class Driver:
             ),
             budget_epochs=2,
             queued_only=True,
-            stage=ledger.SEARCH_STAGE,
+            stage=record.SEARCH_STAGE,
             heartbeat=self.heartbeat,
             limit=limit,
             adaptive=False,
@@ -224,8 +224,8 @@ def test_a_trial_claimed_as_the_connection_drops_is_given_back_not_left_running(
 
         trials = driver.ot_study.get_trials(deepcopy=False)
         first = trials[0]  # taken, then the connection dropped
-        assert first.state == TrialState.FAIL and first.user_attrs[ledger.GIVEN_BACK_ATTR]
-        assert first.user_attrs[ledger.FAIL_REASON_ATTR] == (
+        assert first.state == TrialState.FAIL and first.user_attrs[record.GIVEN_BACK_ATTR]
+        assert first.user_attrs[record.FAIL_REASON_ATTR] == (
             "claimed as the study's database stopped answering; given back"
         )
         assert driver.trial("t1").number != first.number
@@ -263,7 +263,7 @@ def test_a_trial_another_driver_failed_meanwhile_is_said_and_stopped_not_dropped
         driver.searcher.close()
         trial = driver.trial("t1")
         assert trial.state == TrialState.FAIL and trial.intermediate_values == {}
-        assert trial.user_attrs[ledger.FAIL_REASON_ATTR] == other
+        assert trial.user_attrs[record.FAIL_REASON_ATTR] == other
         lines = [line for line in driver.says if "another driver" in line]
         assert lines == [
             f"trial {held.number} was marked FAIL by another driver ({other}): its results "
@@ -291,7 +291,7 @@ def test_giving_back_goes_on_past_a_trial_the_database_refuses(
 
         assert driver.storage.get_trial(refused._trial_id).state == TrialState.RUNNING
         given = driver.storage.get_trial(kept._trial_id)
-        assert given.state == TrialState.FAIL and given.user_attrs[ledger.GIVEN_BACK_ATTR]
+        assert given.state == TrialState.FAIL and given.user_attrs[record.GIVEN_BACK_ATTR]
         assert driver.trial("t1").state == TrialState.COMPLETE
         assert (
             f"1 trial(s) claimed by this run could not be given back (trial {refused.number}: "

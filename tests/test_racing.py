@@ -14,7 +14,7 @@ from optuna.trial import TrialState, create_trial
 from scaling_search.config import parse_study
 from scaling_search.results.ranking import best_triple
 from scaling_search.space import Coefficients
-from scaling_search.study import ledger, racing
+from scaling_search.study import ledger, racing, record
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -52,7 +52,7 @@ def _add(
         "resolution_px": 32,
     }
     if stage:
-        attrs[ledger.STAGE_ATTR] = stage
+        attrs[record.STAGE_ATTR] = stage
     full = epochs >= BUDGET
     study.add_trial(
         create_trial(
@@ -98,7 +98,7 @@ def test_racing_queues_new_seeds_for_the_top_k_once(tmp_path: Path) -> None:
         for t in queued
     )  # fmt: skip
     assert points == sorted((*t, s) for t in (A, B) for s in (12, 13, 14))
-    assert {t.user_attrs[ledger.STAGE_ATTR] for t in queued} == {"racing"}
+    assert {t.user_attrs[record.STAGE_ATTR] for t in queued} == {"racing"}
     # Queued with the network key of the trials they race (here: trials without one, so the
     # triple), so that planning again sees them as held.
     assert {ledger.point_of(t) for t in queued} == {
@@ -209,7 +209,7 @@ def test_a_study_with_racing_trains_the_top_triples_again_at_the_full_budget(
     assert first.returncode == 0, first.stderr[-3000:]
     storage = f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
     trials = optuna.load_study(study_name="race", storage=storage).get_trials()
-    raced = [t for t in trials if t.user_attrs.get(ledger.STAGE_ATTR) == "racing"]
+    raced = [t for t in trials if t.user_attrs.get(record.STAGE_ATTR) == "racing"]
     searched = [t for t in trials if t not in raced]
     assert len(raced) == 2 * 2 and "racing: the top 2 triple(s)" in first.stdout
     # Racing trials run at the full budget under FIFO: none is stopped early.

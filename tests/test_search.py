@@ -17,8 +17,8 @@ from ray.tune.search import Searcher
 from scaling_search.config import load_study
 from scaling_search.driver._recorder import Recorder
 from scaling_search.driver._search import Classes, StudySearch
-from scaling_search.sampling import DefineByRun
-from scaling_search.study import ledger
+from scaling_search.study import ledger, record
+from scaling_search.study.define import DefineByRun
 from scaling_search.study.storage import open_storage
 
 # --- the recorder ---------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def _searcher(
         ),
         budget_epochs=study.train.epochs,
         queued_only=sampler == "grid",
-        stage=ledger.SEARCH_STAGE,
+        stage=record.SEARCH_STAGE,
         heartbeat=ledger.Heartbeat(storage, 60.0),
         limit=limit,
         adaptive=sampler == "tpe",
@@ -188,7 +188,7 @@ def test_a_trial_prepared_ahead_that_is_never_asked_for_is_given_back(tmp_path: 
     searcher.close()  # Tune stopped before asking for the second trial
     failed = ot_study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     assert len(failed) == 1
-    reason = failed[0].user_attrs[ledger.FAIL_REASON_ATTR]
+    reason = failed[0].user_attrs[record.FAIL_REASON_ATTR]
     assert reason == "prepared ahead, but the run ended first"
     trained = ot_study.get_trials(deepcopy=False)[searcher._ot_trials["t1"].number]
     assert point is not None and trained.params["alpha"] == point["alpha"]
@@ -287,7 +287,7 @@ def test_a_grid_result_is_shared_with_the_other_triples_of_its_class(tmp_path: P
         (t.user_attrs["alpha"], t.user_attrs["beta"], t.user_attrs["gamma"]) for t in trials
     } == {m.as_tuple() for members in classes.members.values() for m in members}
     for copy in copies:
-        source = trials[copy.user_attrs[ledger.SHARED_ATTR]]
+        source = trials[copy.user_attrs[record.SHARED_ATTR]]
         assert ledger.point_of(copy) == ledger.point_of(source)  # same network, same seed
         assert copy.params["alpha"] != source.params["alpha"]  # another triple of the class
         assert (copy.state, copy.value) == (source.state, source.value)
@@ -321,17 +321,17 @@ def test_a_sampled_triple_of_a_trained_network_gets_its_result_without_training(
     assert len(copies) >= 30 and len(trials) == 2 + len(copies)
     values = {network_a: 0.7, network_b: 0.6}
     for copy in copies:
-        source = trials[copy.user_attrs[ledger.SHARED_ATTR]]
+        source = trials[copy.user_attrs[record.SHARED_ATTR]]
         assert ledger.point_of(copy) == ledger.point_of(source) in values
         # Told to the sampler as a result of its own: the same value and learning curve.
         assert copy.state == TrialState.COMPLETE
         assert copy.value == pytest.approx(values[ledger.point_of(copy)])
         assert copy.intermediate_values == source.intermediate_values
     trained = {t.number: t for t in trials if not ledger.is_shared(t)}
-    assert {t.user_attrs[ledger.SHARED_ATTR] for t in copies} == set(trained)
+    assert {t.user_attrs[record.SHARED_ATTR] for t in copies} == set(trained)
     # Those sampled while b trained waited for its result.
     b_trial = trained[searcher._ot_trials["b"].number]
-    waited = [t for t in copies if t.user_attrs[ledger.SHARED_ATTR] == b_trial.number]
+    waited = [t for t in copies if t.user_attrs[record.SHARED_ATTR] == b_trial.number]
     b_complete = b_trial.datetime_complete
     assert b_complete is not None
     assert waited and all(
@@ -348,15 +348,15 @@ def test_trials_waiting_for_a_training_that_never_ends_fail_when_the_run_ends(tm
     searcher.close()
     trials = ot_study.get_trials(deepcopy=False)
     a_number = searcher._ot_trials["a"].number
-    waiting_for_a = [t for t in trials if t.user_attrs.get(ledger.SHARED_ATTR) == a_number]
+    waiting_for_a = [t for t in trials if t.user_attrs.get(record.SHARED_ATTR) == a_number]
     assert waiting_for_a, "no sample shared the first network"
     for trial in waiting_for_a:
         assert trial.state == TrialState.FAIL
-        reason = trial.user_attrs[ledger.FAIL_REASON_ATTR]
+        reason = trial.user_attrs[record.FAIL_REASON_ATTR]
         assert reason == f"shares trial {a_number}, which had not ended when this run did"
     # Nothing this searcher claimed is left RUNNING: the trial Tune never ended is given back
     # (trained again by the next run), not left for the next run to judge dead.
     assert [t.number for t in trials if t.state == TrialState.RUNNING] == []
     a_trial = next(t for t in trials if t.number == a_number)
-    assert a_trial.state == TrialState.FAIL and a_trial.user_attrs[ledger.GIVEN_BACK_ATTR]
-    assert a_trial.user_attrs[ledger.FAIL_REASON_ATTR].startswith("the run ended before the trial")
+    assert a_trial.state == TrialState.FAIL and a_trial.user_attrs[record.GIVEN_BACK_ATTR]
+    assert a_trial.user_attrs[record.FAIL_REASON_ATTR].startswith("the run ended before the trial")

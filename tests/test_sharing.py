@@ -11,8 +11,8 @@ import pytest
 from optuna.trial import TrialState
 
 from scaling_search.config import load_study
-from scaling_search.sampling import DefineByRun
-from scaling_search.study import ledger, sharing
+from scaling_search.study import ledger, record, sharing
+from scaling_search.study.define import DefineByRun
 from scaling_search.study.storage import open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -63,7 +63,7 @@ def test_a_stopped_driver_s_results_are_shared_on_the_next_run_once(
     copies = [t for t in ot_study.get_trials() if ledger.is_shared(t)]
     assert len(copies) == expected
     for copy in copies:
-        source = next(t for t in done if t.number == copy.user_attrs[ledger.SHARED_ATTR])
+        source = next(t for t in done if t.number == copy.user_attrs[record.SHARED_ATTR])
         assert ledger.point_of(copy) == ledger.point_of(source)
         assert copy.state == source.state and copy.value == source.value
         assert copy.intermediate_values == source.intermediate_values
@@ -90,11 +90,11 @@ def test_a_failed_training_is_shared_with_nobody(storage_url: str, tiny_study: P
     with warnings.catch_warnings():  # Optuna expects heartbeats with Study.optimize only
         warnings.simplefilter("ignore", UserWarning)
         asked = ot_study.ask()
-    asked.set_user_attr(ledger.SHARED_ATTR, source.number)
+    asked.set_user_attr(record.SHARED_ATTR, source.number)
     assert sharing.copy_result(ot_study, asked, source)  # ended: it fails too, saying why
     copy = ot_study._storage.get_trial(asked._trial_id)
     assert copy.state == TrialState.FAIL
-    assert copy.user_attrs[ledger.FAIL_REASON_ATTR] == f"shared trial {source.number}, which failed"
+    assert copy.user_attrs[record.FAIL_REASON_ATTR] == f"shared trial {source.number}, which failed"
     storage.engine.dispose()
 
 

@@ -19,13 +19,14 @@ from hypothesis import strategies as st
 
 from scaling_search.config import Bounds, SpaceConfig
 from scaling_search.network import architecture, count_macs, count_params
-from scaling_search.sampling import DefineByRun, SimplexCoordinates
+from scaling_search.sampling import SimplexCoordinates
 from scaling_search.space import (
     Coefficients,
     SpaceError,
     describe,
     grid_candidates,
 )
+from scaling_search.study.define import DefineByRun
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from scaling_search.config import Bounds, SpaceConfig, load_study
 from scaling_search.network import B0_STAGES, architecture, count_macs, scale_resolution
 from scaling_search.results.family import make_family
-from scaling_search.sampling import DefineByRun, MeasuredCoordinates, study_network_key
+from scaling_search.sampling import MeasuredCoordinates, study_network_key
 from scaling_search.space import (
     Coefficients,
     CostModel,
@@ -32,6 +32,7 @@ from scaling_search.space import (
     network_classes,
     representative,
 )
+from scaling_search.study.define import DefineByRun
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 STUDIES = Path(__file__).resolve().parents[1] / "studies"

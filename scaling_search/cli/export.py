@@ -248,10 +248,10 @@ def study_classes(study: StudyConfig, ot_study: optuna.Study | None = None) -> i
     """The study's number of classes: as the driver recorded it with ``ot_study``, else from
     the study file (reading the data only for an image folder)."""
     from scaling_search.data.sources import known_num_classes, load_data
-    from scaling_search.study.ledger import NUM_CLASSES_ATTR
+    from scaling_search.study.record import StudyRecord
 
-    recorded = None if ot_study is None else ot_study.user_attrs.get(NUM_CLASSES_ATTR)
-    if isinstance(recorded, int):
+    recorded = None if ot_study is None else StudyRecord.of(ot_study).num_classes
+    if recorded is not None:
         return recorded
     known = known_num_classes(study.data)
     return known if known is not None else load_data(study.data).num_classes

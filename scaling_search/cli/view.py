@@ -179,7 +179,8 @@ def status(args: argparse.Namespace) -> int:
     """``scaling-search status``: the study's trials by state, duplicates and the best so far."""
     from scaling_search.results.ranking import ResultsError, best_triple, trials_frame
     from scaling_search.results.verdict import format_accuracy
-    from scaling_search.study.ledger import GIVEN_BACK_ATTR, duplicates
+    from scaling_search.study.ledger import duplicates
+    from scaling_search.study.record import TrialRecord
     from scaling_search.study.storage import mask_url, resolve_url
 
     study, ot_study = existing_study(args)
@@ -193,9 +194,7 @@ def status(args: argparse.Namespace) -> int:
     except ResultsError:
         best = None
     twice = duplicates(ot_study.get_trials(deepcopy=False))
-    given_back = sum(
-        1 for t in ot_study.get_trials(deepcopy=False) if t.user_attrs.get(GIVEN_BACK_ATTR)
-    )
+    given_back = sum(TrialRecord.of(t).given_back for t in ot_study.get_trials(deepcopy=False))
     best_data = None
     if best is not None:  # as `best --format json` writes it
         from scaling_search.cli.export import study_classes

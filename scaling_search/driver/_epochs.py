@@ -12,7 +12,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from scaling_search.driver._trainable import METRIC
-from scaling_search.study.ledger import FAIL_REASON_ATTR, Heartbeat
+from scaling_search.study import record
+from scaling_search.study.ledger import Heartbeat
 
 
 class Writes:
@@ -39,14 +40,15 @@ class Writes:
         """Whether another driver failed this driver's trial; said the first time."""
         if trial_id in self._taken_over:
             return True
-        ended = ot_trial.study._storage.get_trial(ot_trial._trial_id)
+        ended = record.TrialRecord.of(ot_trial.study._storage.get_trial(ot_trial._trial_id))
         if ended.state != TrialState.FAIL:
             return False
+        reason = "no reason recorded" if ended.fail_reason is None else ended.fail_reason
         self._taken_over.add(trial_id)
         self._heartbeat.release(ot_trial._trial_id)
         self._say(
             f"trial {ot_trial.number} was marked FAIL by another driver "
-            f"({ended.user_attrs.get(FAIL_REASON_ATTR, 'no reason recorded')}): its results "
+            f"({reason}): its results "
             "here are not recorded, and it is stopped"
         )
         return True
@@ -60,20 +62,22 @@ def write_epoch(ot_trial: optuna.Trial, result: dict[str, Any], *, new_attempt: 
     resumed from which epoch) on the attempt's first epoch only. Written again whole when tried
     again: each write sets a value. UpdateFinishedTrialError: the trial has ended."""
     ot_trial.report(float(result[METRIC]), int(result["epoch"]))
-    ot_trial.set_user_attr("epochs_completed", int(result["epoch"]))
-    ot_trial.set_user_attr("train_reported_at", float(result["reported_at"]))
-    ot_trial.set_user_attr("images_per_second", round(float(result["images_per_second"]), 1))
+    ot_trial.set_user_attr(record.EPOCHS_ATTR, int(result["epoch"]))
+    ot_trial.set_user_attr(record.REPORTED_AT_ATTR, float(result["reported_at"]))
+    ot_trial.set_user_attr(
+        record.IMAGES_PER_SECOND_ATTR, round(float(result["images_per_second"]), 1)
+    )
     if math.isfinite(result.get("test_accuracy", math.nan)):
-        ot_trial.set_user_attr("test_accuracy", float(result["test_accuracy"]))
+        ot_trial.set_user_attr(record.TEST_ACCURACY_ATTR, float(result["test_accuracy"]))
     if not new_attempt:
         return
-    ot_trial.set_user_attr("train_started_at", float(result["started_at"]))
-    ot_trial.set_user_attr("node_id", str(result["node_id"]))
-    ot_trial.set_user_attr("node_ip", str(result["node_ip"]))
+    ot_trial.set_user_attr(record.STARTED_AT_ATTR, float(result["started_at"]))
+    ot_trial.set_user_attr(record.NODE_ID_ATTR, str(result["node_id"]))
+    ot_trial.set_user_attr(record.NODE_IP_ATTR, str(result["node_ip"]))
     if "worker_pid" in result:
-        ot_trial.set_user_attr("worker_pid", int(result["worker_pid"]))
-    ot_trial.set_user_attr("data_reused", bool(result["data_reused"]))
+        ot_trial.set_user_attr(record.WORKER_PID_ATTR, int(result["worker_pid"]))
+    ot_trial.set_user_attr(record.DATA_REUSED_ATTR, bool(result["data_reused"]))
     if math.isfinite(result.get("first_step_at", math.nan)):
-        ot_trial.set_user_attr("first_step_at", float(result["first_step_at"]))
+        ot_trial.set_user_attr(record.FIRST_STEP_AT_ATTR, float(result["first_step_at"]))
     if int(result["resumed_from_epoch"]):
-        ot_trial.set_user_attr("resumed_from_epoch", int(result["resumed_from_epoch"]))
+        ot_trial.set_user_attr(record.RESUMED_FROM_ATTR, int(result["resumed_from_epoch"]))

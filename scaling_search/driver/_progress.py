@@ -13,7 +13,7 @@ from ray import tune
 from scaling_search.driver._search import StudySearch
 from scaling_search.driver._trainable import METRIC
 from scaling_search.space import Coefficients
-from scaling_search.study.ledger import FAIL_REASON_ATTR
+from scaling_search.study.record import FAIL_REASON_ATTR
 
 Progress = Callable[[str], None]
 

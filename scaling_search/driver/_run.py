@@ -45,11 +45,13 @@ from scaling_search.driver._watchdog import RayWatchdog, TerminalLines, ray_outp
 from scaling_search.driver.interrupt import Interrupted, StopRequest
 from scaling_search.memory import WORKER_ENV, trial_memory_bytes
 from scaling_search.objective import ObjectiveFit
-from scaling_search.sampling import DefineByRun, study_network_key
+from scaling_search.sampling import study_network_key
 from scaling_search.space import NetworkKeyFn
 from scaling_search.study import ledger, leftovers, racing, sharing
+from scaling_search.study.define import DefineByRun
 from scaling_search.study.ledger import Heartbeat
 from scaling_search.study.outage import PATIENCE_S, DatabaseWatch
+from scaling_search.study.record import RACING_STAGE, SEARCH_STAGE, TrialRecord
 from scaling_search.study.storage import mask_url
 from scaling_search.train import fit
 
@@ -130,9 +132,10 @@ def _state_counts(ot_study: optuna.Study) -> Counter[TrialState | str]:
     network's result (a sharer whose source failed or never ended is neither)."""
     counts: Counter[TrialState | str] = Counter()
     for trial in ot_study.get_trials(deepcopy=False):
-        if trial.user_attrs.get(ledger.GIVEN_BACK_ATTR):
+        record = TrialRecord.of(trial)
+        if record.given_back:
             counts["given_back"] += 1
-        elif not ledger.is_shared(trial):
+        elif not record.shared:
             counts[trial.state] += 1
         elif trial.state in ledger.DONE:
             counts["shared"] += 1
@@ -430,7 +433,7 @@ def _racing_after_search(study: StudyConfig, ot_study: optuna.Study, progress: P
         for t in ot_study.get_trials(
             deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)
         )
-        if ledger.stage_of(t) == ledger.SEARCH_STAGE
+        if ledger.stage_of(t) == SEARCH_STAGE
     ]
     if pending:
         progress(
@@ -524,7 +527,7 @@ class _Stage:
             mode="max",
             budget_epochs=study.train.epochs,
             queued_only=racing_stage or study.search.sampler == "grid",
-            stage=ledger.RACING_STAGE if racing_stage else ledger.SEARCH_STAGE,
+            stage=RACING_STAGE if racing_stage else SEARCH_STAGE,
             heartbeat=self.heartbeat,
             limit=count,
             # TPE one trial at a time samples after each result. With more trials at a time it

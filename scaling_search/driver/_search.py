@@ -23,8 +23,9 @@ from scaling_search.driver._trainable import METRIC
 from scaling_search.driver._waiting import Classes, Waiting
 from scaling_search.space import SpaceError
 from scaling_search.study import ledger
-from scaling_search.study.ledger import FAIL_REASON_ATTR, Heartbeat
+from scaling_search.study.ledger import Heartbeat
 from scaling_search.study.outage import DatabaseWatch
+from scaling_search.study.record import FAIL_REASON_ATTR
 from scaling_search.study.storage import describe_error, unreachable
 
 logger = logging.getLogger(__name__)

@@ -131,8 +131,8 @@ def _placement(resume: Any, data_reused: bool) -> dict[str, Any]:
 
 def _report_failure(reason: str, epochs_done: int, placement: dict[str, Any]) -> None:
     """End the trial as failed, for ``reason``, without a retry."""
-    # Imported here: the ledger brings Optuna, which a worker needs only on this path.
-    from scaling_search.study.ledger import FAIL_REASON_ATTR
+    # Imported here: the record brings Optuna, which a worker needs only on this path.
+    from scaling_search.study.record import FAIL_REASON_ATTR
 
     # A result with this key ends its trial as FAIL (the searcher reads it).
     tune.report({FAIL_REASON_ATTR: reason, "epoch": epochs_done, METRIC: float("nan"), **placement})

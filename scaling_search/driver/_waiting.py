@@ -17,7 +17,8 @@ from optuna.trial import FrozenTrial
 
 from scaling_search.space import Coefficients
 from scaling_search.study import ledger, sharing
-from scaling_search.study.ledger import SHARED_ATTR, Heartbeat
+from scaling_search.study.ledger import Heartbeat
+from scaling_search.study.record import SHARED_ATTR
 from scaling_search.study.storage import describe_error, unreachable
 
 EndAsFailed = Callable[..., None]  # (trial, reason, *, given_back=False)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, cast
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from scaling_search.network import architecture, count_macs, count_params
 from scaling_search.results.family import OFFICIAL_FAMILY, make_family
@@ -29,7 +29,7 @@ from scaling_search.results.ranking import (
 )
 from scaling_search.results.verdict import class_label
 from scaling_search.space import Coefficients, log_flops_shares
-from scaling_search.study.ledger import SHARED_ATTR, triple_of
+from scaling_search.study.record import TrialRecord
 
 FULL, EARLY, FAILED, RUNNING = "full budget", "stopped early", "failed", "running"
 SHARED = "shares a trained network"  # a triple given the result of its network's training
@@ -118,23 +118,23 @@ class TopInfo(NamedTuple):
     n_eligible: int  # full-budget triples in all
 
 
-def _outcome(trial: FrozenTrial, budget: int) -> str | None:
-    if SHARED_ATTR in trial.user_attrs:
-        return SHARED if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None
-    if trial.state == TrialState.FAIL:
-        return None if "duplicate_of" in trial.user_attrs else FAILED  # a skipped copy
-    if trial.state == TrialState.RUNNING:
+def _outcome(record: TrialRecord, budget: int) -> str | None:
+    if record.shared:
+        return SHARED if record.state in (TrialState.COMPLETE, TrialState.PRUNED) else None
+    if record.state == TrialState.FAIL:
+        return None if record.duplicate else FAILED  # a skipped copy
+    if record.state == TrialState.RUNNING:
         return RUNNING
-    if trial.state == TrialState.WAITING:
+    if record.state == TrialState.WAITING:
         return None  # queued, nothing to show yet
-    if trial.state == TrialState.COMPLETE and trial.user_attrs.get("epochs_completed", 0) >= budget:
+    if record.state == TrialState.COMPLETE and (record.epochs_completed or 0) >= budget:
         return FULL
     return EARLY
 
 
-def _coefficients(trial: FrozenTrial) -> Coefficients | None:
+def _coefficients(record: TrialRecord) -> Coefficients | None:
     # Drawn from what the driver recorded: a queued trial's parameters are not yet a triple.
-    return triple_of(trial) if {"alpha", "beta", "gamma"} <= trial.user_attrs.keys() else None
+    return record.coefficients if record.triple_recorded else None
 
 
 def _winner(study: optuna.Study) -> BestTriple | None:
@@ -148,31 +148,30 @@ def _get_trials_info(study: optuna.Study, best: BestTriple | None = None) -> Tri
     budget = budget_epochs(study)
     best = best or _winner(study)
     trials = study.get_trials(deepcopy=False)
+    records = [TrialRecord.of(trial) for trial in trials]
     sharers: dict[int, int] = {}
-    for trial in trials:
-        source = trial.user_attrs.get(SHARED_ATTR)
-        if isinstance(source, int):
-            sharers[source] = sharers.get(source, 0) + 1
+    for record in records:
+        if record.shared_from is not None:
+            sharers[record.shared_from] = sharers.get(record.shared_from, 0) + 1
     points = []
-    for trial in trials:
-        outcome, coefficients = _outcome(trial, budget), _coefficients(trial)
+    for trial, record in zip(trials, records, strict=True):
+        outcome, coefficients = _outcome(record, budget), _coefficients(record)
         if outcome is None or coefficients is None:
             continue
         last = trial.value
         if last is None and trial.intermediate_values:
             last = trial.intermediate_values[max(trial.intermediate_values)]
-        measured = trial.user_attrs.get("flops_ratio_measured")
         points.append(
             TrialPoint(
                 number=trial.number,
                 outcome=outcome,
                 coefficients=coefficients,
-                seed=trial.user_attrs.get("seed"),
+                seed=record.seed,
                 shares=log_flops_shares(coefficients),
                 accuracy=None if outcome == FAILED or last is None else float(last),
-                flops_ratio_measured=None if measured is None else float(measured),
-                epochs=int(trial.user_attrs.get("epochs_completed", 0)),
-                shared_from=trial.user_attrs.get(SHARED_ATTR),
+                flops_ratio_measured=record.flops_ratio_measured,
+                epochs=record.epochs_completed or 0,
+                shared_from=record.shared_from,
                 sharers=sharers.get(trial.number, 0),
             )
         )
@@ -191,11 +190,12 @@ def _get_curves_info(study: optuna.Study) -> CurvesInfo:
     budget = budget_epochs(study)
     curves = []
     for trial in study.get_trials(deepcopy=False):
-        outcome, coefficients = _outcome(trial, budget), _coefficients(trial)
+        record = TrialRecord.of(trial)
+        outcome, coefficients = _outcome(record, budget), _coefficients(record)
         if outcome in (None, SHARED) or coefficients is None or not trial.intermediate_values:
             continue
         steps = sorted(trial.intermediate_values)
-        seed = trial.user_attrs.get("seed")
+        seed = record.seed
         curves.append(
             Curve(
                 number=trial.number,

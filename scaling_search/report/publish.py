@@ -31,7 +31,8 @@ from scaling_search.report.data import (
 )
 from scaling_search.results.export import write_text_atomic
 from scaling_search.results.ranking import BestTriple, ResultsError, best_triple
-from scaling_search.study.ledger import DONE, NUM_CLASSES_ATTR, is_shared
+from scaling_search.study.ledger import DONE, is_shared
+from scaling_search.study.record import StudyRecord
 from scaling_search.study.storage import describe_error, unreachable
 
 __all__ = ["LIVE_FIGURES", "PARTS", "LiveDashboard", "publish_live", "report_html", "write_report"]
@@ -151,9 +152,9 @@ def _verdict(study: optuna.Study, best: BestTriple, num_classes: int | None = No
     B7 MACs of the class's span, by the classifier's share)."""
     from scaling_search.results.verdict import best_view
 
-    config = study.user_attrs.get("study_config", {})
-    base_px = int(config.get("train", {}).get("base_resolution_px", 224))
-    classes = num_classes or int(study.user_attrs.get(NUM_CLASSES_ATTR, 1000))
+    recorded = StudyRecord.of(study)
+    base_px = recorded.base_resolution_px or 224
+    classes = num_classes or recorded.num_classes or 1000
     return best_view(best, base_resolution_px=base_px, num_classes=classes)[1]
 
 

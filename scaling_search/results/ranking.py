@@ -42,13 +42,8 @@ from scipy import stats
 
 from scaling_search.results._cost_tracking import CostTracking, cost_tracking
 from scaling_search.space import Coefficients, representative
-from scaling_search.study.ledger import (
-    CHOSEN_ON_ATTR,
-    RACING_STAGE,
-    STAGE_ATTR,
-    is_shared,
-    point_of,
-)
+from scaling_search.study import record as rec
+from scaling_search.study.record import RACING_STAGE, StudyRecord, TrialRecord
 
 __all__ = [
     "TIE_LEVEL",
@@ -69,23 +64,24 @@ __all__ = [
     "trials_frame",
 ]
 
-_ATTRS = (
-    "alpha",
-    "beta",
-    "gamma",
-    "seed",
-    "epochs_completed",
-    "flops_ratio_nominal",
-    "flops_ratio_measured",
-    "params",
-    "macs",
-    "resolution_px",
-    "test_accuracy",
-    "fail_reason",
-    STAGE_ATTR,
+# The frame's columns of trial attributes, named as the attributes are (study/record.py).
+_COLUMNS = (
+    rec.ALPHA_ATTR,
+    rec.BETA_ATTR,
+    rec.GAMMA_ATTR,
+    rec.SEED_ATTR,
+    rec.EPOCHS_ATTR,
+    rec.FLOPS_NOMINAL_ATTR,
+    rec.FLOPS_MEASURED_ATTR,
+    rec.PARAMS_ATTR,
+    rec.MACS_ATTR,
+    rec.RESOLUTION_ATTR,
+    rec.TEST_ACCURACY_ATTR,
+    rec.FAIL_REASON_ATTR,
+    rec.STAGE_ATTR,
 )
-_TRIPLE = ["alpha", "beta", "gamma"]
-_KEY = "network_key"
+_TRIPLE = [rec.ALPHA_ATTR, rec.BETA_ATTR, rec.GAMMA_ATTR]
+_KEY = rec.NETWORK_ATTR
 TIE_LEVEL = 0.05  # two-sided; a candidate with p ≥ this is tied with the winner
 
 
@@ -174,32 +170,45 @@ class BestTriple:
 
 def budget_epochs(study: optuna.Study) -> int:
     """The full epoch budget recorded with the study by the driver."""
-    try:
-        return int(study.user_attrs["study_config"]["train"]["epochs"])
-    except (KeyError, TypeError, ValueError):
+    epochs = StudyRecord.of(study).budget_epochs
+    if epochs is None:
         raise ResultsError(
             f"study {study.study_name!r} was not created by scaling-search (no recorded budget)"
-        ) from None
+        )
+    return epochs
 
 
 def study_product(study: optuna.Study) -> float:
     """The constraint's c (α·β²·γ² ≈ c) recorded with the study; 2 if it says none."""
-    try:
-        return float(study.user_attrs["study_config"]["space"]["product"])
-    except (KeyError, TypeError, ValueError):
-        return 2.0
-
-
-def _objective(study: optuna.Study) -> bool:
-    """Whether the study's trials ran the user's objective, not the built-in trainer."""
-    config = study.user_attrs.get("study_config")
-    return isinstance(config, dict) and "objective" in config
+    return StudyRecord.of(study).product
 
 
 def chosen_on(study: optuna.Study) -> str:
     """ "validation", or "test" for a study recorded before trials were chosen on a validation
     split (its trials' values are test accuracies)."""
-    return "validation" if study.user_attrs.get(CHOSEN_ON_ATTR) == "validation" else "test"
+    return StudyRecord.of(study).chosen_on
+
+
+def _row(record: TrialRecord) -> dict[str, Any]:
+    """A trial's attributes in the frame: α, β, γ to 6 decimals, as the ledger keys points (a
+    queued trial's are not yet its own: none); a search trial's stage is none, as recorded."""
+    triple = None if record.from_queue else record.coefficients
+    alpha, beta, gamma = (None, None, None) if triple is None else triple.as_tuple()
+    return {
+        rec.ALPHA_ATTR: alpha,
+        rec.BETA_ATTR: beta,
+        rec.GAMMA_ATTR: gamma,
+        rec.SEED_ATTR: record.seed,
+        rec.EPOCHS_ATTR: record.epochs_completed,
+        rec.FLOPS_NOMINAL_ATTR: record.flops_ratio_nominal,
+        rec.FLOPS_MEASURED_ATTR: record.flops_ratio_measured,
+        rec.PARAMS_ATTR: record.params,
+        rec.MACS_ATTR: record.macs,
+        rec.RESOLUTION_ATTR: record.resolution_px,
+        rec.TEST_ACCURACY_ATTR: record.test_accuracy,
+        rec.FAIL_REASON_ATTR: record.fail_reason,
+        rec.STAGE_ATTR: None if record.stage == rec.SEARCH_STAGE else record.stage,
+    }
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -207,21 +216,18 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     network it trains (``network_key``) and whether it shares another trial's result."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        point = point_of(trial)
+        record = TrialRecord.of(trial)
         row: dict[str, Any] = {
             "number": trial.number,
             "state": trial.state.name,
             "accuracy": trial.value,
             "duration_s": trial.duration.total_seconds() if trial.duration else None,
         }
-        row.update({key: trial.user_attrs.get(key) for key in _ATTRS})
-        for key in _TRIPLE:  # 6 decimals, as the ledger keys points (racing queues rounded ones)
-            value = row[key] if row[key] is not None else trial.params.get(key)
-            row[key] = None if value is None else round(float(value), 6)
-        row[_KEY] = None if point is None else point[0]
-        row["shared"] = is_shared(trial)
+        row.update(_row(record))
+        row[_KEY] = None if record.point is None else record.point[0]
+        row["shared"] = record.shared
         rows.append(row)
-    columns = ["number", "state", "accuracy", "duration_s", *_ATTRS, _KEY, "shared"]
+    columns = ["number", "state", "accuracy", "duration_s", *_COLUMNS, _KEY, "shared"]
     frame = pd.DataFrame(rows, columns=columns)
     frame["test_accuracy"] = pd.to_numeric(frame["test_accuracy"], errors="coerce")
     return frame
@@ -292,7 +298,7 @@ def rank(frame: pd.DataFrame, *, epochs: int, product: float = 2.0) -> pd.DataFr
         columns = [*_TRIPLE, _KEY, "mean_accuracy", "std_accuracy", "n_seeds", "raced", "members"]
         return pd.DataFrame(columns=columns)
     grouped = by_network(full, product=product, members=class_members(frame))
-    raced = set(full.loc[full[STAGE_ATTR] == RACING_STAGE, _KEY])
+    raced = set(full.loc[full[rec.STAGE_ATTR] == RACING_STAGE, _KEY])
     grouped["raced"] = grouped[_KEY].isin(raced)
     ordered = grouped.sort_values(
         ["raced", "mean_accuracy", "flops_ratio_measured", *_TRIPLE],
@@ -363,7 +369,8 @@ def best_triple(study: optuna.Study, *, statistics: bool = True) -> BestTriple:
         )
     top = ranked.iloc[0]
     noise, noise_df = pooled_noise(ranked)
-    builtin = not _objective(study)
+    recorded = StudyRecord.of(study)
+    builtin = not recorded.objective
     return BestTriple(
         coefficients=Coefficients(float(top.alpha), float(top.beta), float(top.gamma)),
         mean_accuracy=float(top.mean_accuracy),
@@ -385,6 +392,6 @@ def best_triple(study: optuna.Study, *, statistics: bool = True) -> BestTriple:
         product=product,
         # The measured cost is the built-in B0's: no word on an objective's own networks.
         cost_tracking=cost_tracking(ranked) if builtin and statistics else None,
-        whole_class=study.user_attrs.get("sampler", "grid") == "grid",
+        whole_class=recorded.sampler == "grid",
         builtin=builtin,
     )

@@ -39,15 +39,10 @@ from scaling_search.space import (
     grid_candidates,
     network_classes,
     representative,
-    triple_key,
 )
 from scaling_search.study.liveness import (
-    DRIVER_ATTR,
-    FAIL_REASON_ATTR,
-    GIVEN_BACK_ATTR,
     HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
-    RAY_JOB_ATTR,
     Heartbeat,
     driver_id,
     fail_trial,
@@ -55,15 +50,27 @@ from scaling_search.study.liveness import (
     recover_ended_jobs,
     recover_stale,
 )
+from scaling_search.study.record import (
+    CHOSEN_ON_ATTR,
+    CONFIG_ATTR,
+    DRIVER_ATTR,
+    DUPLICATE_ATTR,
+    NETWORK_ATTR,
+    NUM_CLASSES_ATTR,
+    RACING_STAGE,
+    RAY_JOB_ATTR,
+    SAMPLER_ATTR,
+    SEARCH_STAGE,
+    VALIDATION,
+    Point,
+    StudyRecord,
+    TrialRecord,
+)
 
 # Liveness's names are also the ledger's: a driver claims, holds and recovers trials through it.
 __all__ = [
-    "DRIVER_ATTR",
-    "FAIL_REASON_ATTR",
-    "GIVEN_BACK_ATTR",
     "HEARTBEAT_GRACE_S",
     "HEARTBEAT_INTERVAL_S",
-    "RAY_JOB_ATTR",
     "Heartbeat",
     "LedgerError",
     "claim",
@@ -87,19 +94,9 @@ __all__ = [
     "triple_of",
 ]
 
-STAGE_ATTR = "stage"  # "racing" on the trials of the racing stage (scaling_search.study.racing)
-RACING_STAGE = "racing"
-SEARCH_STAGE = "search"  # trials without a stage attribute
-DUPLICATE_ATTR = "duplicate_of"
-NETWORK_ATTR = "network_key"  # the network a trial's triple builds (space.network_key)
-SHARED_ATTR = "shared_from"  # on a trial that shares trial N's result: same network and seed
-CHOSEN_ON_ATTR = "chosen_on"  # study attribute: "validation"; absent before validation splits
-NUM_CLASSES_ATTR = "num_classes"  # study attribute: the classes of the study's data
-_CONFIG_ATTR = "study_config"
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # ended with a result
 _HELD = (TrialState.WAITING, TrialState.RUNNING, *DONE)
 Progress = Callable[[str], None]
-Point = tuple[str, int]  # (network key, seed)
 
 
 class LedgerError(ValueError):
@@ -127,15 +124,16 @@ def open_study(
     ot_study = optuna.create_study(
         storage=storage, study_name=study.name, direction="maximize", load_if_exists=True
     )
-    stored = ot_study.user_attrs.get(_CONFIG_ATTR)
+    recorded = StudyRecord.of(ot_study)
+    stored = recorded.config
     identity = _identity(study)
     if stored is None:
-        ot_study.set_user_attr(_CONFIG_ATTR, identity)
-        ot_study.set_user_attr("sampler", study.search.sampler)
-        ot_study.set_user_attr(CHOSEN_ON_ATTR, "validation")
+        ot_study.set_user_attr(CONFIG_ATTR, identity)
+        ot_study.set_user_attr(SAMPLER_ATTR, study.search.sampler)
+        ot_study.set_user_attr(CHOSEN_ON_ATTR, VALIDATION)
         if num_classes is not None:
             ot_study.set_user_attr(NUM_CLASSES_ATTR, num_classes)
-    elif ot_study.user_attrs.get(CHOSEN_ON_ATTR) != "validation":
+    elif recorded.chosen_on != VALIDATION:
         raise LedgerError(
             f"study {study.name!r} was recorded before trials were chosen on a validation split "
             "(its winner was chosen on the test split); give the study a new name to run it "
@@ -166,28 +164,14 @@ def seeds(study: StudyConfig) -> list[int]:
 def point_of(trial: FrozenTrial) -> Point | None:
     """The (network key, seed) a trial trains: its recorded network key (a trial recorded before
     network keys: its triple) and its seed (a parameter, a queued parameter, or for racing a
-    user attribute)."""
-    params = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
-    attrs = trial.user_attrs
-    seed = params.get("seed", attrs.get("seed"))
-    key = attrs.get(NETWORK_ATTR)
-    if key is None:
-        triple = triple_of(trial)
-        key = None if triple is None else triple_key(triple)
-    if key is None or seed is None:
-        return None
-    return str(key), int(seed)
+    user attribute). See :class:`~scaling_search.study.record.TrialRecord`."""
+    return TrialRecord.of(trial).point
 
 
 def triple_of(trial: FrozenTrial) -> Coefficients | None:
     """The (α, β, γ) a trial trains, to the 6 decimals points are keyed with: its recorded
     attributes, else its (queued) parameters; None for a trial that names none."""
-    params = {**trial.params, **trial.system_attrs.get("fixed_params", {})}
-    values = [trial.user_attrs.get(n, params.get(n)) for n in ("alpha", "beta", "gamma")]
-    try:
-        return Coefficients(*(float(v) for v in values)).rounded()  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
+    return TrialRecord.of(trial).coefficients
 
 
 def point_params(coefficients: Coefficients, seed: int) -> dict[str, Any]:
@@ -202,7 +186,7 @@ def point_params(coefficients: Coefficients, seed: int) -> dict[str, Any]:
 
 def is_shared(trial: FrozenTrial) -> bool:
     """Whether ``trial`` shares another trial's result instead of having trained."""
-    return SHARED_ATTR in trial.user_attrs
+    return TrialRecord.of(trial).shared
 
 
 def sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -260,7 +244,7 @@ def plan_trials(
             params = point_params(member, seed)
             ot_study.enqueue_trial(params, user_attrs={NETWORK_ATTR: key}, skip_if_exists=False)
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    return sum(1 for t in waiting if t.user_attrs.get(STAGE_ATTR) != RACING_STAGE)
+    return sum(1 for t in waiting if stage_of(t) != RACING_STAGE)
 
 
 def search_trials_left(ot_study: optuna.Study, n_trials: int) -> int:
@@ -297,8 +281,8 @@ def holder_of(
 
 
 def stage_of(trial: FrozenTrial) -> str:
-    """The stage a trial belongs to: ``"racing"`` or ``"search"``."""
-    return RACING_STAGE if trial.user_attrs.get(STAGE_ATTR) == RACING_STAGE else SEARCH_STAGE
+    """The stage a trial belongs to: ``"racing"`` or ``"search"`` (a trial without a stage)."""
+    return TrialRecord.of(trial).stage
 
 
 def claim(
@@ -367,10 +351,11 @@ def duplicates(trials: Iterable[FrozenTrial]) -> dict[str, int]:
     skipped = 0
     finished: dict[Point | None, int] = {}
     for trial in trials:
-        if DUPLICATE_ATTR in trial.user_attrs:
+        record = TrialRecord.of(trial)
+        if record.duplicate:
             skipped += 1
-        elif trial.state in DONE and point_of(trial) is not None and not is_shared(trial):
-            finished[point_of(trial)] = finished.get(point_of(trial), 0) + 1
+        elif trial.state in DONE and record.point is not None and not record.shared:
+            finished[record.point] = finished.get(record.point, 0) + 1
     return {
         "skipped_duplicates": skipped,
         "trained_twice": sum(count - 1 for count in finished.values() if count > 1),

@@ -25,6 +25,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search.study.outage import DatabaseWatch, backoff_s
+from scaling_search.study.record import FAIL_REASON_ATTR, GIVEN_BACK_ATTR, TrialRecord
 from scaling_search.study.storage import (
     HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
@@ -33,12 +34,8 @@ from scaling_search.study.storage import (
 )
 
 __all__ = [
-    "DRIVER_ATTR",
-    "FAIL_REASON_ATTR",
-    "GIVEN_BACK_ATTR",
     "HEARTBEAT_GRACE_S",
     "HEARTBEAT_INTERVAL_S",
-    "RAY_JOB_ATTR",
     "Heartbeat",
     "driver_alive",
     "driver_id",
@@ -48,11 +45,6 @@ __all__ = [
     "recover_stale",
 ]
 
-DRIVER_ATTR = "driver"  # system attribute: the driver holding a RUNNING trial
-# System attribute: that driver's Ray job, "JOB_ID@GCS_ADDRESS/HEAD_NODE_ID", on a Ray cluster.
-RAY_JOB_ATTR = "ray_job"
-FAIL_REASON_ATTR = "fail_reason"
-GIVEN_BACK_ATTR = "given_back"  # on a FAIL trial that the run gave back (see fail_trial)
 Progress = Callable[[str], None]
 
 
@@ -197,7 +189,7 @@ def driver_alive(ot_study: optuna.Study | None, holder: str) -> bool | None:
     held = [
         trial._trial_id not in stale
         for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if trial.system_attrs.get(DRIVER_ATTR) == holder
+        if TrialRecord.of(trial).holder == holder
     ]
     return any(held) if held else None
 
@@ -245,9 +237,9 @@ def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
     grace = timedelta(seconds=HEARTBEAT_GRACE_S)
     failed = 0
     for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        holder = trial.system_attrs.get(DRIVER_ATTR)
+        holder = TrialRecord.of(trial).holder
         started = trial.datetime_start or datetime.now()
-        if isinstance(holder, str) and _on_this_host(holder):
+        if holder is not None and _on_this_host(holder):
             if not _driver_is_dead(holder):
                 continue
             reason = f"driver {holder} stopped mid-trial"
@@ -263,13 +255,14 @@ def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
     return failed
 
 
-def _held_by_ray_jobs(ot_study: optuna.Study) -> list[tuple[FrozenTrial, str]]:
-    """RUNNING trials of drivers on other hosts that named their Ray job, with that job."""
+def _held_by_ray_jobs(ot_study: optuna.Study) -> list[tuple[FrozenTrial, str, str]]:
+    """RUNNING trials of drivers on other hosts that named their Ray job, with holder and job."""
     held = []
     for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        holder, job = trial.system_attrs.get(DRIVER_ATTR), trial.system_attrs.get(RAY_JOB_ATTR)
-        if isinstance(holder, str) and isinstance(job, str) and not _on_this_host(holder):
-            held.append((trial, job))
+        record = TrialRecord.of(trial)
+        holder, job = record.holder, record.ray_job
+        if holder is not None and job is not None and not _on_this_host(holder):
+            held.append((trial, holder, job))
     return held
 
 
@@ -292,11 +285,10 @@ def recover_ended_jobs(
     held = _held_by_ray_jobs(ot_study)
     if not held:
         return 0
-    gone = ended({job for _, job in held})
+    gone = ended({job for _, _, job in held})
     failed = 0
-    for trial, job in held:
+    for trial, holder, job in held:
         if job in gone:
-            holder = trial.system_attrs[DRIVER_ATTR]
             reason = f"driver {holder} stopped mid-trial (its Ray job {job} has ended)"
             failed += fail_trial(ot_study._storage, trial._trial_id, reason)
     if failed:

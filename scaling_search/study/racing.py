@@ -23,10 +23,16 @@ from optuna.trial import FrozenTrial, TrialState
 from scaling_search.config import StudyConfig
 from scaling_search.space import Coefficients, representative
 from scaling_search.study import ledger
+from scaling_search.study.record import (
+    NETWORK_ATTR,
+    RACING_STAGE,
+    SEED_ATTR,
+    STAGE_ATTR,
+    TrialRecord,
+)
 
 __all__ = ["plan_racing", "racing_seeds", "search_ranking", "search_trials"]
 
-STAGE_ATTR, RACING = ledger.STAGE_ATTR, ledger.RACING_STAGE
 _HELD = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -41,7 +47,7 @@ def racing_seeds(study: StudyConfig) -> list[int]:
 
 def search_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     """The trials of the search stage (not racing)."""
-    return [t for t in trials if t.user_attrs.get(STAGE_ATTR) != RACING]
+    return [t for t in trials if TrialRecord.of(t).stage != RACING_STAGE]
 
 
 def search_ranking(
@@ -58,13 +64,14 @@ def search_ranking(
     best: dict[str, tuple[int, float]] = {}
     members: dict[str, set[Coefficients]] = {}
     for trial in search_trials(trials):
-        point, triple = ledger.point_of(trial), ledger.triple_of(trial)
+        record = TrialRecord.of(trial)
+        point, triple = record.point, record.coefficients
         if point is None or triple is None:
             continue
         members.setdefault(point[0], set()).add(triple)
-        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED) or ledger.is_shared(trial):
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED) or record.shared:
             continue
-        epochs = int(trial.user_attrs.get("epochs_completed", 0))
+        epochs = record.epochs_completed or 0
         value = trial.value if trial.value is not None else trial.intermediate_values.get(epochs)
         if value is None or not math.isfinite(value):
             continue
@@ -83,10 +90,10 @@ def plan_racing(study: StudyConfig, ot_study: optuna.Study) -> int:
     for key, coefficients in search_ranking(trials, racing.top_k, product=study.space.product):
         for seed in racing_seeds(study):
             if (key, seed) not in held:
-                # The seed rides as a user attribute: see DefineByRun(seed_attr=True).
+                # The seed rides as a user attribute: see study.define.DefineByRun(seed_attr=True).
                 params = ledger.point_params(coefficients, seed)
                 del params["seed"]
-                attrs = {STAGE_ATTR: RACING, "seed": seed, ledger.NETWORK_ATTR: key}
+                attrs = {STAGE_ATTR: RACING_STAGE, SEED_ATTR: seed, NETWORK_ATTR: key}
                 ot_study.enqueue_trial(params, user_attrs=attrs)
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    return sum(1 for t in waiting if t.user_attrs.get(STAGE_ATTR) == RACING)
+    return sum(1 for t in waiting if TrialRecord.of(t).stage == RACING_STAGE)

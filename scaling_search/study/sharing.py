@@ -28,21 +28,16 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from scaling_search.space import Coefficients, describe
 from scaling_search.study import ledger
-from scaling_search.study.ledger import (
-    DONE,
-    NETWORK_ATTR,
+from scaling_search.study.ledger import DONE
+from scaling_search.study.record import (
+    RACING_STAGE,
     SHARED_ATTR,
-    STAGE_ATTR,
-    is_shared,
-    point_of,
-    triple_of,
+    TrialRecord,
+    point_attrs,
+    result_attrs,
 )
 
 __all__ = ["copy_result", "share_missing", "share_with_class"]
-
-# What a trial's result is, beyond its value and learning curve; placement and timing stay with
-# the trial that trained.
-_RESULT_ATTRS = ("epochs_completed", "test_accuracy")
 
 
 def share_with_class(
@@ -56,20 +51,20 @@ def share_with_class(
     """Give ``source``'s result to each member of its class that has no trial for its point yet;
     the number of trials added. Only a trial that trained and ended (complete or stopped early)
     is shared."""
-    point = point_of(source)
-    if source.state not in DONE or is_shared(source) or point is None:
+    record = TrialRecord.of(source)
+    point = record.point
+    if source.state not in DONE or record.shared or point is None:
         return 0
-    have = {triple_of(t) for t in ot_study.get_trials(deepcopy=False) if point_of(t) == point}
+    records = (TrialRecord.of(t) for t in ot_study.get_trials(deepcopy=False))
+    have = {r.coefficients for r in records if r.point == point}
     added = 0
     for member in members:
         if member.rounded() in have:
             continue
         cost = describe(member, base_resolution_px=base_resolution_px, num_classes=num_classes)
         attrs = {
-            **cost.to_dict(),
-            **{k: source.user_attrs[k] for k in _RESULT_ATTRS if k in source.user_attrs},
-            "seed": point[1],
-            NETWORK_ATTR: point[0],
+            **point_attrs(cost, network_key=point[0], seed=point[1]),
+            **result_attrs(source),
             SHARED_ATTR: source.number,
         }
         params = {**source.params, **_params(member, source.params)}
@@ -104,10 +99,11 @@ def share_missing(
     (a driver that stopped between a trial's end and its sharing); the number added."""
     added = 0
     for trial in ot_study.get_trials(deepcopy=False, states=DONE):
-        point = point_of(trial)
-        if point is None or is_shared(trial) or point[0] not in classes:
+        record = TrialRecord.of(trial)
+        point = record.point
+        if point is None or record.shared or point[0] not in classes:
             continue
-        if trial.user_attrs.get(STAGE_ATTR) == ledger.RACING_STAGE:
+        if record.stage == RACING_STAGE:
             continue
         added += share_with_class(
             ot_study,
@@ -133,9 +129,8 @@ def copy_result(ot_study: optuna.Study, trial: optuna.Trial, source: FrozenTrial
         return True
     for step, value in sorted(source.intermediate_values.items()):
         trial.report(value, step)
-    for name in _RESULT_ATTRS:
-        if name in source.user_attrs:
-            trial.set_user_attr(name, source.user_attrs[name])
+    for name, value in result_attrs(source).items():
+        trial.set_user_attr(name, value)
     if source.state == TrialState.COMPLETE:
         ot_study.tell(trial, source.value, skip_if_finished=True)
     else:
