@@ -11,6 +11,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from scaling_search import _compat
 from scaling_search.driver._trainable import METRIC
 from scaling_search.study import record
 from scaling_search.study.ledger import Heartbeat
@@ -40,12 +41,14 @@ class Writes:
         """Whether another driver failed this driver's trial; said the first time."""
         if trial_id in self._taken_over:
             return True
-        ended = record.TrialRecord.of(ot_trial.study._storage.get_trial(ot_trial._trial_id))
+        ended = record.TrialRecord.of(
+            _compat.storage_of(ot_trial.study).get_trial(_compat.trial_id(ot_trial))
+        )
         if ended.state != TrialState.FAIL:
             return False
         reason = "no reason recorded" if ended.fail_reason is None else ended.fail_reason
         self._taken_over.add(trial_id)
-        self._heartbeat.release(ot_trial._trial_id)
+        self._heartbeat.release(_compat.trial_id(ot_trial))
         self._say(
             f"trial {ot_trial.number} was marked FAIL by another driver "
             f"({reason}): its results "

@@ -16,6 +16,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from scaling_search import _compat
 from scaling_search.driver._epochs import Writes
 from scaling_search.driver._ray_compat import this_job
 from scaling_search.driver._recorder import Recorder
@@ -174,7 +175,7 @@ class StudySearch(Searcher):
             if ot_trial is None:
                 return None
             try:
-                self._heartbeat.hold(ot_trial._trial_id)
+                self._heartbeat.hold(_compat.trial_id(ot_trial))
                 params = self._sample(ot_trial)
                 if self._queued_only or not self._waiting.share(self._ot_study, ot_trial):
                     return ot_trial, params
@@ -284,7 +285,7 @@ class StudySearch(Searcher):
         except UpdateFinishedTrialError:  # failed elsewhere since it was read just now
             if not self._writes.ended_elsewhere(trial_id, ot_trial):
                 raise
-        self._heartbeat.release(ot_trial._trial_id)
+        self._heartbeat.release(_compat.trial_id(ot_trial))
         self._waiting.source_ended(self._ot_study, ot_trial)
 
     def fail(self, trial_id: str, reason: str) -> None:
@@ -305,9 +306,12 @@ class StudySearch(Searcher):
         self, ot_trial: optuna.Trial, reason: str, *, given_back: bool = False
     ) -> None:
         ledger.fail_trial(
-            self._ot_study._storage, ot_trial._trial_id, reason, given_back=given_back
+            _compat.storage_of(self._ot_study),
+            _compat.trial_id(ot_trial),
+            reason,
+            given_back=given_back,
         )
-        self._heartbeat.release(ot_trial._trial_id)
+        self._heartbeat.release(_compat.trial_id(ot_trial))
         self._waiting.source_ended(self._ot_study, ot_trial)  # those waiting for it fail too
 
     # Tune pickles the searcher into tuner.pkl and its experiment snapshots, for Tuner.restore.

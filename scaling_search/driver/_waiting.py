@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial
 
+from scaling_search import _compat
 from scaling_search.space import Coefficients
 from scaling_search.study import ledger, sharing
 from scaling_search.study.ledger import Heartbeat
@@ -49,14 +50,14 @@ class Waiting:
     def share(self, ot_study: optuna.Study, ot_trial: optuna.Trial) -> bool:
         """Whether a sampled trial's network and seed are trained (or training) already; if so
         it gets that result, now or when the training ends, instead of a training."""
-        point = ledger.point_of(ot_study._storage.get_trial(ot_trial._trial_id))
+        point = ledger.point_of(_compat.storage_of(ot_study).get_trial(_compat.trial_id(ot_trial)))
         source = None if point is None else ledger.holder_of(ot_study, point)
         if source is None or source.number == ot_trial.number:
             return False
         # Marked at once, so that no later sample takes it for the network's training.
         ot_trial.set_user_attr(SHARED_ATTR, source.number)
         if sharing.copy_result(ot_study, ot_trial, source):
-            self._heartbeat.release(ot_trial._trial_id)
+            self._heartbeat.release(_compat.trial_id(ot_trial))
         else:
             self._by_source[source.number].append(ot_trial)
         return True
@@ -75,7 +76,7 @@ class Waiting:
         """Give a trial's ended result to those that share its network."""
         if not self._by_source.get(ot_trial.number) and self._classes is None:
             return
-        source = ot_study._storage.get_trial(ot_trial._trial_id)
+        source = _compat.storage_of(ot_study).get_trial(_compat.trial_id(ot_trial))
         # Told or failed just now: if it is still RUNNING (its tell refused), nothing will end
         # it, and those waiting for it fail too.
         self._give(ot_study, source, ended_run=True)
@@ -112,7 +113,7 @@ class Waiting:
         for sharer in list(waiting):
             try:
                 if sharing.copy_result(ot_study, sharer, source):
-                    self._heartbeat.release(sharer._trial_id)
+                    self._heartbeat.release(_compat.trial_id(sharer))
                 elif ended_run:
                     reason = f"shares trial {source.number}, which had not ended when this run did"
                     self._end_as_failed(sharer, reason, given_back=True)

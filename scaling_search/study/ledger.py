@@ -28,9 +28,9 @@ from typing import Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
+from scaling_search import _compat
 from scaling_search.config import StudyConfig
 from scaling_search.sampling import study_network_key
 from scaling_search.space import (
@@ -305,32 +305,33 @@ def claim(
     ``ray_job``: the holder's Ray job, recorded with it, so that a driver on the same cluster
     can ask whether it still runs (:func:`scaling_search.study.liveness.recover_ended_jobs`).
     """
-    storage = ot_study._storage
+    storage = _compat.storage_of(ot_study)
     taken = taken or (lambda _: None)
     if not queued_only:
         # Study.ask without its queue: a fresh trial, and the study's cache of trials (which
         # the samplers read) dropped so that the sample sees every trial recorded so far.
-        ot_study._thread_local.cached_all_trials = None
-        trial_id = storage.create_new_trial(ot_study._study_id)
+        _compat.forget_cached_trials(ot_study)
+        trial_id = storage.create_new_trial(storage.get_study_id_from_name(ot_study.study_name))
         taken(trial_id)
         _take(storage, trial_id, holder, ray_job)
         return optuna.Trial(ot_study, trial_id)
     for queued in ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if stage_of(queued) != stage:
             continue
+        queued_id = _compat.trial_id(queued)
         try:
-            if not storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING):
+            if not storage.set_trial_state_values(queued_id, TrialState.RUNNING):
                 continue  # another driver took it first
         except UpdateFinishedTrialError:
             continue
-        taken(queued._trial_id)
-        _take(storage, queued._trial_id, holder, ray_job)
+        taken(queued_id)
+        _take(storage, queued_id, holder, ray_job)
         earlier = _earlier_holder(ot_study, queued)
         if earlier is not None:
-            storage.set_trial_user_attr(queued._trial_id, DUPLICATE_ATTR, earlier.number)
-            fail_trial(storage, queued._trial_id, f"duplicate of trial {earlier.number}")
+            storage.set_trial_user_attr(queued_id, DUPLICATE_ATTR, earlier.number)
+            fail_trial(storage, queued_id, f"duplicate of trial {earlier.number}")
             continue
-        return optuna.Trial(ot_study, queued._trial_id)
+        return optuna.Trial(ot_study, queued_id)
     return None
 
 
@@ -339,7 +340,7 @@ def _take(
 ) -> None:
     """Name ``holder`` on a trial it has just set RUNNING; the first heartbeat goes first, so a
     named trial is never without one (see :func:`scaling_search.study.liveness.recover_stale`)."""
-    if isinstance(storage, BaseHeartbeat):
+    if hasattr(storage, "record_heartbeat"):  # a storage with heartbeats (RDB, and its cache)
         storage.record_heartbeat(trial_id)
     if ray_job is not None:
         storage.set_trial_system_attr(trial_id, RAY_JOB_ATTR, ray_job)

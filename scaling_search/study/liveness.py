@@ -24,6 +24,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
+from scaling_search import _compat
 from scaling_search.study.outage import DatabaseWatch, backoff_s
 from scaling_search.study.record import FAIL_REASON_ATTR, GIVEN_BACK_ATTR, TrialRecord
 from scaling_search.study.storage import (
@@ -187,7 +188,7 @@ def driver_alive(ot_study: optuna.Study | None, holder: str) -> bool | None:
         return None
     stale = _stale_heartbeats(ot_study)
     held = [
-        trial._trial_id not in stale
+        _compat.trial_id(trial) not in stale
         for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if TrialRecord.of(trial).holder == holder
     ]
@@ -215,13 +216,7 @@ def fail_trial(
 
 
 def _stale_heartbeats(ot_study: optuna.Study) -> set[int]:
-    # Optuna wraps the RDB storage of a study in a cache; the heartbeat table is the backend's.
-    storage = getattr(ot_study._storage, "_backend", ot_study._storage)
-    if not isinstance(storage, optuna.storages.RDBStorage) or storage.heartbeat_interval is None:
-        return set()
-    # Optuna keeps the heartbeat comparison (database clock) behind this one method; its public
-    # fail_stale_trials would fail the trials too, but without a way to say why.
-    return set(storage._get_stale_trial_ids(ot_study._study_id))
+    return _compat.stale_trial_ids(ot_study)
 
 
 def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
@@ -243,13 +238,13 @@ def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
             if not _driver_is_dead(holder):
                 continue
             reason = f"driver {holder} stopped mid-trial"
-        elif trial._trial_id in stale_heartbeat:
+        elif _compat.trial_id(trial) in stale_heartbeat:
             reason = f"driver {holder} sent no heartbeat for {HEARTBEAT_GRACE_S} s"
         elif holder is None and datetime.now() - started > grace:
             reason = "left running by a driver that stopped before it sent a heartbeat"
         else:
             continue
-        failed += fail_trial(ot_study._storage, trial._trial_id, reason)
+        failed += fail_trial(_compat.storage_of(ot_study), _compat.trial_id(trial), reason)
     if failed:
         progress(f"marked {failed} trial(s) left running by a stopped driver as FAIL")
     return failed
@@ -290,7 +285,7 @@ def recover_ended_jobs(
     for trial, holder, job in held:
         if job in gone:
             reason = f"driver {holder} stopped mid-trial (its Ray job {job} has ended)"
-            failed += fail_trial(ot_study._storage, trial._trial_id, reason)
+            failed += fail_trial(_compat.storage_of(ot_study), _compat.trial_id(trial), reason)
     if failed:
         progress(f"marked {failed} trial(s) of a driver whose Ray job has ended as FAIL")
     return failed

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 import optuna
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
+from scaling_search import _compat
 from scaling_search.space import Coefficients, describe
 from scaling_search.study import ledger
 from scaling_search.study.ledger import DONE
@@ -124,7 +125,9 @@ def copy_result(ot_study: optuna.Study, trial: optuna.Trial, source: FrozenTrial
         return False
     if source.state == TrialState.FAIL:
         ledger.fail_trial(
-            ot_study._storage, trial._trial_id, f"shared trial {source.number}, which failed"
+            _compat.storage_of(ot_study),
+            _compat.trial_id(trial),
+            f"shared trial {source.number}, which failed",
         )
         return True
     for step, value in sorted(source.intermediate_values.items()):
