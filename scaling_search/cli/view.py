@@ -177,48 +177,58 @@ def model(args: argparse.Namespace) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """``scaling-search status``: the study's trials by state, duplicates and the best so far."""
-    from scaling_search.results.ranking import ResultsError, best_triple, trials_frame
-    from scaling_search.results.verdict import format_accuracy
-    from scaling_search.study.ledger import duplicates
-    from scaling_search.study.record import TrialRecord
+    from scaling_search.results.ranking import ResultsError, best_triple
     from scaling_search.study.storage import mask_url, resolve_url
 
     study, ot_study = existing_study(args)
-    frame = trials_frame(ot_study)
-    trained = frame[~frame["shared"].astype(bool)]
-    counts = {str(k): int(v) for k, v in trained["state"].value_counts().items()}
-    ended = frame["state"].isin(["COMPLETE", "PRUNED"])
-    shared = int((frame["shared"].astype(bool) & ended).sum())
     try:
         best = best_triple(ot_study)
     except ResultsError:
         best = None
-    twice = duplicates(ot_study.get_trials(deepcopy=False))
-    given_back = sum(TrialRecord.of(t).given_back for t in ot_study.get_trials(deepcopy=False))
-    best_data = None
+    data = {"study": study.name, "storage": mask_url(resolve_url(study)), **_counts(ot_study)}
+    data["best"] = None
     if best is not None:  # as `best --format json` writes it
         from scaling_search.cli.export import study_classes
         from scaling_search.results.verdict import best_view
 
-        best_data, _ = best_view(
+        data["best"], _ = best_view(
             best,
             base_resolution_px=study.train.base_resolution_px,
             num_classes=study_classes(study, ot_study),
         )
-    data = {
-        "study": study.name,
-        "storage": mask_url(resolve_url(study)),
+    emit(data, args.format, _status_lines(data, best))
+    return 0
+
+
+def _counts(ot_study: Any) -> dict[str, Any]:
+    """The study's trials: all, those that trained by state, shared results, trials given back
+    by a stopped run, and queue duplicates."""
+    from scaling_search.results.ranking import trials_frame
+    from scaling_search.study.ledger import duplicates
+    from scaling_search.study.record import TrialRecord
+
+    frame = trials_frame(ot_study)
+    trained = frame[~frame["shared"].astype(bool)]
+    ended = frame["state"].isin(["COMPLETE", "PRUNED"])
+    trials = ot_study.get_trials(deepcopy=False)
+    return {
         "trials": len(frame),
-        "states": counts,
-        "shared": shared,
-        "given_back": given_back,
-        "duplicates": twice,
-        "best": best_data,
+        "states": {str(k): int(v) for k, v in trained["state"].value_counts().items()},
+        "shared": int((frame["shared"].astype(bool) & ended).sum()),
+        "given_back": sum(TrialRecord.of(t).given_back for t in trials),
+        "duplicates": duplicates(trials),
     }
-    table = [
-        f"study {study.name}  storage {data['storage']}",
-        f"trials {len(frame)}: "
-        + ", ".join(f"{k.lower()} {v}" for k, v in counts.items())
+
+
+def _status_lines(data: dict[str, Any], best: Any) -> list[str]:
+    """``status``'s text: the counts of :func:`_counts` and the best so far, in words."""
+    from scaling_search.results.verdict import format_accuracy
+
+    shared, given_back, twice = data["shared"], data["given_back"], data["duplicates"]
+    lines = [
+        f"study {data['study']}  storage {data['storage']}",
+        f"trials {data['trials']}: "
+        + ", ".join(f"{k.lower()} {v}" for k, v in data["states"].items())
         + (f", shared {shared} (triples whose network was trained: no training)" if shared else "")
         + (
             f"; of the failed, {given_back} given back by a stopped run (trained again next run)"
@@ -227,17 +237,16 @@ def status(args: argparse.Namespace) -> int:
         ),
     ]
     if twice["skipped_duplicates"] or twice["trained_twice"]:
-        table.append(
+        lines.append(
             f"duplicates: {twice['skipped_duplicates']} queued twice by concurrent drivers and "
             f"skipped (FAIL, duplicate_of), {twice['trained_twice']} point(s) trained twice"
         )
     if best is not None:
         accuracy = format_accuracy(best.mean_accuracy, best.std_accuracy, best.n_seeds)
-        table.append(
+        lines.append(
             f"best so far {best.coefficients.label()} {best.chosen_on} accuracy {accuracy}"
         )
-    emit(data, args.format, table)
-    return 0
+    return lines
 
 
 def best(args: argparse.Namespace) -> int:
