@@ -641,3 +641,19 @@ def test_trials_of_an_ended_ray_job_on_another_host_are_failed_at_once(grid: Led
     for trial in (live, unnamed, mine):
         assert _frozen(grid, trial).state == TrialState.RUNNING
     assert messages == ["marked 1 trial(s) of a driver whose Ray job has ended as FAIL"]
+
+
+def test_a_study_whose_recorded_settings_are_unreadable_is_refused_not_overwritten(
+    storage_url: str, tiny_study: Path
+) -> None:
+    study = load_study(tiny_study)
+    storage = open_storage(storage_url)
+    ot_study = open_study(study, storage, num_classes=4)
+    storage.set_study_user_attr(ot_study._study_id, record.CONFIG_ATTR, "not settings")
+    with pytest.raises(ledger.LedgerError, match=r"recorded with other settings"):
+        open_study(study, storage)
+    assert (
+        optuna.load_study(study_name=study.name, storage=storage).user_attrs[record.CONFIG_ATTR]
+        == "not settings"
+    )
+    storage.engine.dispose()

@@ -66,6 +66,9 @@ from scaling_search.study.record import (
     StudyRecord,
     TrialRecord,
 )
+from scaling_search.study.record import is_shared as _is_shared
+from scaling_search.study.record import point_of as _point_of
+from scaling_search.study.record import stage_of as _stage_of
 
 # Liveness's names are also the ledger's: a driver claims, holds and recovers trials through it.
 __all__ = [
@@ -125,9 +128,9 @@ def open_study(
         storage=storage, study_name=study.name, direction="maximize", load_if_exists=True
     )
     recorded = StudyRecord.of(ot_study)
-    stored = recorded.config
+    stored = recorded.config or {}  # a study whose recorded settings are unreadable: none match
     identity = _identity(study)
-    if stored is None:
+    if CONFIG_ATTR not in ot_study.user_attrs:  # a new study
         ot_study.set_user_attr(CONFIG_ATTR, identity)
         ot_study.set_user_attr(SAMPLER_ATTR, study.search.sampler)
         ot_study.set_user_attr(CHOSEN_ON_ATTR, VALIDATION)
@@ -165,7 +168,7 @@ def point_of(trial: FrozenTrial) -> Point | None:
     """The (network key, seed) a trial trains: its recorded network key (a trial recorded before
     network keys: its triple) and its seed (a parameter, a queued parameter, or for racing a
     user attribute). See :class:`~scaling_search.study.record.TrialRecord`."""
-    return TrialRecord.of(trial).point
+    return _point_of(trial)
 
 
 def triple_of(trial: FrozenTrial) -> Coefficients | None:
@@ -186,7 +189,7 @@ def point_params(coefficients: Coefficients, seed: int) -> dict[str, Any]:
 
 def is_shared(trial: FrozenTrial) -> bool:
     """Whether ``trial`` shares another trial's result instead of having trained."""
-    return TrialRecord.of(trial).shared
+    return _is_shared(trial)
 
 
 def sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
@@ -282,7 +285,7 @@ def holder_of(
 
 def stage_of(trial: FrozenTrial) -> str:
     """The stage a trial belongs to: ``"racing"`` or ``"search"`` (a trial without a stage)."""
-    return TrialRecord.of(trial).stage
+    return _stage_of(trial)
 
 
 def claim(

@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from scaling_search import _compat
 from scaling_search.study.outage import DatabaseWatch, backoff_s
-from scaling_search.study.record import FAIL_REASON_ATTR, GIVEN_BACK_ATTR, TrialRecord
+from scaling_search.study.record import FAIL_REASON_ATTR, GIVEN_BACK_ATTR, TrialRecord, holder_of
 from scaling_search.study.storage import (
     HEARTBEAT_GRACE_S,
     HEARTBEAT_INTERVAL_S,
@@ -190,7 +190,7 @@ def driver_alive(ot_study: optuna.Study | None, holder: str) -> bool | None:
     held = [
         _compat.trial_id(trial) not in stale
         for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if TrialRecord.of(trial).holder == holder
+        if holder_of(trial) == holder
     ]
     return any(held) if held else None
 
@@ -232,7 +232,7 @@ def recover_stale(ot_study: optuna.Study, progress: Progress) -> int:
     grace = timedelta(seconds=HEARTBEAT_GRACE_S)
     failed = 0
     for trial in ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        holder = TrialRecord.of(trial).holder
+        holder = holder_of(trial)
         started = trial.datetime_start or datetime.now()
         if holder is not None and _on_this_host(holder):
             if not _driver_is_dead(holder):

@@ -29,6 +29,7 @@ from scaling_search.study.record import (
     SEED_ATTR,
     STAGE_ATTR,
     TrialRecord,
+    stage_of,
 )
 
 __all__ = ["plan_racing", "racing_seeds", "search_ranking", "search_trials"]
@@ -47,7 +48,7 @@ def racing_seeds(study: StudyConfig) -> list[int]:
 
 def search_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
     """The trials of the search stage (not racing)."""
-    return [t for t in trials if TrialRecord.of(t).stage != RACING_STAGE]
+    return [t for t in trials if stage_of(t) != RACING_STAGE]
 
 
 def search_ranking(
@@ -96,4 +97,4 @@ def plan_racing(study: StudyConfig, ot_study: optuna.Study) -> int:
                 attrs = {STAGE_ATTR: RACING_STAGE, SEED_ATTR: seed, NETWORK_ATTR: key}
                 ot_study.enqueue_trial(params, user_attrs=attrs)
     waiting = ot_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    return sum(1 for t in waiting if TrialRecord.of(t).stage == RACING_STAGE)
+    return sum(1 for t in waiting if stage_of(t) == RACING_STAGE)

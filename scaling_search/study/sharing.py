@@ -35,6 +35,7 @@ from scaling_search.study.record import (
     SHARED_ATTR,
     TrialRecord,
     point_attrs,
+    point_of,
     result_attrs,
 )
 
@@ -56,8 +57,8 @@ def share_with_class(
     point = record.point
     if source.state not in DONE or record.shared or point is None:
         return 0
-    records = (TrialRecord.of(t) for t in ot_study.get_trials(deepcopy=False))
-    have = {r.coefficients for r in records if r.point == point}
+    trials = ot_study.get_trials(deepcopy=False)
+    have = {TrialRecord.of(t).coefficients for t in trials if point_of(t) == point}
     added = 0
     for member in members:
         if member.rounded() in have:
