@@ -4,6 +4,7 @@ records on each Optuna trial, and the background recorder that does the writing.
 from __future__ import annotations
 
 import functools
+import pickle
 import threading
 import time
 from pathlib import Path
@@ -360,3 +361,19 @@ def test_trials_waiting_for_a_training_that_never_ends_fail_when_the_run_ends(tm
     a_trial = next(t for t in trials if t.number == a_number)
     assert a_trial.state == TrialState.FAIL and a_trial.user_attrs[record.GIVEN_BACK_ATTR]
     assert a_trial.user_attrs[record.FAIL_REASON_ATTR].startswith("the run ended before the trial")
+
+
+def test_the_searcher_pickles_plain_values_only(tmp_path: Path) -> None:
+    # Tune pickles its searcher next to the experiment: no storage (and so no password), no
+    # study, no thread may go with it.
+    searcher, _ = _searcher(tmp_path, "grid", limit=2)
+    assert searcher.suggest("t1") is not None
+    # An attribute a future change adds, not plain data: left out too.
+    searcher.__dict__["_added_later"] = threading.Lock()
+    state = pickle.loads(pickle.dumps(searcher))
+    kept = state.__dict__
+    left_out = {"_ot_study", "_ot_trials", "_heartbeat", "_recorder", "_define", "_added_later"}
+    assert left_out.isdisjoint(kept)
+    assert kept["_configs"]["t1"] == searcher.suggest("t1")
+    assert kept["_metric"] == "accuracy" and kept["_served"] == 1
+    searcher.close()

@@ -315,25 +315,12 @@ class StudySearch(Searcher):
         self._waiting.source_ended(self._ot_study, ot_trial)  # those waiting for it fail too
 
     # Tune pickles the searcher into tuner.pkl and its experiment snapshots, for Tuner.restore.
-    # The Optuna study, not Tune, is what this project resumes from; and the storage inside
-    # would write the database password to disk. So both copies hold no storage.
-    _NOT_PICKLED = (
-        "_define",
-        "_ot_study",
-        "_ot_trials",
-        "_heartbeat",
-        "_recorder",
-        "_ahead",
-        "_waiting",
-        "_say",
-        "_stopping",
-        "_watch",
-        "_stranded",
-        "_writes",
-    )
-
+    # The Optuna study, not Tune, is what this project resumes from; and a storage inside would
+    # write the database password to disk. So both copies hold plain values only: the study,
+    # the storage, threads and callbacks (and anything added later that is not plain data)
+    # stay out.
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
+        return {k: v for k, v in self.__dict__.items() if _plain(v)}
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as file:
@@ -427,3 +414,14 @@ class StudySearch(Searcher):
             reason = "claimed as the study's database stopped answering; given back"
             self._end_as_failed(self._stranded[0], reason, given_back=True)
             self._stranded.pop(0)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is plain data: numbers, strings, None, and containers of them."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple | set | frozenset):
+        return all(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(_plain(key) and _plain(item) for key, item in value.items())
+    return False
