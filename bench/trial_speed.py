@@ -64,7 +64,8 @@ class _PerSample(Dataset):
     """The usual torchvision-style pipeline, one sample at a time on the CPU."""
 
     def __init__(self, data: ImageData, resolution_px: int, train: bool) -> None:
-        self.images = data.train_images if train else data.test_images
+        images = data.train_images if train else data.test_images
+        self.images = images[slice(None)]  # a tensor, also of a memory-mapped split
         self.labels = data.train_labels if train else data.test_labels
         self.resolution_px, self.train = resolution_px, train
         self.mean = torch.tensor(data.mean).view(3, 1, 1)
@@ -144,7 +145,7 @@ def _reference_accuracy(
         norm.momentum = None
         norm.train()
     train = _PerSample(data, resolution_px, train=False)
-    train.images, train.labels = data.train_images, data.train_labels
+    train.images, train.labels = data.train_images[slice(None)], data.train_labels
     count = min(config.bn_recalibration_images, len(train))
     for images, _ in DataLoader(torch.utils.data.Subset(train, range(count)), batch_size=256):
         model(images.to(device))

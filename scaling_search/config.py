@@ -113,6 +113,9 @@ class DataConfig(_Strict):
     test_size: Images = 500  # evaluated once per full-budget trial, never used to choose
     image_px: int = Field(default=32, ge=8, le=1024)  # synthetic and image folders
     seed: Seed = 0
+    # Where CIFAR and image-folder data is prepared (decoded once, memory-mapped by the trials);
+    # every Ray node must see it at the same path. Default: data-cache/ next to output_dir.
+    cache_dir: Path | None = None
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -362,6 +365,14 @@ class StudyConfig(_Strict):
     def out_dir(self) -> Path:
         """Folder for the study's outputs (SQLite file, Ray results, exports)."""
         return self.output_dir if self.output_dir is not None else Path("runs") / self.name
+
+    @property
+    def cache_dir(self) -> Path:
+        """Folder of prepared data (see scaling_search.data.prepared): data.cache_dir, or
+        data-cache/ next to the output folder, where studies that share it share their data."""
+        if self.data.cache_dir is not None:
+            return self.data.cache_dir
+        return self.out_dir.parent / "data-cache"
 
 
 def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:

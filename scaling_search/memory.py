@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from scaling_search.config import StudyConfig
-from scaling_search.data.sources import ImageData
+from scaling_search.data.sources import ImageData, MappedImages
 from scaling_search.network import Architecture, count_params
 from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, grid_candidates, network_key, scaled_network
@@ -146,11 +146,12 @@ def release_memory() -> None:
 
 
 def data_bytes(data: ImageData) -> int:
-    """Bytes of every tensor the dataset holds (a worker keeps one copy of it)."""
+    """Bytes of the dataset a worker keeps a copy of: every tensor it holds (of memory-mapped
+    images, only their index: the pages are the page cache's, shared on the node)."""
     total = 0
     for field in dataclasses.fields(data):
         value = getattr(data, field.name)
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (torch.Tensor, MappedImages)):
             total += value.nbytes
     return total
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scaling_search._compat import DYNAMO_MODULE
 from scaling_search.config import TrainConfig
 from scaling_search.data.batches import prepare_batch
-from scaling_search.data.sources import DataError, ImageData
+from scaling_search.data.sources import DataError, ImageData, Images
 from scaling_search.network import Architecture, count_macs, count_params
 from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, scaled_network
@@ -150,7 +150,7 @@ def _import_in_background(module: str) -> None:
 def _evaluate(
     model: torch.nn.Module,
     data: ImageData,
-    split: tuple[torch.Tensor, torch.Tensor],
+    split: tuple[Images, torch.Tensor],
     resolution_px: int,
     device: torch.device,
 ) -> tuple[float, float]:
@@ -270,7 +270,7 @@ def fit(
     )
 
 
-def _validation_split(data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
+def _validation_split(data: ImageData) -> tuple[Images, torch.Tensor]:
     """The split trials are chosen on (images, labels); DataError when ``data`` has none."""
     if data.val_images is None or data.val_labels is None:
         raise DataError(
@@ -336,7 +336,7 @@ class _Trial:
     resume: Mapping[str, Any] | None
     first_epoch: int
     started_at: float  # unix time
-    train_images: torch.Tensor  # on the device
+    train_images: Images  # on the device, or memory-mapped (a batch is gathered and copied over)
     train_labels: torch.Tensor
     # Built after the first backward pass (see `_step`).
     optimizer: torch.optim.Optimizer | None = None
@@ -386,14 +386,16 @@ class _Trial:
             FloatingPointError: If the epoch's mean loss is not finite.
         """
         self.model.train()
-        order = torch.randperm(len(self.train_labels), generator=self.generator).to(self.device)
+        order = torch.randperm(len(self.train_labels), generator=self.generator)
+        if isinstance(self.train_images, torch.Tensor):  # a map's batches are gathered on the host
+            order = order.to(self.device)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         batch_size = self.config.batch_size
         for step in range(self.steps_per_epoch):
             index = order[step * batch_size : (step + 1) * batch_size]
             inputs = prepare_batch(
-                self.train_images[index],
+                self.train_images[index].to(self.device, non_blocking=True),
                 resolution_px=self.resolution_px,
                 mean=self.data.mean,
                 std=self.data.std,
@@ -438,16 +440,14 @@ class _Trial:
         self.schedule.step()
         return loss, logits
 
-    def evaluate(
-        self, validation: tuple[torch.Tensor, torch.Tensor], *, last_epoch: bool
-    ) -> _Evaluated:
+    def evaluate(self, validation: tuple[Images, torch.Tensor], *, last_epoch: bool) -> _Evaluated:
         """BN statistics recalibrated, then the validation split measured, and at the budget's
         ``last_epoch`` the test split."""
         data, resolution_px = self.data, self.resolution_px
         if self.config.bn_recalibration_images:
             _recalibrate_batchnorm(
                 self.model,
-                self.train_images[: self.config.bn_recalibration_images],
+                self.train_images[: self.config.bn_recalibration_images].to(self.device),
                 data,
                 resolution_px,
                 self.config.batch_size,

@@ -16,6 +16,7 @@ from scaling_search.data.sources import (
     DATASET_KINDS,
     DataError,
     ImageData,
+    Images,
     hold_out_validation,
     load_cifar,
     load_dataset,
@@ -24,6 +25,12 @@ from scaling_search.data.sources import (
 )
 
 PLANE = 32 * 32
+
+
+def mem(images: Images | None) -> torch.Tensor:
+    """A split's images, which these loaders hold in memory (tests/test_prepared.py: mapped)."""
+    assert isinstance(images, torch.Tensor)
+    return images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,10 +67,12 @@ def test_cifar10_loads_labels_and_pixel_planes_exactly(tmp_path: Path) -> None:
     # Record byte 1 + c * 1024 + y * 32 + x is channel c (R, G, B), row y, column x.
     record, channel, row, col = 7, 2, 5, 30
     byte = channel * PLANE + row * 32 + col
-    assert int(data.train_images[record, channel, row, col]) == int(train_pixels[record, byte])
-    assert np.array_equal(data.train_images[:, 0].reshape(15, -1).numpy(), train_pixels[:, :PLANE])
+    assert int(mem(data.train_images)[record, channel, row, col]) == int(train_pixels[record, byte])
     assert np.array_equal(
-        data.test_images[:, 1].reshape(2, -1).numpy(), test_pixels[:, PLANE:-PLANE]
+        mem(data.train_images)[:, 0].reshape(15, -1).numpy(), train_pixels[:, :PLANE]
+    )
+    assert np.array_equal(
+        mem(data.test_images)[:, 1].reshape(2, -1).numpy(), test_pixels[:, PLANE:-PLANE]
     )
 
 
@@ -80,7 +89,7 @@ def test_cifar100_uses_the_fine_label(tmp_path: Path) -> None:
     assert data.name == "cifar100" and data.num_classes == 100
     assert data.train_labels.tolist() == [71, 99, 5]
     assert data.test_labels.tolist() == [42]
-    assert np.array_equal(data.train_images.reshape(3, -1).numpy(), train_pixels)
+    assert np.array_equal(mem(data.train_images).reshape(3, -1).numpy(), train_pixels)
 
 
 def test_cifar_errors_name_the_path(tmp_path: Path) -> None:
@@ -123,9 +132,9 @@ def test_load_dataset_takes_a_stratified_seeded_subset(tmp_path: Path) -> None:
     # 50 images drawn 5 per class, then 10 of them held out for validation, 1 per class.
     assert torch.bincount(first.train_labels, minlength=10).tolist() == [4] * 10
     assert torch.bincount(_validation(first)[1], minlength=10).tolist() == [1] * 10
-    assert torch.equal(first.train_images, again.train_images)
+    assert torch.equal(mem(first.train_images), mem(again.train_images))
     assert torch.equal(_validation(first)[0], _validation(again)[0])
-    assert not torch.equal(first.train_images, other.train_images)
+    assert not torch.equal(mem(first.train_images), mem(other.train_images))
     assert len(first.test_labels) == 1
     whole = load_dataset("cifar10", path=tmp_path, train_size=10_000, test_size=10_000)
     # Default: 10% of the training images held out.
@@ -140,7 +149,7 @@ def _rows(images: torch.Tensor) -> set[bytes]:
 def _validation(data: ImageData) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation split's images and labels, which `data` must have."""
     assert data.val_images is not None and data.val_labels is not None
-    return data.val_images, data.val_labels
+    return mem(data.val_images), data.val_labels
 
 
 def test_the_validation_split_is_held_out_of_the_training_images_by_class_and_seed() -> None:
@@ -149,11 +158,11 @@ def test_the_validation_split_is_held_out_of_the_training_images_by_class_and_se
     val_images, val_labels = _validation(data)
     assert len(data.train_labels) == 320 and len(val_labels) == 80
     # Disjoint, and together exactly the training images (each image is distinct noise).
-    assert not _rows(data.train_images) & _rows(val_images)
-    assert _rows(data.train_images) | _rows(val_images) == _rows(full.train_images)
+    assert not _rows(mem(data.train_images)) & _rows(val_images)
+    assert _rows(mem(data.train_images)) | _rows(val_images) == _rows(mem(full.train_images))
     assert torch.bincount(val_labels, minlength=4).tolist() == [20] * 4
     # The test split is untouched; the same seed gives the same split, another seed another.
-    assert torch.equal(data.test_images, full.test_images)
+    assert torch.equal(mem(data.test_images), mem(full.test_images))
     assert torch.equal(_validation(hold_out_validation(full, 80, seed=7))[0], val_images)
     assert not torch.equal(_validation(hold_out_validation(full, 80, seed=8))[0], val_images)
     with pytest.raises(DataError, match=r"data\.validation_size 400 must be below the 400"):
@@ -194,8 +203,8 @@ def test_image_folder_loads_sorted_classes(tmp_path: Path) -> None:
     assert data.train_images.shape == (6, 3, 8, 8) and data.train_images.dtype == torch.uint8
     assert data.train_labels.tolist() == [0, 0, 0, 1, 1, 1]  # ant, then zebra
     assert data.test_labels.tolist() == [0, 1]
-    assert data.train_images[0, :, 4, 4].tolist() == [250, 0, 0]
-    assert data.test_images[1, :, 0, 0].tolist() == [0, 0, 250]
+    assert mem(data.train_images)[0, :, 4, 4].tolist() == [250, 0, 0]
+    assert mem(data.test_images)[1, :, 0, 0].tolist() == [0, 0, 250]
 
 
 def test_image_folder_center_crops_to_a_square(tmp_path: Path) -> None:
@@ -207,7 +216,7 @@ def test_image_folder_center_crops_to_a_square(tmp_path: Path) -> None:
         image.save(tmp_path / split / "a" / "x.PNG")
         write_png(tmp_path / split / "b" / "y.png", (1, 2, 3))
     data = load_image_folder(tmp_path, image_px=5)
-    assert data.train_images[0].permute(1, 2, 0).reshape(-1, 3).unique(dim=0).tolist() == [
+    assert mem(data.train_images)[0].permute(1, 2, 0).reshape(-1, 3).unique(dim=0).tolist() == [
         [0, 255, 0]
     ]
 
@@ -223,9 +232,9 @@ def test_image_folder_without_test_splits_80_20_by_seed(tmp_path: Path) -> None:
     other = load_image_folder(tmp_path, image_px=4, seed=1)
     assert first.train_labels.tolist() == [0] * 8 + [1] * 8
     assert first.test_labels.tolist() == [0] * 2 + [1] * 2
-    assert torch.equal(first.test_images, again.test_images)
-    assert not torch.equal(first.test_images, other.test_images)
-    seen = torch.cat([first.train_images, first.test_images])[:, 0, 0, 0].unique()
+    assert torch.equal(mem(first.test_images), mem(again.test_images))
+    assert not torch.equal(mem(first.test_images), mem(other.test_images))
+    seen = torch.cat([mem(first.train_images), mem(first.test_images)])[:, 0, 0, 0].unique()
     assert len(seen) == 10  # every red level (both classes share them), none lost or doubled
 
 
@@ -275,19 +284,21 @@ def test_synthetic_is_deterministic_per_seed() -> None:
     first, again, other = synthetic(0), synthetic(0), synthetic(1)
     for field in ("train_images", "train_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(first, field), getattr(again, field))
-    assert not torch.equal(first.train_images, other.train_images)
-    assert not torch.equal(first.test_images, other.test_images)
+    assert not torch.equal(mem(first.train_images), mem(other.train_images))
+    assert not torch.equal(mem(first.test_images), mem(other.test_images))
 
 
 def test_synthetic_test_set_does_not_depend_on_train_size() -> None:
-    assert torch.equal(synthetic(train_size=30).test_images, synthetic(train_size=60).test_images)
+    assert torch.equal(
+        mem(synthetic(train_size=30).test_images), mem(synthetic(train_size=60).test_images)
+    )
 
 
 @pytest.mark.parametrize(("num_classes", "image_px"), [(2, 8), (10, 32), (13, 40), (100, 16)])
 def test_synthetic_shapes_and_balanced_labels(num_classes: int, image_px: int) -> None:
     data = synthetic(num_classes=num_classes, image_px=image_px, train_size=301, test_size=100)
     assert data.train_images.shape == (301, 3, image_px, image_px)
-    assert data.train_images.dtype == torch.uint8 and data.train_images.is_contiguous()
+    assert mem(data.train_images).dtype == torch.uint8 and mem(data.train_images).is_contiguous()
     assert data.test_images.shape == (100, 3, image_px, image_px)
     assert data.num_classes == num_classes and data.image_px == image_px
     counts = torch.bincount(data.train_labels, minlength=num_classes)
@@ -306,7 +317,7 @@ def test_synthetic_rejects_bad_arguments() -> None:
 
 def test_mean_and_std_match_a_direct_computation() -> None:
     data = synthetic()
-    pixels = data.train_images.double() / 255
+    pixels = mem(data.train_images).double() / 255
     assert data.mean == pytest.approx(pixels.mean((0, 2, 3)).tolist(), abs=1e-9)
     assert data.std == pytest.approx(pixels.std((0, 2, 3), unbiased=False).tolist(), abs=1e-9)
 
@@ -335,7 +346,7 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
 @pytest.mark.parametrize("resolution_px", [17, 32, 40, 8])
 @pytest.mark.parametrize("train", [True, False])
 def test_prepare_batch_shape_dtype_and_layout(resolution_px: int, train: bool) -> None:
-    images = synthetic(train_size=6).train_images
+    images = mem(synthetic(train_size=6).train_images)
     batch = prepare_batch(images, resolution_px=resolution_px, mean=MEAN, std=STD, train=train)
     assert batch.shape == (6, 3, resolution_px, resolution_px) and batch.dtype == torch.float32
     assert batch.is_contiguous(memory_format=torch.channels_last)
@@ -384,7 +395,7 @@ def test_augmentation_crops_and_flips_per_sample_and_is_seeded() -> None:
 
 
 def test_eval_is_unaugmented_resize_and_normalise() -> None:
-    images = synthetic(train_size=8).train_images
+    images = mem(synthetic(train_size=8).train_images)
     torch.manual_seed(0)
     first = prepare_batch(images, resolution_px=32, mean=MEAN, std=STD, train=False)
     second = prepare_batch(images, resolution_px=32, mean=MEAN, std=STD, train=False)
@@ -445,7 +456,7 @@ def fit_and_predict(data: ImageData, resolution_px: int) -> torch.Tensor:
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        return model(inputs(data.test_images)).argmax(1)
+        return model(inputs(mem(data.test_images))).argmax(1)
 
 
 def test_fine_cues_are_learnable_at_full_resolution_only() -> None:

@@ -246,15 +246,12 @@ def _floats(text: str, option: str, count: int | None = None) -> list[float]:
 
 def study_classes(study: StudyConfig, ot_study: optuna.Study | None = None) -> int:
     """The study's number of classes: as the driver recorded it with ``ot_study``, else from
-    the study file (reading the data only for an image folder)."""
-    from scaling_search.data.sources import known_num_classes, load_data
+    the study file (an image folder's from its class folders; no image is decoded)."""
+    from scaling_search.data.prepared import source_classes
     from scaling_search.study.record import StudyRecord
 
     recorded = None if ot_study is None else StudyRecord.of(ot_study).num_classes
-    if recorded is not None:
-        return recorded
-    known = known_num_classes(study.data)
-    return known if known is not None else load_data(study.data).num_classes
+    return recorded if recorded is not None else source_classes(study.data)
 
 
 def study_recipe(study: StudyConfig) -> Recipe:

@@ -1,5 +1,5 @@
-"""The ``scaling-search`` command: run, status, best, export, space, model, dashboard, report,
-clean.
+"""The ``scaling-search`` command: run, prepare, status, best, export, space, model, dashboard,
+report, clean.
 
 Every error a user can cause is one line on stderr and exit code 2 (``--debug`` shows the
 traceback); the study's database failing (away past a run's patience, or refusing a write) is
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from scaling_search._redact import redact
-from scaling_search.cli import clean, export, run, view
+from scaling_search.cli import clean, export, prepare, run, view
 from scaling_search.driver.interrupt import INTERRUPTED_LINE, Interrupted
 from scaling_search.study.outage import PATIENCE_S, DatabaseAway, failure_line
 
@@ -49,6 +49,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _run_args(sub.add_parser("run", help="run or continue a study"))
+    _prepare_args(
+        sub.add_parser("prepare", help="decode a study's data files once into its data cache")
+    )
     for name, text in (
         ("status", "trial counts and best so far"),
         ("best", "the winning network, its class of triples, its ties"),
@@ -95,6 +98,18 @@ def _run_args(run_parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long the run waits for the study's database to answer again before it "
         f"stops (default {PATIENCE_S:.0f})",
+    )
+
+
+def _prepare_args(prepare_parser: argparse.ArgumentParser) -> None:
+    _study_args(prepare_parser)
+    prepare_parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every source file again, not only those whose size or mtime changed",
+    )
+    prepare_parser.add_argument(
+        "--workers", type=int, metavar="N", help="decoding processes (default: the CPUs)"
     )
 
 
@@ -193,6 +208,7 @@ def _handlers() -> dict[str, Callable[[argparse.Namespace], int]]:
     """The function of each subcommand."""
     return {
         "run": run.run,
+        "prepare": prepare.prepare,
         "status": view.status,
         "best": view.best,
         "export": export.export,

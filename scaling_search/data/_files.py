@@ -5,6 +5,7 @@ Nothing is downloaded and nothing is unpickled; scaling_search.data.sources re-e
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from scaling_search.data._imagedata import DataError, ImageData, _check_int
 
-__all__ = ["load_cifar", "load_image_folder"]
+__all__ = ["list_image_folder", "load_cifar", "load_image_folder"]
 
 # ----------------------------------------------------------------------------------------------
 # Files
@@ -141,6 +142,30 @@ def load_image_folder(root: str | Path, *, image_px: int, seed: int = 0) -> Imag
     _check_int("image_px", image_px, minimum=1)
     _check_int("seed", seed, minimum=0)
     root = Path(root)
+    train_files, test_files = list_image_folder(root)
+    if test_files is None:
+        train_files, test_files = _split_files(train_files, seed)
+        if not any(test_files.values()):
+            raise DataError(
+                f"image folder {root} has no test/ and too few images in {root / 'train'} to "
+                "split one off (a class needs >= 3 images to give one to test)"
+            )
+    classes = sorted(train_files)
+    train_images, train_labels = _decode_split(train_files, classes, image_px)
+    test_images, test_labels = _decode_split(test_files, classes, image_px)
+    return ImageData(
+        root.resolve().name, train_images, train_labels, test_images, test_labels, len(classes)
+    )
+
+
+def list_image_folder(
+    root: Path,
+) -> tuple[dict[str, list[Path]], dict[str, list[Path]] | None]:
+    """The image files of train/ and of test/ (None without one), by class name, sorted.
+
+    Raises:
+        DataError: If train/ is missing, a class folder is empty, or the class sets differ.
+    """
     train_dir = root / "train"
     if not train_dir.is_dir():
         problem = "has no train/ subfolder" if root.is_dir() else "does not exist"
@@ -150,28 +175,17 @@ def load_image_folder(root: str | Path, *, image_px: int, seed: int = 0) -> Imag
         )
     train_files = _class_files(train_dir)
     test_dir = root / "test"
-    if test_dir.is_dir():
-        test_files = _class_files(test_dir)
-        if sorted(test_files) != sorted(train_files):
-            only_train = sorted(set(train_files) - set(test_files))
-            only_test = sorted(set(test_files) - set(train_files))
-            raise DataError(
-                f"image folder {root}: train/ and test/ must hold the same classes; only in "
-                f"train/: {only_train or 'none'}; only in test/: {only_test or 'none'}"
-            )
-    else:
-        train_files, test_files = _split_files(train_files, seed)
-        if not any(test_files.values()):
-            raise DataError(
-                f"image folder {root} has no test/ and too few images in {train_dir} to split "
-                "one off (a class needs >= 3 images to give one to test)"
-            )
-    classes = sorted(train_files)
-    train_images, train_labels = _decode_split(train_files, classes, image_px)
-    test_images, test_labels = _decode_split(test_files, classes, image_px)
-    return ImageData(
-        root.resolve().name, train_images, train_labels, test_images, test_labels, len(classes)
-    )
+    if not test_dir.is_dir():
+        return train_files, None
+    test_files = _class_files(test_dir)
+    if sorted(test_files) != sorted(train_files):
+        only_train = sorted(set(train_files) - set(test_files))
+        only_test = sorted(set(test_files) - set(train_files))
+        raise DataError(
+            f"image folder {root}: train/ and test/ must hold the same classes; only in "
+            f"train/: {only_train or 'none'}; only in test/: {only_test or 'none'}"
+        )
+    return train_files, test_files
 
 
 def _class_files(split_dir: Path) -> dict[str, list[Path]]:
@@ -219,9 +233,10 @@ def _decode_split(
     return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)
 
 
-def _decode_image(path: Path, image_px: int) -> np.ndarray:
+def _decode_image(path: Path, image_px: int, raw: bytes | None = None) -> np.ndarray:
+    """The image at ``path`` (or its bytes ``raw``, already read) as uint8 [3, px, px]."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path if raw is None else io.BytesIO(raw)) as image:
             rgb = image.convert("RGB")
     except OSError as error:  # PIL's UnidentifiedImageError is an OSError
         raise DataError(f"cannot decode image {path}: {error}") from error

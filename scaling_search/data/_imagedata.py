@@ -1,4 +1,4 @@
-"""The in-memory dataset type shared by the loaders (private; see scaling_search.data.sources)."""
+"""The dataset type shared by the loaders (private; see scaling_search.data.sources)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ from functools import cached_property
 import numpy as np
 import torch
 
-__all__ = ["DataError", "ImageData"]
+from scaling_search.data._mapped import MappedImages
+
+__all__ = ["DataError", "ImageData", "Images"]
+
+
+Images = torch.Tensor | MappedImages  # a split's images: in memory, or a memory map's rows
+_STATS_CHUNK = 4096  # images read at once for the channel statistics
 
 
 class DataError(ValueError):
@@ -18,11 +24,13 @@ class DataError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class ImageData:
-    """An image-classification dataset held in memory as uint8 tensors.
+    """An image-classification dataset: uint8 images held in memory, or memory-mapped from a
+    prepared cache (`scaling_search.data.prepared`), and their labels in memory.
 
     Attributes:
         name: Short name, e.g. "cifar10" or "synthetic10".
-        train_images: uint8, [N, 3, H, H], contiguous.
+        train_images: uint8, [N, 3, H, H], contiguous, or a `MappedImages` selection (indexing
+            either with positions or a slice gives a tensor).
         train_labels: int64, [N], each in [0, num_classes).
         test_images: uint8, [M, 3, H, H], contiguous.
         test_labels: int64, [M].
@@ -33,13 +41,14 @@ class ImageData:
     """
 
     name: str
-    train_images: torch.Tensor
+    train_images: Images
     train_labels: torch.Tensor
-    test_images: torch.Tensor
+    test_images: Images
     test_labels: torch.Tensor
     num_classes: int
-    val_images: torch.Tensor | None = None
+    val_images: Images | None = None
     val_labels: torch.Tensor | None = None
+    content_hash: str | None = None  # of the source files, when read from a prepared cache
 
     def __post_init__(self) -> None:
         _check_int("num_classes", self.num_classes, minimum=2)
@@ -67,14 +76,21 @@ class ImageData:
     def to(self, device: torch.device) -> ImageData:
         """The same splits on ``device``."""
 
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device)
-
-        return ImageData(
+        val_images, val_labels = self.val_images, self.val_labels
+        moved = ImageData(
             self.name, self.train_images.to(device), self.train_labels.to(device),
             self.test_images.to(device), self.test_labels.to(device), self.num_classes,
-            move(self.val_images), move(self.val_labels),
+            None if val_images is None else val_images.to(device),
+            None if val_labels is None else val_labels.to(device), self.content_hash,
         )  # fmt: skip
+        if "_channel_stats" in self.__dict__:  # computed once, wherever the data goes
+            moved.__dict__["_channel_stats"] = self._channel_stats
+        return moved
+
+    @property
+    def memory_mapped(self) -> bool:
+        """Whether the images are read from a prepared cache's memory map."""
+        return isinstance(self.train_images, MappedImages)
 
     @property
     def image_px(self) -> int:
@@ -94,12 +110,17 @@ class ImageData:
     @cached_property
     def _channel_stats(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         # Exact statistics from a 256-bin histogram per channel: no float copy of the data.
+        # Read in chunks: a memory-mapped split is never copied whole.
         levels = np.arange(256, dtype=np.float64) / 255.0
+        hists = np.zeros((3, 256), dtype=np.float64)
+        for start in range(0, len(self.train_images), _STATS_CHUNK):
+            chunk = self.train_images[start : start + _STATS_CHUNK].cpu()
+            for channel in range(3):
+                pixels = chunk[:, channel].reshape(-1)
+                hists[channel] += torch.bincount(pixels, minlength=256).double().numpy()
         means, stds = [], []
         for channel in range(3):
-            pixels = self.train_images[:, channel].reshape(-1).cpu()
-            hist = torch.bincount(pixels, minlength=256).double().numpy()
-            weights = hist / hist.sum()
+            weights = hists[channel] / hists[channel].sum()
             mean = float(weights @ levels)
             means.append(mean)
             stds.append(math.sqrt(max(float(weights @ levels**2) - mean**2, 0.0)))
@@ -111,7 +132,7 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
         raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_split(data: ImageData, split: str, images: torch.Tensor, labels: torch.Tensor) -> int:
+def _check_split(data: ImageData, split: str, images: Images, labels: torch.Tensor) -> int:
     where = f"dataset {data.name!r}, {split} split"
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise DataError(

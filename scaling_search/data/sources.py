@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from scaling_search.data._files import load_cifar, load_image_folder
-from scaling_search.data._imagedata import DataError, ImageData, _check_int, _derive_seed
+from scaling_search.data._imagedata import DataError, ImageData, Images, _check_int, _derive_seed
+from scaling_search.data._mapped import MappedImages, take
 from scaling_search.data._synthetic import make_synthetic
 
 if TYPE_CHECKING:
@@ -28,8 +29,9 @@ __all__ = [
     "DATASET_KINDS",
     "DataError",
     "ImageData",
+    "Images",
+    "MappedImages",
     "hold_out_validation",
-    "known_num_classes",
     "load_cifar",
     "load_data",
     "load_dataset",
@@ -146,10 +148,11 @@ def hold_out_validation(data: ImageData, size: int, *, seed: int) -> ImageData:
     held = _stratified(data.train_labels, size, _derive_seed(seed, 4))
     keep = torch.ones(count, dtype=torch.bool)
     keep[held] = False
+    kept = keep.nonzero().squeeze(1)
     return ImageData(
-        data.name, data.train_images[keep], data.train_labels[keep],
+        data.name, take(data.train_images, kept), data.train_labels[kept],
         data.test_images, data.test_labels, data.num_classes,
-        data.train_images[held], data.train_labels[held],
+        take(data.train_images, held), data.train_labels[held], data.content_hash,
     )  # fmt: skip
 
 
@@ -157,8 +160,9 @@ def _subset(data: ImageData, request: _Request) -> ImageData:
     train = _stratified(data.train_labels, request.train_size, _derive_seed(request.seed, 2))
     test = _stratified(data.test_labels, request.test_size, _derive_seed(request.seed, 3))
     return ImageData(
-        data.name, data.train_images[train], data.train_labels[train],
-        data.test_images[test], data.test_labels[test], data.num_classes,
+        data.name, take(data.train_images, train), data.train_labels[train],
+        take(data.test_images, test), data.test_labels[test], data.num_classes,
+        content_hash=data.content_hash,
     )  # fmt: skip
 
 
@@ -190,14 +194,6 @@ def _load_synthetic(request: _Request) -> ImageData:
 
 
 _CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
-
-
-def known_num_classes(spec: DataConfig) -> int | None:
-    """The number of classes a ``data`` section names without reading any image: synthetic
-    data's ``num_classes``, CIFAR's 10 or 100; None for an image folder (its subfolders)."""
-    if spec.kind == "synthetic":
-        return spec.num_classes
-    return _CIFAR_CLASSES.get(spec.kind)
 
 
 def _load_cifar10(request: _Request) -> ImageData:

@@ -302,7 +302,9 @@ class _Driver:
         started: float,
     ) -> _Driver:
         """The study opened (created on first use) and its stale trials recovered."""
-        ot_study = ledger.open_study(study, storage, num_classes=data.num_classes)
+        ot_study = ledger.open_study(
+            study, storage, num_classes=data.num_classes, data_hash=data.content_hash
+        )
         ledger.recover_stale(ot_study, progress)
         before = _state_counts(ot_study)
         key = study_network_key(study, data.num_classes)

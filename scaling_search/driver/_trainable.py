@@ -1,5 +1,6 @@
 """What runs in a Ray worker: the trainable that hands ``ray.tune.report`` to ``fit``, and the
-dataset shared with it through the object store."""
+dataset (or, prepared, the handle to its memory-mapped files) shared with it through the object
+store."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ Fit = Callable[..., Any]
 
 class SharedData:
     """The dataset in Ray's object store, fetched once per worker process and kept on its device.
+    A prepared dataset travels as its files' paths and the splits' indices, and the worker maps
+    the files (see scaling_search.data.prepared); synthetic data travels whole.
 
     Tune hands each trial its parameters anew (``ray.get`` per trial, a full copy of the images),
     so the trainable is given this small handle instead: the first trial in a worker fetches the

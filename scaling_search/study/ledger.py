@@ -53,6 +53,7 @@ from scaling_search.study.liveness import (
 from scaling_search.study.record import (
     CHOSEN_ON_ATTR,
     CONFIG_ATTR,
+    DATA_HASH_ATTR,
     DRIVER_ATTR,
     DUPLICATE_ATTR,
     NETWORK_ATTR,
@@ -108,9 +109,13 @@ class LedgerError(ValueError):
 
 def _identity(study: StudyConfig) -> dict[str, Any]:
     """The settings that define what a trial's number means; a resumed study must keep them."""
-    # train.compile changes how fast a trial runs, not what it computes.
+    # train.compile changes how fast a trial runs, not what it computes; data.cache_dir where
+    # the data is prepared, not what it is (its files' content hash is recorded apart).
     identity = json.loads(
-        study.model_dump_json(include={"data", "space", "train"}, exclude={"train": {"compile"}})
+        study.model_dump_json(
+            include={"data", "space", "train"},
+            exclude={"train": {"compile"}, "data": {"cache_dir"}},
+        )
     )
     if study.objective is not None:  # absent for the built-in trainer, as before the hook
         identity["objective"] = {"function": study.objective}
@@ -120,10 +125,15 @@ def _identity(study: StudyConfig) -> dict[str, Any]:
 
 
 def open_study(
-    study: StudyConfig, storage: optuna.storages.BaseStorage, *, num_classes: int | None = None
+    study: StudyConfig,
+    storage: optuna.storages.BaseStorage,
+    *,
+    num_classes: int | None = None,
+    data_hash: str | None = None,
 ) -> optuna.Study:
-    """Create or load the Optuna study, refusing one recorded with different trial settings or
-    recorded before trials were chosen on a validation split."""
+    """Create or load the Optuna study, refusing one recorded with different trial settings,
+    recorded before trials were chosen on a validation split, or whose data was prepared from
+    files whose content has changed since (``data_hash``: of the files it is prepared from)."""
     ot_study = optuna.create_study(
         storage=storage, study_name=study.name, direction="maximize", load_if_exists=True
     )
@@ -153,7 +163,23 @@ def open_study(
             f"study {study.name!r} was recorded with other settings ({', '.join(changed)} "
             "differ); give the study a new name to run with these"
         )
+    _check_data_hash(ot_study, recorded.data_hash, data_hash)
     return ot_study
+
+
+def _check_data_hash(ot_study: optuna.Study, recorded: str | None, data_hash: str | None) -> None:
+    """Record the data's content hash (a study recorded before one: from now on), or refuse to
+    go on with data whose files changed since the study's trials were trained on them."""
+    if data_hash is None or recorded == data_hash:
+        return
+    if recorded is None:
+        ot_study.set_user_attr(DATA_HASH_ATTR, data_hash)
+        return
+    raise LedgerError(
+        f"data.path: the files of study {ot_study.study_name!r} changed since its trials were "
+        f"trained (content hash {recorded[:12]}…, now {data_hash[:12]}…); restore them, or give "
+        "the study a new name to run on the files as they are"
+    )
 
 
 # --- planning and claiming -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ __all__ = [
     "ATTRIBUTES",
     "CHOSEN_ON_ATTR",
     "CONFIG_ATTR",
+    "DATA_HASH_ATTR",
     "DRIVER_ATTR",
     "DUPLICATE_ATTR",
     "EPOCHS_ATTR",
@@ -100,6 +101,7 @@ CONFIG_ATTR = "study_config"
 SAMPLER_ATTR = "sampler"
 CHOSEN_ON_ATTR = "chosen_on"
 NUM_CLASSES_ATTR = "num_classes"
+DATA_HASH_ATTR = "data_content_hash"
 
 # Values: the stages (a trial without a stage attribute is the search's); what a study chose on.
 RACING_STAGE, SEARCH_STAGE = "racing", "search"
@@ -185,6 +187,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
         CHOSEN_ON_ATTR, "study", str, "study/ledger.py", '"validation"; absent: test (older)'
     ),
     Attribute(NUM_CLASSES_ATTR, "study", int, "study/ledger.py", "classes of the study's data"),
+    Attribute(DATA_HASH_ATTR, "study", str, "study/ledger.py", "its data files' content hash"),
 )
 
 # --- typed views --------------------------------------------------------------------------------
@@ -378,6 +381,7 @@ class StudyRecord:
     sampler: str | None  # None: recorded as nothing; absent means the grid
     chosen_on: str  # VALIDATION, or TEST for a study recorded before validation splits
     num_classes: int | None  # None: recorded before the driver recorded it
+    data_hash: str | None  # None: synthetic data, or recorded before data was prepared
 
     @classmethod
     def of(cls, study: optuna.Study) -> StudyRecord:
@@ -385,12 +389,14 @@ class StudyRecord:
         config = attrs.get(CONFIG_ATTR)
         sampler = attrs.get(SAMPLER_ATTR, "grid")
         classes = attrs.get(NUM_CLASSES_ATTR)
+        data_hash = attrs.get(DATA_HASH_ATTR)
         return cls(
             name=study.study_name,
             config=config if isinstance(config, Mapping) else None,
             sampler=None if sampler is None else str(sampler),
             chosen_on=VALIDATION if attrs.get(CHOSEN_ON_ATTR) == VALIDATION else TEST,
             num_classes=classes if isinstance(classes, int) else None,
+            data_hash=data_hash if isinstance(data_hash, str) else None,
         )
 
     def _setting(self, section: str, key: str) -> Any:
