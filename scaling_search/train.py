@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from scaling_search._compat import DYNAMO_MODULE
 from scaling_search.config import TrainConfig
 from scaling_search.data.batches import prepare_batch
-from scaling_search.data.sources import DataError, ImageData, Images
+from scaling_search.data.sources import DataError, ImageData, Images, MappedImages
 from scaling_search.network import Architecture, count_macs, count_params
 from scaling_search.network.modules import build_model
 from scaling_search.space import Coefficients, scaled_network
@@ -375,7 +375,10 @@ class _Trial:
             resume=resume,
             first_epoch=first_epoch,
             started_at=started_at,
-            train_images=data.train_images.to(device),
+            # Placed once per worker (SharedData): a map kept on the host stays there.
+            train_images=data.train_images
+            if isinstance(data.train_images, MappedImages)
+            else data.train_images.to(device),
             train_labels=data.train_labels.to(device),
         )
 

@@ -150,10 +150,15 @@ def test_cache_is_reused_across_runs_and_studies_with_the_same_sources(
     assert readiness is not None and readiness.action == "reused"
     assert images_file.stat().st_ino == inode  # not written again
     assert other.val_labels is not None and len(other.val_labels) == 50
-    assert sorted(p.name for p in cache.iterdir()) == [first.prepared.folder.name]
+    assert _folders(cache) == [first.prepared.folder.name]
     # Another image size is other data: its own folder.
     assert ensure_prepared("image_folder", root, 8, cache).action == "prepared"
-    assert len(list(cache.iterdir())) == 2
+    assert len(_folders(cache)) == 2
+
+
+def _folders(cache: Path) -> list[str]:
+    """The prepared folders in ``cache`` (not the lock files beside them)."""
+    return sorted(path.name for path in cache.iterdir() if path.is_dir())
 
 
 def _copy(source: Path, target: Path) -> Path:
@@ -176,6 +181,11 @@ def test_a_changed_source_file_is_prepared_again_and_never_mixed(
     victim = root / "train" / "digit3" / "0003.png"
     os.utime(victim, ns=(1, 1))
     assert ensure_prepared("image_folder", root, 16, cache).action == "reused"
+    [line] = [
+        row for row in (first.prepared.folder / "sources.tsv").read_text().splitlines()
+        if row.startswith("train\ttrain/digit3/0003.png\t")
+    ]  # fmt: skip
+    assert line.split("\t")[3] == "1"  # its new mtime: the next check does not hash it again
 
     # New content of the same size, mtime put back: caught by --verify only; with a new mtime,
     # by every check.
@@ -223,6 +233,26 @@ def test_verify_hashes_files_whose_size_and_mtime_did_not_change(
     assert verified.action == "prepared again (test/digit0/0000.bmp changed content)"
 
 
+def _ensure_in_a_process(root: str, cache: str) -> str:
+    return ensure_prepared("image_folder", Path(root), 16, Path(cache)).action
+
+
+def test_processes_preparing_the_same_folder_take_turns(
+    digits_folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """Two drivers started at once on the same files: one prepares, the other waits for its
+    lock and reuses what it wrote; neither fails, nothing is left beside the folder."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    root, cache = str(digits_folders["with_test"]), str(tmp_path / "cache")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(3, mp_context=context) as pool:
+        actions = list(pool.map(_ensure_in_a_process, [root] * 3, [cache] * 3))
+    assert sorted(actions) == ["prepared", "reused", "reused"]
+    assert len(_folders(tmp_path / "cache")) == 1
+
+
 def test_an_unfinished_preparation_is_not_used(
     digits_folders: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -239,7 +269,7 @@ def test_a_bad_image_names_its_file_and_leaves_no_folder(tmp_path: Path) -> None
     (root / "train" / "digit1" / "0001.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"cannot decode image .*0001\.png"):
         prepare("image_folder", root, 16, tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert _folders(tmp_path / "cache") == []  # nothing half-written is left
 
 
 def test_a_study_refuses_to_continue_on_changed_files(tmp_path: Path) -> None:
@@ -278,7 +308,8 @@ def test_prepare_command_prepares_then_reuses(
     _study_file(tmp_path, data)
     first = cli_in_process("prepare", "study.yaml", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    folder = next((tmp_path / "runs" / "data-cache").iterdir())
+    [name] = _folders(tmp_path / "runs" / "data-cache")
+    folder = tmp_path / "runs" / "data-cache" / name
     assert f"of 1,797 images of 16 px from {folder} (prepared in" in first.stdout
     assert "prepare: 1,797/1,797 images" in first.stderr  # the progress, on stderr
     second = cli_in_process("prepare", "study.yaml", "--verify", cwd=tmp_path)

@@ -101,6 +101,17 @@ def _run_args(run_parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive(text: str) -> int:
+    """An argument that must be a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _prepare_args(prepare_parser: argparse.ArgumentParser) -> None:
     _study_args(prepare_parser)
     prepare_parser.add_argument(
@@ -109,7 +120,7 @@ def _prepare_args(prepare_parser: argparse.ArgumentParser) -> None:
         help="hash every source file again, not only those whose size or mtime changed",
     )
     prepare_parser.add_argument(
-        "--workers", type=int, metavar="N", help="decoding processes (default: the CPUs)"
+        "--workers", type=_positive, metavar="N", help="decoding processes (default: the CPUs)"
     )
 
 

@@ -26,6 +26,7 @@ class ProgressBar:
         self._tty = self._stream.isatty()
         self._drawn_at = 0.0
         self._tenth = -1
+        self._done = False
         self._started = time.monotonic()
 
     def __call__(self, done: int, total: int) -> None:
@@ -46,7 +47,14 @@ class ProgressBar:
             rate = done / max(now - self._started, 1e-9)
             self._stream.write(f"prepare: {done:,}/{total:,} images ({rate:,.0f}/s)\n")
         self._drawn_at = now
+        self._done = done >= total
         self._stream.flush()
+
+    def close(self) -> None:
+        """End a terminal's bar line that was left unfinished (an error, Ctrl-C)."""
+        if self._tty and self._drawn_at and not self._done:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 def data_line(study: StudyConfig, data: ImageData, readiness: Readiness | None) -> str:
@@ -74,26 +82,29 @@ def data_line(study: StudyConfig, data: ImageData, readiness: Readiness | None) 
     )
 
 
-def open_study_data(study: StudyConfig) -> tuple[ImageData, Readiness | None]:
-    """The study's data, prepared first if needed (with a progress bar on stderr)."""
+def open_study_data(
+    study: StudyConfig, *, verify: bool = False, workers: int | None = None
+) -> tuple[ImageData, Readiness | None]:
+    """The study's data, prepared first if need be (with a progress bar on stderr)."""
     from scaling_search.data.prepared import open_data
 
-    return open_data(study.data, study.cache_dir, progress=ProgressBar())
+    bar = ProgressBar()
+    try:
+        return open_data(study.data, study.cache_dir, progress=bar, verify=verify, workers=workers)
+    finally:
+        bar.close()
 
 
 def prepare(args: argparse.Namespace) -> int:
     """``scaling-search prepare``: the study's data prepared (or found prepared and unchanged)."""
-    from scaling_search.data.prepared import PREPARED_KINDS, ensure_prepared, open_prepared
+    from scaling_search.data.prepared import PREPARED_KINDS
 
     study = load_study(args.study, args.overrides)
     if study.data.kind not in PREPARED_KINDS:
         print(f"data: {study.data.kind} is made in memory from its seed; nothing to prepare")
         return 0
-    readiness = ensure_prepared(
-        study.data.kind, study.data.path or study.out_dir, study.data.image_px,
-        study.cache_dir, progress=ProgressBar(), verify=args.verify, workers=args.workers,
-    )  # fmt: skip
-    data = open_prepared(study.data, readiness.prepared)  # the study's splits can be drawn
+    data, readiness = open_study_data(study, verify=args.verify, workers=args.workers)
+    assert readiness is not None  # files are prepared
     print(data_line(study, data, readiness))
     print(f"content hash: {readiness.prepared.content_hash}")
     return 0

@@ -15,6 +15,8 @@ from scaling_search.driver.interrupt import StopRequest, handle_signals
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
 
+    from scaling_search.data.sources import ImageData
+
 MAX_PATIENCE_S = 86_400.0
 FAMILY_FILENAME = "family.json"
 
@@ -53,12 +55,8 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
 
     _check_address(args.address)
     with collector_paused():  # the set-up imports torch, Optuna and Ray Tune
-        study, url, storage = _set_up(args)
-    from scaling_search.cli.prepare import data_line, open_study_data
+        study, data, url, storage = _set_up(args)
     from scaling_search.study.storage import mask_url
-
-    data, readiness = open_study_data(study)  # decodes the files, the first time: minutes
-    print(data_line(study, data, readiness))
 
     print(f"storage: {mask_url(url)}  (browse: scaling-search dashboard {args.study})")
     from scaling_search.driver import run_study
@@ -79,10 +77,11 @@ def _run_study(args: argparse.Namespace, stop: StopRequest) -> int:
     return 0
 
 
-def _set_up(args: argparse.Namespace) -> tuple[StudyConfig, str, RDBStorage]:
-    """The study, and its storage's URL and storage, opened once everything the study asks for
-    is checked, its data files listed included (nothing is written before)."""
-    from scaling_search.data.prepared import source_classes
+def _set_up(args: argparse.Namespace) -> tuple[StudyConfig, ImageData, str, RDBStorage]:
+    """The study, its data (prepared first if need be: the data's cache is the one thing
+    written before), and its storage's URL and storage, opened once everything the study asks
+    for is checked."""
+    from scaling_search.cli.prepare import data_line, open_study_data
     from scaling_search.study.storage import open_storage, resolve_url
 
     study = load_study(args.study, args.overrides)
@@ -92,15 +91,16 @@ def _set_up(args: argparse.Namespace) -> tuple[StudyConfig, str, RDBStorage]:
             f"{args.database_patience}"
         )
     _check_hooks(study)
-    num_classes = source_classes(study.data)  # files missing or misplaced: one line, now
+    data, readiness = open_study_data(study)  # decodes the files, the first time: minutes
+    print(data_line(study, data, readiness))
     if study.space.cost == "measured":  # counts MACs with the data's classes
-        _check_measured_space(study, num_classes)
+        _check_measured_space(study, data.num_classes)
     from scaling_search.driver import check_address
 
     check_address(args.address)  # a cluster that does not answer: before anything is written
     url = resolve_url(study)
     storage = open_storage(url)  # everything above is checked before anything is written
-    return study, url, storage
+    return study, data, url, storage
 
 
 def _check_hooks(study: StudyConfig) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from scaling_search.data._imagedata import DataError, ImageData, _check_int
 
@@ -239,7 +239,11 @@ def _decode_image(path: Path, image_px: int, raw: bytes | None = None) -> np.nda
         with Image.open(path if raw is None else io.BytesIO(raw)) as image:
             rgb = image.convert("RGB")
     except OSError as error:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"cannot decode image {path}: {error}") from error
+        # Its text names what was opened: for bytes, a buffer's repr instead of the file.
+        reason = "no image format PIL reads" if raw is not None else str(error)
+        if raw is not None and not isinstance(error, UnidentifiedImageError):
+            reason = str(error)
+        raise DataError(f"cannot decode image {path}: {reason}") from error
     width, height = rgb.size
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2

@@ -33,7 +33,7 @@ class MappedImages:
     def __init__(
         self, path: str | Path, count: int, image_px: int, index: torch.Tensor | None = None
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # trials run in folders of their own
         self.count = int(count)
         self.image_px = int(image_px)
         self.index = torch.arange(self.count) if index is None else index.to(torch.int64)

@@ -44,6 +44,7 @@ class SharedData:
     _cache: ClassVar[dict[tuple[str, str], ImageData]] = {}  # per worker process
 
     def __init__(self, data: ImageData) -> None:
+        data.mean  # noqa: B018  the channel statistics, computed here once, travel with the data
         self._ref = ray.put(data)
 
     def get(self, device: torch.device) -> tuple[ImageData, bool]:
