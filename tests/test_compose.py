@@ -1,5 +1,5 @@
-"""docker-compose.yml, its GPU override, Dockerfile, .dockerignore and .env.example, checked
-without Docker.
+"""docker-compose.yml, its GPU override, Dockerfile, .dockerignore, .env.example and
+scripts/compose_check.sh, checked without Docker.
 
 The compose file is validated against the compose-spec schema (check-jsonschema's vendored copy,
 offline); every command a service runs is parsed by the CLI that will run it (scaling-search's
@@ -7,7 +7,7 @@ argparse parser, Ray's click commands) and every study it names is loaded; and t
 invariants are checked on the parsed file: PostgreSQL healthy on a named volume, a worker that
 starts on any host (GPUs only through docker-compose.gpu.yml) and scales, memory limits on the Ray
 containers, nothing published beyond 127.0.0.1, one Ray token from the env file, one results
-volume at the same path on every Ray node.
+volume at the same path on every Ray node. (scripts/compose_check.sh runs the stack for real.)
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from scaling_search.config import load_study
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 GPU_OVERRIDE = ROOT / "docker-compose.gpu.yml"
+SCRIPTS = ROOT / "scripts"
+SHELL_SCRIPTS = [SCRIPTS / "compose_check.sh", *sorted((SCRIPTS / "docker_base").glob("*.sh"))]
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
 RAY_NODES = ("ray-head", "ray-worker", "driver")  # every container that runs `ray start`
@@ -520,3 +522,32 @@ def test_dockerfile_check_finds_problems() -> None:
     text += "    && pip install torch==2.13.0\nCOPY scaling_search/ scaling_search/\n"
     problems = _dockerfile_problems(text, ROOT, ["*", "!pyproject.toml"])
     assert len(problems) == 3, problems  # missing.txt, scaling_search/ ignored, torch last
+
+
+# --- scripts/compose_check.sh --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
+def test_compose_check_scripts_parse(script: Path) -> None:
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
+def test_ci_runs_compose_check_after_the_tests() -> None:
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    pytest_at = next(i for i, line in enumerate(lines) if "-m pytest" in line)
+    assert "bash scripts/compose_check.sh" in lines[pytest_at + 1 :]
+
+
+def test_compose_check_runs_a_study_that_fits_its_worker() -> None:
+    """The study the script runs exists, needs no GPU and no more than two CPUs at a time."""
+    script = (SCRIPTS / "compose_check.sh").read_text(encoding="utf-8")
+    (path,) = re.findall(r"^STUDY=(\S+)$", script, flags=re.MULTILINE)
+    study = load_study(ROOT / path)
+    assert study.resources.gpus_per_trial == 0
+    assert study.resources.cpus_per_trial * study.search.max_concurrent_trials <= 2
+    (name,) = re.findall(r"^STUDY_NAME=(\S+)$", script, flags=re.MULTILINE)
+    assert study.name == name
