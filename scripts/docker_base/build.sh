@@ -23,7 +23,8 @@ build_base() {
   have_image "$BASE" && return
   command -v debootstrap > /dev/null || {
     log "installing debootstrap"
-    DEBIAN_FRONTEND=noninteractive apt-get install --yes --quiet debootstrap > /dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install --yes --quiet debootstrap > /dev/null 2>&1 \
+      || { log "apt-get install debootstrap failed" >&2; exit 1; }
   }
   local rootfs
   rootfs=$(mktemp -d /var/tmp/scaling-search-rootfs.XXXXXX)
