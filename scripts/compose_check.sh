@@ -7,8 +7,9 @@
 #      (scripts/docker_base/build.sh); torch from a local index when a wheel lies on disk;
 #   3. `docker compose build`, then postgres, ray-head, a CPU ray-worker and the dashboard;
 #   4. studies/compose_check.yaml through the driver service; its trials must be COMPLETE in
-#      PostgreSQL, `ray status` must show the worker's CPUs, Ray must take the worker's memory
-#      from its container's limit, and the dashboard's API must list the study;
+#      PostgreSQL, `ray status` must show the worker's CPUs, and the dashboard's API must list
+#      the study; before it, Ray's memory monitor must stop a task that outgrows the worker's
+#      memory limit, and the worker must stay up;
 #   5. `docker compose down --volumes`, and whatever this script started is stopped.
 # It uses its own compose project (scaling-search-check), image tag and throwaway .env (random
 # password and token, in a temporary folder), so a user's stack, .env and image are left alone.
@@ -300,21 +301,42 @@ worker_cpus_free() {
   worker_in_ray_status && grep -Eq " 0\.0/${WORKER_CPUS}\.0 CPU" "$WORK/ray-status.txt"
 }
 
-check_memory_limit() {  # the worker's cgroup limit, and Ray's memory monitor judging by it
-  local limit monitor total
+# A Ray task in the worker that takes 100 MiB at a time, up to 8 GiB: past the worker's limit,
+# never past this machine's memory.
+MEMORY_HOG='
+import ray, time
+ray.init(address="auto", logging_level="ERROR")
+@ray.remote(num_cpus=1, max_retries=0)
+def hog():
+    blocks = []
+    for _ in range(80):
+        blocks.append(bytearray(100 * 2**20))
+        time.sleep(0.05)
+try:
+    ray.get(hog.remote())
+    print("not stopped")
+except ray.exceptions.OutOfMemoryError as exc:
+    print("OutOfMemoryError:", " ".join(str(exc).splitlines()[:2]))
+'
+
+check_memory_limit() {  # the worker's cgroup limit, and Ray's memory monitor stopping a task at it
+  local limit stopped
   limit=$(dc exec -T ray-worker sh -c 'cat /sys/fs/cgroup/memory.max 2> /dev/null \
     || cat /sys/fs/cgroup/memory/memory.limit_in_bytes')
   [ "$limit" = "$WORKER_MEMORY_BYTES" ] \
     || fail "ray-worker's memory limit is $limit, not $WORKER_MEMORY ($WORKER_MEMORY_BYTES bytes)"
-  # The raylet logs the memory its monitor judges by ("... total system memory bytes: N, ...").
-  monitor=$(dc exec -T ray-worker sh -c 'grep -h "total system memory bytes" \
-    /tmp/ray/session_latest/logs/raylet.out' | tail -n 1)
-  total=$(echo "$monitor" | sed -nE 's/.*total system memory bytes: ([0-9]+).*/\1/p')
-  [ "$total" = "$limit" ] \
-    || fail "Ray's memory monitor judges by ${total:-an unknown} bytes, not the limit $limit:" \
-      "${monitor:-no line in raylet.out}"
-  log "ray-worker: memory limit $WORKER_MEMORY; Ray's memory monitor stops trials at" \
-    "$(echo "$monitor" | sed -nE 's/.*\(([0-9]+)\.?[0-9]*% of system memory\).*/\1/p')% of it"
+  dc exec -T ray-worker python -c "$MEMORY_HOG" > "$WORK/hog.log" 2>&1 || true
+  stopped=$(grep -m1 '^OutOfMemoryError' "$WORK/hog.log" || true)
+  # Ray's message names the threshold as a share of the limit it judges by, e.g.
+  # "... exceeded threshold of 6120328192B (95.0% of 6442450944B limit)".
+  if [ -z "$stopped" ] || [[ $stopped != *"of ${limit}B limit"* ]]; then
+    show_log "$WORK/hog.log" 20
+    fail "Ray's memory monitor did not stop a task at ray-worker's limit of $limit bytes"
+  fi
+  [ "$(dc ps --format '{{.State}}' ray-worker)" = running ] \
+    || fail "ray-worker did not survive the task that Ray stopped"
+  log "ray-worker: memory limit $WORKER_MEMORY; Ray's memory monitor stopped a task that outgrew" \
+    "it ($(echo "$stopped" | grep -oE '[0-9.]+% of [0-9]+B limit')), and the worker stays up"
 }
 
 run_study() {
