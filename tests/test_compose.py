@@ -1,11 +1,13 @@
-"""docker-compose.yml, Dockerfile, .dockerignore and .env.example, checked without Docker.
+"""docker-compose.yml, its GPU override, Dockerfile, .dockerignore, .env.example and
+scripts/compose_check.sh, checked without Docker.
 
 The compose file is validated against the compose-spec schema (check-jsonschema's vendored copy,
 offline); every command a service runs is parsed by the CLI that will run it (scaling-search's
 argparse parser, Ray's click commands) and every study it names is loaded; and the cluster's
-invariants are checked on the parsed file: PostgreSQL healthy on a named volume, GPU workers that
-scale, nothing published beyond 127.0.0.1, one Ray token from the env file, one results volume at
-the same path on every Ray node.
+invariants are checked on the parsed file: PostgreSQL healthy on a named volume, a worker that
+starts on any host (GPUs only through docker-compose.gpu.yml) and scales, memory limits on the Ray
+containers, nothing published beyond 127.0.0.1, one Ray token from the env file, one results
+volume at the same path on every Ray node. (scripts/compose_check.sh runs the stack for real.)
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from scaling_search.config import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
+GPU_OVERRIDE = ROOT / "docker-compose.gpu.yml"
+SCRIPTS = ROOT / "scripts"
+SHELL_SCRIPTS = [SCRIPTS / "compose_check.sh", *sorted((SCRIPTS / "docker_base").glob("*.sh"))]
 DOCKERFILE = ROOT / "Dockerfile"
 ENV_EXAMPLE = ROOT / ".env.example"
 RAY_NODES = ("ray-head", "ray-worker", "driver")  # every container that runs `ray start`
@@ -224,8 +229,9 @@ def _check_jsonschema(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def test_compose_file_matches_the_compose_spec() -> None:
-    result = _check_jsonschema(COMPOSE)
+@pytest.mark.parametrize("path", [COMPOSE, GPU_OVERRIDE], ids=lambda path: path.name)
+def test_compose_files_match_the_compose_spec(path: Path) -> None:
+    result = _check_jsonschema(path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -277,11 +283,59 @@ def test_postgres_is_healthchecked_and_on_a_named_volume(compose: dict[str, Any]
     assert _mounts(postgres)["/var/lib/postgresql/data"] in compose["volumes"]
 
 
-def test_worker_reserves_the_gpus_and_can_be_scaled(compose: dict[str, Any]) -> None:
+def _nvidia_devices(service: Mapping[str, Any]) -> list[dict[str, Any]]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return [d for d in devices.get("devices", []) if d.get("driver") == "nvidia"]
+
+
+def test_worker_starts_on_any_host_and_can_be_scaled(compose: dict[str, Any]) -> None:
     worker = compose["services"]["ray-worker"]
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d.get("driver") == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    assert _nvidia_devices(worker) == []  # Docker refuses to start it on a host without NVIDIA
+    assert "nvidia" not in yaml.safe_dump(_raw_compose()).lower()  # comments aside
     assert "container_name" not in worker and "ports" not in worker  # both break --scale
+
+
+def test_gpu_override_gives_the_worker_every_gpu_and_changes_nothing_else() -> None:
+    override = yaml.safe_load(GPU_OVERRIDE.read_text(encoding="utf-8"))
+    assert set(override) == {"services"} and set(override["services"]) == {"ray-worker"}
+    worker = override["services"]["ray-worker"]
+    assert set(worker) == {"deploy"}
+    (device,) = _nvidia_devices(worker)
+    assert device["count"] == "all" and "gpu" in device["capabilities"]
+    assert set(_raw_compose()["services"]["ray-worker"]).isdisjoint({"deploy"})  # no merge clash
+
+
+def _docker_bytes(size: str) -> int:
+    """Docker's byte sizes: 512m, 16g, 8gb (powers of 1024)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)b?", size.strip().lower())
+    if match is None:
+        raise ValueError(f"not a Docker size: {size!r}")
+    return int(float(match[1]) * 1024 ** " kmgt".index(match[2] or " "))
+
+
+# Ray's default object store: this share of the memory it finds (ray_constants'
+# DEFAULT_OBJECT_STORE_MEMORY_PROPORTION), kept in /dev/shm when /dev/shm holds it.
+RAY_OBJECT_STORE_SHARE = 0.3
+
+
+@pytest.mark.parametrize("name", RAY_NODES)
+def test_ray_containers_have_memory_limits_and_room_for_the_object_store(
+    compose: dict[str, Any], name: str
+) -> None:
+    """Ray takes a node's memory from its container's limit (the memory monitor stops a trial at
+    95% of it) and sizes the object store from it; the object store must fit in /dev/shm."""
+    service = compose["services"][name]
+    limit = _docker_bytes(service["mem_limit"])
+    assert _docker_bytes(service["shm_size"]) >= RAY_OBJECT_STORE_SHARE * limit
+    raw = _raw_compose()["services"][name]["mem_limit"]
+    assert re.fullmatch(r"\$\{(RAY_WORKER|RAY_HEAD|DRIVER)_MEMORY:-[0-9]+[kmg]\}", raw), raw
+
+
+def test_docker_sizes_are_read_as_docker_reads_them() -> None:
+    assert _docker_bytes("16g") == 16 * 2**30 and _docker_bytes("8gb") == 8 * 2**30
+    assert _docker_bytes("512m") == 512 * 2**20
+    with pytest.raises(ValueError):
+        _docker_bytes("lots")
 
 
 def _published(service: Mapping[str, Any]) -> list[tuple[str, str, str]]:
@@ -468,3 +522,32 @@ def test_dockerfile_check_finds_problems() -> None:
     text += "    && pip install torch==2.13.0\nCOPY scaling_search/ scaling_search/\n"
     problems = _dockerfile_problems(text, ROOT, ["*", "!pyproject.toml"])
     assert len(problems) == 3, problems  # missing.txt, scaling_search/ ignored, torch last
+
+
+# --- scripts/compose_check.sh --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda path: path.name)
+def test_compose_check_scripts_parse(script: Path) -> None:
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    if shutil.which("shellcheck"):
+        result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
+def test_ci_runs_compose_check_after_the_tests() -> None:
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    pytest_at = next(i for i, line in enumerate(lines) if "-m pytest" in line)
+    assert "bash scripts/compose_check.sh" in lines[pytest_at + 1 :]
+
+
+def test_compose_check_runs_a_study_that_fits_its_worker() -> None:
+    """The study the script runs exists, needs no GPU and no more than two CPUs at a time."""
+    script = (SCRIPTS / "compose_check.sh").read_text(encoding="utf-8")
+    (path,) = re.findall(r"^STUDY=(\S+)$", script, flags=re.MULTILINE)
+    study = load_study(ROOT / path)
+    assert study.resources.gpus_per_trial == 0
+    assert study.resources.cpus_per_trial * study.search.max_concurrent_trials <= 2
+    (name,) = re.findall(r"^STUDY_NAME=(\S+)$", script, flags=re.MULTILINE)
+    assert study.name == name
