@@ -64,7 +64,7 @@ def sources(kind: str, root: Path) -> tuple[list[Source], list[str]]:
         train, test = list_image_folder(root)
         classes = sorted(train)
         listed = [
-            Source(split, path.relative_to(root).as_posix(), label)
+            Source(split, f"{split}/{name}/{path.name}", label)
             for split, files in (("train", train), ("test", test or {}))
             for label, name in enumerate(classes)
             for path in files.get(name, [])

@@ -54,6 +54,7 @@ from scaling_search.data._prepare import (
     SOURCES,
     SPLITS,
     Progress,
+    Source,
     file_hash,
     sources,
     write_prepared,
@@ -153,14 +154,21 @@ def _read_sources_tsv(folder: Path) -> dict[tuple[str, str], tuple[int, int, str
     return rows
 
 
-def stale_reason(prepared: Prepared, root: Path, *, verify: bool = False) -> str | None:
+def stale_reason(
+    prepared: Prepared,
+    root: Path,
+    *,
+    verify: bool = False,
+    listing: tuple[list[Source], list[str]] | None = None,
+) -> str | None:
     """Why ``prepared`` no longer matches the files in ``root`` (None if it does).
 
     A file added or removed, or of another size, is a change; a file whose mtime differs is
     hashed again and is a change only if its bytes are (its new mtime is then recorded, so that
-    the next check need not hash it again). ``verify`` hashes every file again.
+    the next check need not hash it again). ``verify`` hashes every file again. ``listing``:
+    what `sources` gives for ``root``, if the caller has it.
     """
-    listed, classes = sources(prepared.manifest["kind"], root)
+    listed, classes = listing or sources(prepared.manifest["kind"], root)
     if classes != prepared.manifest["classes"]:
         return "the classes differ"
     recorded = _read_sources_tsv(prepared.folder)
@@ -274,13 +282,16 @@ class Readiness:
     seconds: float  # spent checking and preparing
 
 
-def _why_not_reuse(folder: Path, root: Path, verify: bool) -> tuple[Prepared | None, str]:
+def _why_not_reuse(
+    folder: Path, root: Path, verify: bool, listing: tuple[list[Source], list[str]]
+) -> tuple[Prepared | None, str]:
     """The folder's contents and why it cannot be used as it is ("" if it can)."""
     if not (folder / MANIFEST).is_file():
         return None, "nothing prepared"
     try:
         found = _load_manifest(folder)
-        return found, found.missing_arrays() or stale_reason(found, root, verify=verify) or ""
+        reason = found.missing_arrays() or stale_reason(found, root, verify=verify, listing=listing)
+        return found, reason or ""
     except (OSError, ValueError, KeyError) as error:  # a damaged folder: prepare it again
         return None, f"unreadable ({error})"
 
@@ -300,11 +311,11 @@ def ensure_prepared(
     started = time.monotonic()
     _check_request(kind, image_px, workers)
     cache_dir, root = Path(cache_dir).absolute(), Path(path)
-    sources(kind, root)  # missing or misplaced files: an error before anything is written
+    listing = sources(kind, root)  # missing or misplaced files: an error before any write
     _check_cache_dir(cache_dir)
     folder = prepared_folder(kind, root, image_px, cache_dir)
     with _locked(folder):
-        found, reason = _why_not_reuse(folder, root, verify)
+        found, reason = _why_not_reuse(folder, root, verify, listing)
         if found is not None and not reason:
             return Readiness(found, "reused", time.monotonic() - started)
         write_prepared(kind, root, image_px, folder, progress=progress, workers=workers)
