@@ -92,7 +92,6 @@ def _set_up(args: argparse.Namespace) -> tuple[StudyConfig, ImageData, str, RDBS
         )
     _check_hooks(study)
     data, readiness = open_study_data(study)  # decodes the files, the first time: minutes
-    print(data_line(study, data, readiness))
     if study.space.cost == "measured":  # counts MACs with the data's classes
         _check_measured_space(study, data.num_classes)
     from scaling_search.driver import check_address
@@ -100,6 +99,7 @@ def _set_up(args: argparse.Namespace) -> tuple[StudyConfig, ImageData, str, RDBS
     check_address(args.address)  # a cluster that does not answer: before anything is written
     url = resolve_url(study)
     storage = open_storage(url)  # everything above is checked before anything is written
+    print(data_line(study, data, readiness))  # once all is checked: bad input prints one line
     return study, data, url, storage
 
 
