@@ -359,6 +359,7 @@ def test_a_run_trains_on_the_prepared_files_through_ray(
     )
     trained = [t for t in ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(trained) >= 3 and all(t.value is not None and t.value > 0.1 for t in trained)
-    [folder] = (study.parent / "runs" / "data-cache").iterdir()
+    [name] = _folders(study.parent / "runs" / "data-cache")
+    folder = study.parent / "runs" / "data-cache" / name
     manifest = json.loads((folder / MANIFEST).read_text())
     assert ot_study.user_attrs[DATA_HASH_ATTR] == manifest["content_hash"]
